@@ -1,0 +1,1 @@
+"""Talking-face dataset pipeline: manifest to WebDataset shards on Apache Beam."""

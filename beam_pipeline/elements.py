@@ -1,0 +1,155 @@
+"""Typed elements that travel between pipeline stages.
+
+Big media never travels: sources are URIs in the work dir. Only finished clip
+outputs (encoded mp4/wav bytes and small arrays) move as bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+Window = Tuple[int, int, int, int]  # x, y, w, h in source pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+  """One planned clip of a source, as the manifest states it."""
+  clip_id: str
+  index: int
+  start: Optional[float] = None  # seconds; None: from the start
+  end: Optional[float] = None  # seconds; None: to the end
+  crop: Optional[Window] = None  # fixed window in reference pixels
+  crop_ratio: Optional[float] = None  # auto-crop enlargement
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One video to fetch and the clips planned from it."""
+  source_id: str
+  url: str
+  clips: Tuple[ClipSpec, ...]
+  height: Optional[int] = None  # reference / wanted download height
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+  """A planned clip (or unusable manifest entry) that is not in the output."""
+  id: str
+  stage: str
+  reason: str
+  detail: str = ''
+  source_id: str = ''
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeInfo:
+  """What a decodable media file holds."""
+  duration: float
+  width: int
+  height: int
+  fps: float
+  has_audio: bool
+  interlaced: bool
+  video_codec: str
+  audio_rate: int = 0
+  start_time: float = 0.0  # container start offset, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaFile:
+  """A downloaded, probed file and where its time zero sits in the source."""
+  uri: str
+  info: ProbeInfo
+  offset: float = 0.0  # source time of this file's t=0 (section downloads)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTask:
+  """A clip ready to render: media, time range and (once known) crop window."""
+  clip_id: str
+  source_id: str
+  url: str
+  media: MediaFile
+  start: float  # seconds, in source time
+  end: float
+  window: Optional[Window] = None  # in source pixels; None until detected
+  crop_mode: str = 'auto'
+  crop_ratio: Optional[float] = None
+  notes: Tuple[str, ...] = ()
+  face_stats: Tuple[Tuple[str, float], ...] = ()
+
+  @property
+  def media_start(self) -> float:
+    return self.start - self.media.offset
+
+  @property
+  def media_end(self) -> float:
+    return self.end - self.media.offset
+
+
+@dataclasses.dataclass
+class FaceResult:
+  """MediaPipe FaceLandmarker output for one image, in that image's pixels."""
+  landmarks: np.ndarray  # (F, 478, 3) float32, x/y in pixels, z scaled by width
+  blendshapes: np.ndarray  # (F, 52) float32
+  matrices: np.ndarray  # (F, 4, 4) float32 facial transformation matrices
+  image_width: int = 0
+  image_height: int = 0
+
+  @property
+  def num_faces(self) -> int:
+    return int(self.landmarks.shape[0])
+
+  def boxes(self) -> np.ndarray:
+    """(F, 4) x0, y0, x1, y1 of each face's landmarks."""
+    if not self.num_faces:
+      return np.zeros((0, 4), np.float32)
+    xy = self.landmarks[:, :, :2]
+    return np.concatenate([xy.min(1), xy.max(1)], axis=1).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Detection:
+  """FaceDetector output for one image: boxes (F, 4) x0, y0, x1, y1 in its pixels."""
+  boxes: np.ndarray
+  scores: np.ndarray
+  image_width: int
+  image_height: int
+
+  @property
+  def num_faces(self) -> int:
+    return int(self.boxes.shape[0])
+
+
+@dataclasses.dataclass
+class RenderedClip:
+  """An encoded clip: the mp4 stays in the work dir; the small 16 kHz wav travels inline."""
+  task: ClipTask
+  mp4_uri: str
+  wav: bytes
+  num_frames: int
+  fps: float
+  size: int
+
+
+@dataclasses.dataclass
+class Sample:
+  """One WebDataset sample: key plus named payloads (bytes, dict or ndarray)."""
+  key: str
+  payload: dict
+
+  def num_bytes(self) -> int:
+    total = 0
+    for value in self.payload.values():
+      if isinstance(value, (bytes, bytearray)):
+        total += len(value)
+      elif isinstance(value, np.ndarray):
+        total += value.nbytes
+      else:
+        total += 1024
+    return total

@@ -1,0 +1,1 @@
+"""RunInference ModelHandlers and the model file registry."""

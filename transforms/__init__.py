@@ -1,0 +1,1 @@
+"""PTransforms and DoFns for each stage: manifest, download, plan, crop, render, write."""
