@@ -103,3 +103,13 @@ def _download(spec: ModelFile, path: str) -> None:
     raise ModelNotFoundError(
         f'model {spec.filename!r} is not in the cache {os.path.dirname(path)!r} and could not be downloaded '
         f'from {spec.url}: {error}. Give a directory holding it with --model_dir or ${MODEL_DIR_ENV}.') from error
+
+
+def main() -> None:
+  """`python -m model_handlers.registry`: resolve (download if needed) every model file."""
+  for name in MODELS:
+    print(f'{name}: {resolve(name)}')
+
+
+if __name__ == '__main__':
+  main()

@@ -36,8 +36,8 @@ class ManifestError(ValueError):
 
 def sanitize_id(raw: str) -> str:
   """A path-safe id: letters, digits, '.', '_' and '-', no leading dots, bounded length."""
-  text = _ID_UNSAFE.sub('_', str(raw).replace('\x00', '')).strip('_')
-  text = text.lstrip('.')
+  text = _ID_UNSAFE.sub('_', str(raw).replace('\x00', ''))
+  text = re.sub(r'_+', '_', re.sub(r'\.{2,}', '_', text)).strip('._')
   return text[:MAX_ID_LENGTH]
 
 

