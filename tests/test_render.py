@@ -101,3 +101,28 @@ def test_crop_window_scaling_and_clamping():
   assert clamp_window((-10, -10, 3000, 3000), 640, 480) == (0, 0, 640, 480)
   assert clamp_window((600, 400, 100, 101), 640, 480) == (600, 400, 40, 80)
   assert clamp_window((700, 10, 50, 50), 640, 480) is None
+
+
+def test_section_download_keeps_source_time(tmp_path):
+  """A yt-dlp section starts near, not at, the requested time; the cut must still land on source frame 90."""
+  from beam_pipeline.elements import ClipSpec, Source
+  from tests.helpers import media_server
+  from transforms.download import DownloadSource
+  from transforms.plan import PlanClips
+  served = tmp_path / 'served'
+  served.mkdir()
+  write_counter_video(served / 'counter.mp4', frames=150, gop=40)  # keyframes off the section start
+  with media_server(str(served)) as url:
+    source = Source('ctr', f'{url}/counter.mp4', (ClipSpec('ctr_0', 0, 3.0, 4.0, (0, 0, 320, 240)),))
+    (downloaded,) = list(DownloadSource(str(tmp_path / 'work'), download_method='ytdlp').process(source))
+  media = downloaded[1][0]
+  assert media.offset > 0  # a section, not the whole file
+  (task,) = list(PlanClips().process(downloaded))
+  frames = []
+  generator = render(task, str(tmp_path / 'out.mp4'), 128, 30, crf=18, preset='ultrafast')
+  try:
+    while True:
+      frames.append(next(generator)[1])
+  except StopIteration:
+    pass
+  assert [source_index(f) for f in frames] == list(range(90, 120))
