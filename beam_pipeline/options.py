@@ -12,9 +12,9 @@ class TalkingFaceOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     io = parser.add_argument_group('input and output')
     io.add_argument('--input', default=None,
-                    help='HDTF annotation directory, manifest (.csv/.jsonl/.parquet) or glob of local/gs:// '
-                    'videos. Without it the embedded demo (a generated talking clip) runs.')
-    io.add_argument('--input_format', default='auto', choices=('auto', 'hdtf', 'manifest', 'glob'),
+                    help='HDTF annotation directory, manifest (.csv/.jsonl/.parquet), tar/zip of videos or glob '
+                    'of local/gs:// videos. Without it the embedded demo (a generated talking clip) runs.')
+    io.add_argument('--input_format', default='auto', choices=('auto', 'hdtf', 'manifest', 'glob', 'archive'),
                     help='How to read --input; auto decides from its name.')
     io.add_argument('--output', default=None,
                     help='Output directory, local or gs://. Default for the demo: ./demo_out.')
@@ -24,6 +24,10 @@ class TalkingFaceOptions(PipelineOptions):
     io.add_argument('--model_dir', default=None,
                     help='Directory holding the model files; stands in for their download '
                     '(also $BEAM_PIPELINE_MODEL_DIR).')
+    io.add_argument('--incremental', action='store_true',
+                    help='For scheduled reruns over a growing input: besides the clips already in the output '
+                    '(always skipped), also skip clips the last run rejected for a permanent reason (no face, '
+                    'too short, corrupt media...; their rejects are carried over). Transient failures are retried.')
 
     dl = parser.add_argument_group('download')
     dl.add_argument('--download_height', type=int, default=1080,
@@ -50,7 +54,9 @@ class TalkingFaceOptions(PipelineOptions):
     clip.add_argument('--detect_fps', type=float, default=5.0,
                       help='Source frames per second sampled for the auto-crop face detection.')
     clip.add_argument('--allow_silent', action='store_true', help='Keep clips whose source has no audio.')
-    clip.add_argument('--min_duration', type=float, default=1.0, help='Shorter clips are rejected (seconds).')
+    clip.add_argument('--min_duration', type=float, default=1.0,
+                      help='Shorter clips are rejected (seconds), as are shorter pieces of a clip split by face '
+                      'tracking (too_short).')
     clip.add_argument('--max_duration_s', type=float, default=0.0,
                       help='Longer clips are rejected (seconds); 0 means no limit.')
     clip.add_argument('--max_render_s', type=float, default=1800.0,
@@ -61,3 +67,72 @@ class TalkingFaceOptions(PipelineOptions):
     out.add_argument('--shard_max_mb', type=float, default=1024, help='Largest tar shard, in MiB.')
     out.add_argument('--landmark_batch_size', type=int, default=32,
                      help='Largest batch of frames handed to the face landmarker at once.')
+
+    safe = parser.add_argument_group('limits and security')
+    safe.add_argument('--max_pixels', type=int, default=4096 * 4096,
+                      help='Sources whose frames have more pixels are rejected (too_many_pixels) before any '
+                      'frame is decoded; 0 means no limit.')
+    safe.add_argument('--probe_timeout_s', type=float, default=60.0,
+                      help='Time limit for probing one source (opening it and decoding its first frame).')
+    safe.add_argument('--allowed_schemes', default='http,https,gs,file',
+                      help='Comma-separated URL schemes inputs may use; plain paths count as file.')
+    safe.add_argument('--allowed_roots', default='',
+                      help='Comma-separated directories that local and file:// inputs (videos and archives) must '
+                      'resolve into, symlinks followed; empty allows any local path. Set it for untrusted manifests.')
+    safe.add_argument('--trust_pickle', action='store_true',
+                      help='Load <stem>.pkl metadata members of input archives. Off: pickles are never loaded '
+                      '(they run code) and are rejected as pickle_refused.')
+
+    seen = parser.add_argument_group('progress and report')
+    seen.add_argument('--no_progress', action='store_true',
+                      help='Do not print the live progress line (DirectRunner only: sources downloaded, clips '
+                      'done, rejected, ETA).')
+    seen.add_argument('--no_report', action='store_true',
+                      help='Do not write report.html (contact sheet and histograms) into the output at the end.')
+    seen.add_argument('--report_samples', type=int, default=16,
+                      help='How many samples report.html shows in its contact sheet.')
+
+    faces = parser.add_argument_group('face tracking and quality filters')
+    faces.add_argument('--multi_face', default='largest', choices=('largest', 'split', 'reject'),
+                       help='Several faces on screen: keep only the dominant face track (size x time on screen), '
+                       'make each track its own '
+                       'clip (<clip>_f<k>), or reject the clip (multiple_faces).')
+    faces.add_argument('--max_gap', type=int, default=12,
+                       help='A face missing for more output frames than this ends its track; the clip is split '
+                       'there (pieces shorter than --min_duration are rejected as too_short).')
+    faces.add_argument('--shot_threshold', type=float, default=0.4,
+                       help='Hard shot change: Bhattacharyya distance between consecutive frames\' HSV histograms '
+                       'above this splits the clip; 0 turns shot detection off.')
+    faces.add_argument('--crop_follow', type=float, default=0.0,
+                       help='0: one fixed crop window per face track (HDTF). > 0: the window follows the face, its '
+                       'path smoothed with a Gaussian of this many seconds.')
+    faces.add_argument('--min_face_px', type=float, default=64.0,
+                       help='Reject (face_too_small) clips whose median face size in source pixels is below this.')
+    faces.add_argument('--min_face_ratio', type=float, default=0.8,
+                       help='Reject (face_ratio_low) clips with a face on fewer output frames than this fraction.')
+    faces.add_argument('--min_resolution', type=int, default=0,
+                       help='Reject (low_resolution) clips whose source\'s shorter side has fewer pixels; 0: off.')
+    faces.add_argument('--min_sharpness', type=float, default=25.0,
+                       help='Reject (blurry) clips whose median variance of the Laplacian over the face box of '
+                       'the output frames is below this.')
+    faces.add_argument('--max_yaw', type=float, default=45.0,
+                       help='Reject (yaw_too_large) clips whose head yaw exceeds this many degrees (5-frame median).')
+    faces.add_argument('--max_pitch', type=float, default=30.0,
+                       help='Reject (pitch_too_large) clips whose head pitch exceeds this many degrees.')
+    faces.add_argument('--eye_motion', action='store_true',
+                       help='MegActor\'s eye-motion filter: reject (eye_motion_low) clips whose iris gaze angle '
+                       '(max filter 3, 32 frames every 10) varies no more than --min_eye_motion_var.')
+    faces.add_argument('--min_eye_motion_var', type=float, default=2.0,
+                       help='Eye-motion variance threshold in degrees squared (with --eye_motion).')
+    faces.add_argument('--min_sync_corr', type=float, default=0.3,
+                       help='Reject (av_sync_low) clips whose best correlation between mouth opening and audio '
+                       'loudness is below this (silent clips are not judged). Unrelated audio reaches ~0.3-0.4 '
+                       'on 4 s clips by chance, speech in sync ~0.6-0.85: raise it for long clips.')
+    faces.add_argument('--max_sync_lag', type=int, default=0,
+                       help='Reject (av_sync_offset) clips whose best audio lag exceeds this many frames; 0: off.')
+    faces.add_argument('--sync_search', type=int, default=15,
+                       help='Audio lags searched for the sync score, in output frames either way.')
+    faces.add_argument('--score_only', action='store_true',
+                       help='Compute and write every score but reject on none of them (the filters a clip fails are '
+                       'listed in its json under `failed`). Clips with no face and too-short pieces still have no '
+                       'sample to write and stay rejected.')

@@ -7,6 +7,7 @@ delegate needs an EGL context that Dataflow GPU workers do not provide.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 os.environ.setdefault('GLOG_minloglevel', '2')  # MediaPipe/TFLite print a warning per image otherwise
 
+import cv2
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -23,6 +25,17 @@ from model_handlers import registry
 
 NUM_LANDMARKS = 478
 NUM_BLENDSHAPES = 52
+# The landmarker's blendshape categories, in its output order (checked against the model in the tests).
+BLENDSHAPE_NAMES = (
+    '_neutral', 'browDownLeft', 'browDownRight', 'browInnerUp', 'browOuterUpLeft', 'browOuterUpRight',
+    'cheekPuff', 'cheekSquintLeft', 'cheekSquintRight', 'eyeBlinkLeft', 'eyeBlinkRight', 'eyeLookDownLeft',
+    'eyeLookDownRight', 'eyeLookInLeft', 'eyeLookInRight', 'eyeLookOutLeft', 'eyeLookOutRight', 'eyeLookUpLeft',
+    'eyeLookUpRight', 'eyeSquintLeft', 'eyeSquintRight', 'eyeWideLeft', 'eyeWideRight', 'jawForward', 'jawLeft',
+    'jawOpen', 'jawRight', 'mouthClose', 'mouthDimpleLeft', 'mouthDimpleRight', 'mouthFrownLeft',
+    'mouthFrownRight', 'mouthFunnel', 'mouthLeft', 'mouthLowerDownLeft', 'mouthLowerDownRight', 'mouthPressLeft',
+    'mouthPressRight', 'mouthPucker', 'mouthRight', 'mouthRollLower', 'mouthRollUpper', 'mouthShrugLower',
+    'mouthShrugUpper', 'mouthSmileLeft', 'mouthSmileRight', 'mouthStretchLeft', 'mouthStretchRight',
+    'mouthUpperUpLeft', 'mouthUpperUpRight', 'noseSneerLeft', 'noseSneerRight')
 
 
 class TaskPool:
@@ -54,6 +67,8 @@ class TaskPool:
 
 def _mp_image(image: np.ndarray):
   import mediapipe as mp
+  if np.ndim(image) != 3 or np.shape(image)[2] != 3 or np.asarray(image).dtype != np.uint8:
+    raise ValueError(f'expected an RGB uint8 frame (H, W, 3), got shape {np.shape(image)}')
   return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
 
 
@@ -72,6 +87,7 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
     self._namespace = metrics_namespace
     self._with_face = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_with_face')
     self._without_face = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_without_face')
+    self._errors = Metrics.counter(metrics_namespace, f'{self.model_name}_frame_errors')
 
   def _create(self, model_path: str):
     raise NotImplementedError
@@ -79,13 +95,26 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
   def _infer(self, task, image: np.ndarray):
     raise NotImplementedError
 
+  def _no_face(self, image: np.ndarray):
+    raise NotImplementedError
+
+  def _infer_or_no_face(self, task, image: np.ndarray):
+    """One bad frame must not fail its batch (and every clip in it): it counts as a frame without a face."""
+    try:
+      return self._infer(task, image)
+    except Exception:  # pylint: disable=broad-except
+      self._errors.inc()
+      logging.warning('%s failed on a frame of shape %s; counted as no face', self.model_name,
+                      getattr(image, 'shape', None), exc_info=True)
+      return self._no_face(image)
+
   def load_model(self) -> TaskPool:
     path = registry.resolve(self.model_name, self._model_dir)
     return TaskPool(lambda: self._create(path))
 
   def run_inference(self, batch: Sequence[np.ndarray], model: TaskPool,
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    for result in model.map(self._infer, batch):
+    for result in model.map(self._infer_or_no_face, batch):
       (self._with_face if result.num_faces else self._without_face).inc()
       # The frame is not kept in the result: it would travel on into the next shuffle.
       yield PredictionResult(example=None, inference=result, model_id=self.model_name)
@@ -120,6 +149,10 @@ class FaceDetectorModelHandler(_MediaPipeHandler):
     order = np.argsort(-_areas(boxes))[:self._max_faces]
     return Detection(boxes[order], scores[order], image.shape[1], image.shape[0])
 
+  def _no_face(self, image: np.ndarray) -> Detection:
+    height, width = np.shape(image)[:2] if np.ndim(image) >= 2 else (0, 0)
+    return Detection(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), width, height)
+
 
 class FaceLandmarkerModelHandler(_MediaPipeHandler):
   """RGB frame -> `FaceResult`: 478 landmarks, 52 blendshapes, head pose matrix; largest face first."""
@@ -136,9 +169,27 @@ class FaceLandmarkerModelHandler(_MediaPipeHandler):
 
   def _infer(self, task, image: np.ndarray) -> FaceResult:
     face = to_face_result(task.detect(_mp_image(image)), image.shape[1], image.shape[0])
-    order = np.argsort(-_areas(face.boxes()))
+    boxes = face.boxes()
+    order = np.argsort(-_areas(boxes))
+    # Blur is measured here because only here the frame and its face box meet (frames are not kept).
+    sharpness = np.array([face_sharpness(image, box) for box in boxes[order]], np.float32)
     return FaceResult(face.landmarks[order], face.blendshapes[order], face.matrices[order],
-                      face.image_width, face.image_height)
+                      face.image_width, face.image_height, sharpness)
+
+  def _no_face(self, image: np.ndarray) -> FaceResult:
+    height, width = np.shape(image)[:2] if np.ndim(image) >= 2 else (0, 0)
+    return FaceResult(np.zeros((0, NUM_LANDMARKS, 3), np.float32), np.zeros((0, NUM_BLENDSHAPES), np.float32),
+                      np.zeros((0, 4, 4), np.float32), width, height, np.zeros(0, np.float32))
+
+
+def face_sharpness(image: np.ndarray, box: np.ndarray) -> float:
+  """Variance of the Laplacian of the grey face region (the usual focus measure); NaN if the box is empty."""
+  x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+  x1, y1 = min(image.shape[1], int(np.ceil(box[2]))), min(image.shape[0], int(np.ceil(box[3])))
+  if x1 - x0 < 3 or y1 - y0 < 3:
+    return float('nan')
+  grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+  return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
 def to_face_result(result, width: int, height: int) -> FaceResult:

@@ -26,11 +26,13 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
 
   Path prefixes change behaviour: `/norange/` ignores Range headers (as Python's
   http.server does), `/flaky/` fails every `server.fail_every`-th request with 500,
-  `/status/<code>` answers that code, `/stall/` sends headers and then stalls,
-  `/loop/` redirects to itself forever.
+  `/cut/` drops the connection half-way through the body of every `fail_every`-th
+  request, `/status/<code>` answers that code, `/stall/` sends headers and then stalls,
+  `/loop/` redirects to itself forever, `/goto/<quoted URL>` redirects there once.
   """
   protocol_version = 'HTTP/1.1'
   counter = itertools.count()
+  servers: Dict[int, http.server.HTTPServer] = {}  # by port, so tests can read a server's request log
 
   def log_message(self, *args):
     pass
@@ -47,9 +49,9 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
     honour_range = True
     if path.startswith('/status/'):
       return self._plain(int(path.split('/')[2]))
-    if path.startswith('/loop/'):
+    if path.startswith(('/loop/', '/goto/')):
       self.send_response(302)
-      self.send_header('Location', path)
+      self.send_header('Location', urllib.parse.unquote(path[len('/goto/'):]) if path.startswith('/goto/') else path)
       self.send_header('Content-Length', '0')
       self.end_headers()
       return
@@ -57,6 +59,9 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
       path = path[len('/flaky'):]
       if next(self.counter) % self.server.fail_every == 0:
         return self._plain(500)
+    cut = False
+    if path.startswith('/cut/'):
+      path, cut = path[len('/cut'):], next(self.counter) % self.server.fail_every == 0
     if path.startswith('/norange/'):
       path, honour_range = path[len('/norange'):], False
     stall = path.startswith('/stall/')
@@ -95,9 +100,10 @@ class MediaHandler(http.server.BaseHTTPRequestHandler):
       return
     if body:
       try:
-        self.wfile.write(data[start:end + 1])
+        self.wfile.write(data[start:start + (end + 1 - start) // 2] if cut else data[start:end + 1])
       except (BrokenPipeError, ConnectionResetError):
         pass
+      self.close_connection = self.close_connection or cut  # short of its Content-Length, then EOF
 
   def _plain(self, code: int):
     self.send_response(code)
@@ -111,13 +117,20 @@ def media_server(root: str, fail_every: int = 3, stall_s: float = 30.0) -> Itera
   server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), MediaHandler)
   server.daemon_threads = True
   server.root, server.fail_every, server.stall_s, server.requests = root, fail_every, stall_s, []
+  MediaHandler.servers[server.server_address[1]] = server
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:
     yield f'http://127.0.0.1:{server.server_address[1]}'
   finally:
+    MediaHandler.servers.pop(server.server_address[1], None)
     server.shutdown()
     server.server_close()
+
+
+def request_log(url: str) -> list:
+  """(method, path, Range header) of every request the loopback server at `url` has answered so far."""
+  return MediaHandler.servers[urllib.parse.urlsplit(url).port].requests
 
 
 def run_cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:

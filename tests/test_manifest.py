@@ -135,3 +135,31 @@ def test_read_sources_transform(tmp_path):
                 equal_to([('a', ['a_0']), ('b', ['b_0'])]), label='sources')
     assert_that(read['rejects'] | beam.Map(lambda r: (r.id, r.reason)),
                 equal_to([('c_0', 'bad_range'), ('b_0', 'duplicate_id')]), label='rejects')
+
+
+def test_hdtf_unsafe_names_and_overlapping_clips(tmp_path):
+  (tmp_path / 'X_video_url.txt').write_text('ok.mp4 https://e.com/a\n../../etc.mp4 https://e.com/b\n')
+  (tmp_path / 'X_annotion_time.txt').write_text(
+      'ok.mp4 00:00-00:10 00:09-00:20 00:10-00:15 00:20-00:30\n../../etc.mp4 00:00-00:05\n')
+  items = list(read_input(str(tmp_path)))
+  # ok_2 only overlaps ok_1, which is itself rejected: against the kept ok_0 it merely touches.
+  assert [c.clip_id for s in items if isinstance(s, Source) for c in s.clips] == ['ok_0', 'ok_2', 'ok_3']
+  assert sorted((r.id, r.reason) for r in items if isinstance(r, Reject)) == [
+      ('etc', 'unsafe_id'), ('ok_1', 'overlapping_clip')]
+
+
+def test_csv_with_bom_and_mixed_line_endings(tmp_path):
+  path = tmp_path / 'm.csv'
+  path.write_bytes('\ufeffid,url,clips\r\na,https://e.com/a.mp4,"[[0, 2]]"\rb,https://e.com/b.mp4,\n'.encode())
+  items = list(read_input(str(path)))
+  assert [(s.source_id, s.clips[0].end) for s in items] == [('a', 2.0), ('b', None)]
+
+
+@pytest.mark.parametrize('name,text,reason', [
+    ('empty.jsonl', '\ufeff\r\n', 'empty_input'), ('broken.json', '[{"id": "a", "url": "u"},', 'bad_manifest')])
+def test_whole_input_problems_leave_a_reject(tmp_path, name, text, reason):
+  (tmp_path / name).write_text(text)
+  with TestPipeline() as p:
+    read = p | ReadSources(str(tmp_path / name))
+    assert_that(read['rejects'] | beam.Map(lambda r: (r.id, r.reason)), equal_to([(name, reason)]), label='rejects')
+    assert_that(read['planned'], equal_to([name]), label='planned')

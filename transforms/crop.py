@@ -1,72 +1,104 @@
-"""Auto crop: detect the face on sampled source frames, then one square window per clip.
+"""Sampling for auto crop and tracking: detector frames every 1/detect_fps seconds, shot changes
+on every decoded frame (one decode pass), and the square window around a face track.
 
-HDTF's method 2: the union of the face regions over the clip, made square
-around its centre, enlarged by `crop_ratio` (or `--crop_scale`), clamped.
+The window follows HDTF's method 2: the union of the face regions, made square around its centre,
+enlarged by `crop_ratio` (or `--crop_scale`), clamped to the frame.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import av
+import cv2
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Detection, Reject, Window
-from transforms.probe import open_media
+from transforms.probe import open_media, upright_rgb
 
 STAGE = 'crop'
+_HIST_SIZE = (64, 36)  # frames are shrunk to this before their colour histogram is taken
 
 
-def sample_frames(task: ClipTask, detect_fps: float, max_side: int) -> Iterable[Tuple[int, np.ndarray]]:
-  """(sample index, RGB frame scaled to at most `max_side`) every 1/detect_fps seconds of the clip."""
+class ShotCuts:
+  """Hard cuts from consecutive frames' HSV histograms (Bhattacharyya distance above `threshold`).
+
+  A cut is reported at the time of the first frame of the new shot. Gradual changes (a face
+  walking out, a pan) move the histogram a little per frame and stay well under the threshold.
+  """
+
+  def __init__(self, threshold: float):
+    self.threshold = threshold
+    self.previous = None
+    self.cuts: List[float] = []
+
+  def push(self, t: float, small_rgb: np.ndarray) -> None:
+    hsv = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, [16, 8, 4], [0, 180, 0, 256, 0, 256])
+    hist = cv2.normalize(hist, hist).flatten()
+    if self.previous is not None and cv2.compareHist(self.previous, hist, cv2.HISTCMP_BHATTACHARYYA) > self.threshold:
+      self.cuts.append(t)
+    self.previous = hist
+
+
+def sample_frames(task: ClipTask, detect_fps: float, max_side: int,
+                  shots: Optional[ShotCuts] = None) -> Iterable[Tuple[int, float, np.ndarray]]:
+  """(sample index, clip time, RGB frame scaled to at most `max_side`) every 1/detect_fps seconds of the
+  clip; every decoded frame of the clip also goes through `shots`."""
   info = task.media.info
   scale = min(1.0, max_side / max(info.width, info.height))
   width, height = max(2, int(info.width * scale) // 2 * 2), max(2, int(info.height * scale) // 2 * 2)
   t0 = task.media_start + info.start_time
   t1 = task.media_end + info.start_time
+  half_frame = 0.5 / max(info.fps, 1)
   with open_media(task.media.uri) as container:
     stream = container.streams.video[0]
     stream.thread_type = 'AUTO'
     container.seek(max(0, int((t0 - 0.5) * av.time_base)), backward=True, any_frame=False)
     index = 0
     for frame in container.decode(stream):
-      if frame.time is None or frame.time < t0 + index / detect_fps - 0.5 / max(info.fps, 1):
+      if frame.time is None or frame.time < t0 - half_frame:
         continue
       if frame.time >= t1:
         break
-      yield index, frame.to_ndarray(width=width, height=height, format='rgb24')
+      if shots is not None and shots.threshold > 0:
+        shots.push(frame.time - t0, frame.to_ndarray(width=_HIST_SIZE[0], height=_HIST_SIZE[1], format='rgb24'))
+      if frame.time < t0 + index / detect_fps - half_frame:
+        continue
+      yield index, frame.time - t0, upright_rgb(frame, width, height, info.rotation)  # phone videos: display matrix
       index = int((frame.time - t0) * detect_fps) + 1
 
 
 class SampleFrames(beam.DoFn):
-  """ClipTask -> ((clip_id, sample index), small RGB frame) for the face detector."""
+  """ClipTask -> ((clip_id, (sample index, clip time)), small RGB frame) for the face detector, and
+  (clip_id, shot cut times) on tag `cuts` once the clip decoded to its end."""
 
-  def __init__(self, detect_fps: float, max_side: int = 640):
+  def __init__(self, detect_fps: float, shot_threshold: float = 0.0, max_side: int = 640):
     self.detect_fps = detect_fps
+    self.shot_threshold = shot_threshold
     self.max_side = max_side
 
   def process(self, task: ClipTask):
+    shots = ShotCuts(self.shot_threshold)
     try:
-      for index, image in sample_frames(task, self.detect_fps, self.max_side):
-        yield (task.clip_id, index), image
+      for index, t, image in sample_frames(task, self.detect_fps, self.max_side, shots):
+        yield (task.clip_id, (index, t)), image
     except (av.error.FFmpegError, OSError) as error:
       yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, 'decode_error', str(error)[:500],
                                                        task.source_id))
+      return
+    yield beam.pvalue.TaggedOutput('cuts', (task.clip_id, tuple(shots.cuts)))
 
 
-def face_box_fraction(keyed_result) -> Tuple[str, Optional[Tuple[float, float, float, float]]]:
-  """RunInference output -> (clip_id, largest face box as fractions of the frame, or None)."""
-  (clip_id, _), result = keyed_result
+def face_boxes(keyed_result) -> Tuple[str, Tuple[float, np.ndarray]]:
+  """RunInference output -> (clip_id, (clip time, every face box (F, 4) as fractions of the frame))."""
+  (clip_id, (_, t)), result = keyed_result
   found: Detection = result.inference
-  if not found.num_faces:
-    return clip_id, None
   size = np.array([found.image_width, found.image_height] * 2, np.float32)
-  return clip_id, tuple(float(v) for v in found.boxes[0] / size)
+  return clip_id, (t, (found.boxes / size).astype(np.float32))
 
 
-def square_window(union: Tuple[float, float, float, float], scale: float, width: int, height: int) -> Window:
+def square_window(union: Sequence[float], scale: float, width: int, height: int) -> Window:
   """A square around the union's centre, side = longest side x scale, shifted and shrunk to fit."""
   x0, y0, x1, y1 = union
   side = max(x1 - x0, y1 - y0) * scale
@@ -77,32 +109,10 @@ def square_window(union: Tuple[float, float, float, float], scale: float, width:
   return left, top, side, side
 
 
-class ChooseWindow(beam.DoFn):
-  """(clip_id, {'task': [ClipTask], 'faces': [box or None]}) -> ClipTask with its window, or `no_face`."""
-
-  def __init__(self, crop_scale: float, min_face_ratio: float = 0.0):
-    self.crop_scale = crop_scale
-    self.min_face_ratio = min_face_ratio
-    self.no_face = Metrics.counter(STAGE, 'clips_without_face')
-
-  def process(self, element):
-    _, grouped = element
-    # No task: the clip was rejected while sampling (its reject is already out).
-    for task in grouped['task']:
-      yield self._choose(task, list(grouped['faces']))
-
-  def _choose(self, task: ClipTask, faces: list):
-    boxes = [b for b in faces if b is not None]
-    total = len(faces)
-    info = task.media.info
-    if not boxes:
-      self.no_face.inc()
-      return beam.pvalue.TaggedOutput('rejects', Reject(
-          task.clip_id, STAGE, 'no_face', f'no face in any of {total} sampled frames', task.source_id))
-    found = np.array(boxes) * np.array([info.width, info.height, info.width, info.height])
-    union = (found[:, 0].min(), found[:, 1].min(), found[:, 2].max(), found[:, 3].max())
-    scale = task.crop_ratio or self.crop_scale
-    window = square_window(union, scale, info.width, info.height)
-    stats = (('detect_samples', float(total)), ('detect_face_ratio', len(boxes) / max(total, 1)),
-             ('source_face_px', float(np.median(np.maximum(found[:, 2] - found[:, 0], found[:, 3] - found[:, 1])))))
-    return dataclasses.replace(task, window=window, crop_mode='detect', face_stats=task.face_stats + stats)
+def follow_crop(image: np.ndarray, path, side: int, t: float, size: int) -> np.ndarray:
+  """--crop_follow: the window at clip time `t` (linear between path points), resized to `size`."""
+  times = [p[0] for p in path]
+  left = int(round(np.interp(t, times, [p[1] for p in path])))
+  top = int(round(np.interp(t, times, [p[2] for p in path])))
+  return cv2.resize(np.ascontiguousarray(image[top:top + side, left:left + side]), (size, size),
+                    interpolation=cv2.INTER_AREA)

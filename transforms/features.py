@@ -1,12 +1,30 @@
-"""Per-frame face features from the landmarker's output on the rendered frames."""
+"""Per-frame face features from the landmarker's output on the rendered frames, and the
+signals the quality scores are computed from (mouth opening, audio energy, gaze)."""
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+import io
+import wave
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 from beam_pipeline.elements import FaceResult, RenderedClip
 from model_handlers.mediapipe_face import NUM_BLENDSHAPES, NUM_LANDMARKS
+
+# iBUG/dlib 68-point order as indices into MediaPipe's 478-point mesh: jaw (17, image left to right),
+# brows (5 + 5), nose bridge (4), nose base (5), eyes (6 + 6), outer lips (12), inner lips (8).
+LMK68 = (
+    127, 234, 93, 132, 58, 136, 150, 176, 152, 400, 379, 365, 288, 361, 323, 454, 356,
+    70, 63, 105, 66, 107, 336, 296, 334, 293, 300,
+    168, 197, 5, 4, 75, 97, 2, 326, 305,
+    33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
+    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
+    78, 82, 13, 312, 308, 317, 14, 87)
+IRIS_CENTRES = (468, 473)  # the subject's right and left iris centres (image left, image right)
+# Per eye: outer corner, inner corner, upper lid, lower lid (subject's right eye first).
+EYE_CORNERS = ((33, 133, 159, 145), (263, 362, 386, 374))
+INNER_LIPS = (13, 14)
 
 
 def pose_from_matrix(matrix: np.ndarray) -> np.ndarray:
@@ -25,6 +43,7 @@ def frame_arrays(num_frames: int, faces: Iterable[Tuple[int, FaceResult]]) -> di
   blendshapes = np.full((num_frames, NUM_BLENDSHAPES), np.nan, np.float32)
   pose = np.full((num_frames, 3), np.nan, np.float32)
   bbox = np.full((num_frames, 4), np.nan, np.float32)
+  sharpness = np.full((num_frames,), np.nan, np.float32)
   for index, face in faces:
     if index >= num_frames or not face.num_faces:
       continue
@@ -32,7 +51,11 @@ def frame_arrays(num_frames: int, faces: Iterable[Tuple[int, FaceResult]]) -> di
     blendshapes[index] = face.blendshapes[0]
     pose[index] = pose_from_matrix(face.matrices[0])
     bbox[index] = face.boxes()[0]
-  return {'landmarks': landmarks, 'blendshapes': blendshapes, 'pose': pose, 'bbox': bbox}
+    if face.sharpness is not None and len(face.sharpness):
+      sharpness[index] = face.sharpness[0]
+  return {'landmarks': landmarks, 'blendshapes': blendshapes, 'pose': pose, 'bbox': bbox,
+          'iris': landmarks[:, IRIS_CENTRES, :2].copy(), 'lmk68': landmarks[:, LMK68, :2].copy(),
+          'sharpness': sharpness}
 
 
 def face_statistics(arrays: dict, clip: RenderedClip) -> dict:
@@ -51,3 +74,79 @@ def face_statistics(arrays: dict, clip: RenderedClip) -> dict:
         'source_face_size': round(float(np.median(sizes)) * window_side / clip.size, 2),
     })
   return stats
+
+
+# ----------------------------------------------------------------------------- audio-visual sync
+
+def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
+  """(T,) inner-lip gap over the eye-corner distance, so it does not change with face size."""
+  gap = np.linalg.norm(landmarks[:, INNER_LIPS[0], :2] - landmarks[:, INNER_LIPS[1], :2], axis=1)
+  eyes = np.linalg.norm(landmarks[:, EYE_CORNERS[0][0], :2] - landmarks[:, EYE_CORNERS[1][0], :2], axis=1)
+  return gap / np.maximum(eyes, 1e-6)
+
+
+def wav_samples(wav: bytes) -> Tuple[np.ndarray, int]:
+  """16-bit PCM wav bytes -> (mono float samples, rate)."""
+  with wave.open(io.BytesIO(wav)) as handle:
+    rate, channels = handle.getframerate(), handle.getnchannels()
+    data = np.frombuffer(handle.readframes(handle.getnframes()), '<i2').astype(np.float32) / 32768.0
+  return data.reshape(-1, channels).mean(1), rate
+
+
+def audio_envelope(wav: bytes, num_frames: int, fps: float) -> np.ndarray:
+  """(T,) RMS loudness of the audio in a one-frame window centred on each video frame's time."""
+  samples, rate = wav_samples(wav)
+  edges = np.clip(np.round((np.arange(num_frames + 1) - 0.5) * rate / fps), 0, None).astype(int)
+  energy = np.zeros(num_frames, np.float64)
+  for i in range(num_frames):
+    chunk = samples[edges[i]:edges[i + 1]]
+    energy[i] = np.sqrt(np.mean(chunk.astype(np.float64) ** 2)) if chunk.size else 0.0
+  return energy
+
+
+def best_lag(video: np.ndarray, audio: np.ndarray, max_lag: int) -> Tuple[Optional[float], int]:
+  """Highest Pearson correlation of video[t] with audio[t + lag] over |lag| <= max_lag: (corr, lag).
+
+  A positive lag means the sound comes after the mouth moves. (None, 0) when either signal is flat
+  (silence, no face) over too few common frames to judge.
+  """
+  n = min(len(video), len(audio))
+  best: Tuple[Optional[float], int] = (None, 0)
+  for lag in range(-max_lag, max_lag + 1):
+    v, a = (video[:n - lag], audio[lag:n]) if lag >= 0 else (video[-lag:n], audio[:n + lag])
+    keep = ~np.isnan(v)
+    v, a = v[keep], a[keep]
+    if len(v) < 2 * max_lag + 2 or np.std(v) < 1e-6 or np.std(a) < 1e-6:
+      continue
+    corr = float(np.corrcoef(v, a)[0, 1])
+    if best[0] is None or corr > best[0]:
+      best = (corr, lag)
+  return best
+
+
+# ----------------------------------------------------------------------------- eye motion (MegActor)
+
+def gaze_angles(landmarks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(T,) gaze yaw and pitch in degrees from where each iris sits between its eye corners and lids."""
+  yaws, pitches = [], []
+  for iris, (outer, inner, upper, lower) in zip(IRIS_CENTRES, EYE_CORNERS):
+    pts = landmarks[:, :, :2]
+    centre_x = (pts[:, outer, 0] + pts[:, inner, 0]) / 2
+    half_w = np.abs(pts[:, inner, 0] - pts[:, outer, 0]) / 2
+    centre_y = (pts[:, upper, 1] + pts[:, lower, 1]) / 2
+    half_h = np.maximum(np.abs(pts[:, lower, 1] - pts[:, upper, 1]) / 2, 1e-6)
+    yaws.append(np.degrees(np.arcsin(np.clip((pts[:, iris, 0] - centre_x) / np.maximum(half_w, 1e-6), -1, 1))))
+    pitches.append(np.degrees(np.arcsin(np.clip((pts[:, iris, 1] - centre_y) / half_h, -1, 1))))
+  return np.mean(yaws, 0), np.mean(pitches, 0)
+
+
+def eye_motion_variance(landmarks: np.ndarray, samples: int = 32, step: int = 10) -> Optional[float]:
+  """MegActor's eye-motion score: theta (angle of the gaze off the camera axis, from gaze pitch and yaw),
+  a maximum filter of size 3, then the variance over `samples` frames taken every `step`."""
+  yaw, pitch = gaze_angles(landmarks)
+  theta = np.degrees(np.arccos(np.cos(np.radians(pitch)) * np.cos(np.radians(yaw))))
+  theta = theta[~np.isnan(theta)]
+  if len(theta) < 2:
+    return None
+  picked = ndimage.maximum_filter1d(theta, size=3)[::step][:samples]
+  return float(np.var(picked)) if len(picked) >= 2 else None

@@ -1,29 +1,41 @@
 """Read the job's input into `Source` elements: HDTF annotation dirs, manifests, globs.
 
 Parsing never raises on a bad line: a clip that cannot be planned becomes a
-`Reject` with stage `manifest`, so every planned clip is accounted for.
+`Reject` with stage `manifest`, so every planned clip is accounted for. Ids
+that would climb out of a folder are refused; others are sanitised. Tar and
+zip inputs are unpacked member by member into the work dir under sanitised
+names; members that are pickles are never loaded unless the user trusts them.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-import logging
 import os
+import pickle
 import re
+import tarfile
+import tempfile
+import zipfile
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.elements import ClipSpec, Reject, Source
+from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of, \
+  unsafe_id_reason
 
 STAGE = 'manifest'
 HDTF_KINDS = ('video_url', 'resolution', 'annotion_time', 'crop_wh', 'crop_ratio')
 VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.webm', '.mov', '.avi', '.m4v', '.flv', '.ts', '.mpg', '.mpeg')
 MANIFEST_EXTENSIONS = ('.csv', '.jsonl', '.json', '.parquet')
+ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.zip')
+PICKLE_EXTENSIONS = ('.pkl', '.pickle')
 _ID_UNSAFE = re.compile(r'[^A-Za-z0-9._-]+')
 MAX_ID_LENGTH = 120
+OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
 
 
 class ManifestError(ValueError):
@@ -35,10 +47,13 @@ class ManifestError(ValueError):
 
 
 def sanitize_id(raw: str) -> str:
-  """A path-safe id: letters, digits, '.', '_' and '-', no leading dots, bounded length."""
+  """A path-safe id: letters, digits, '.', '_' and '-', no leading dots, bounded length.
+
+  An id with nothing usable left (e.g. all non-Latin) gets a stable hash-based fallback.
+  """
   text = _ID_UNSAFE.sub('_', str(raw).replace('\x00', ''))
-  text = re.sub(r'_+', '_', re.sub(r'\.{2,}', '_', text)).strip('._')
-  return text[:MAX_ID_LENGTH]
+  text = re.sub(r'_+', '_', re.sub(r'\.{2,}', '_', text)).strip('._-')[:MAX_ID_LENGTH].rstrip('._-')
+  return text or 'id_' + hashlib.sha1(str(raw).encode('utf-8', 'surrogatepass')).hexdigest()[:10]
 
 
 def parse_stamp(text: str) -> float:
@@ -47,13 +62,15 @@ def parse_stamp(text: str) -> float:
   if not text:
     raise ManifestError('bad_timestamp', 'empty time stamp')
   parts = text.split(':')
-  if len(parts) > 3 or any(not re.fullmatch(r'\d+(\.\d+)?', p) for p in parts):
+  if len(parts) > 3 or any(not re.fullmatch(r'[0-9]+(\.[0-9]+)?', p) for p in parts):
     raise ManifestError('bad_timestamp', f'malformed time stamp {text!r}')
   if any('.' in p for p in parts[:-1]):
     raise ManifestError('bad_timestamp', f'fraction before the seconds field in {text!r}')
   seconds = 0.0
   for part in parts:
     seconds = seconds * 60 + float(part)
+  if seconds == float('inf'):
+    raise ManifestError('bad_timestamp', f'time stamp {text[:40]!r} is out of range')
   if len(parts) > 1 and any(float(p) >= 60 for p in parts[1:]):
     raise ManifestError('bad_timestamp', f'minutes or seconds >= 60 in {text!r}')
   return seconds
@@ -83,6 +100,22 @@ def _seconds(value) -> float:
       raise ManifestError('bad_timestamp', f'time stamp {value!r} is not a non-negative number')
     return float(value)
   return parse_stamp(str(value))
+
+
+def drop_overlaps(clips: Sequence[ClipSpec], source_id: str) -> Tuple[List[ClipSpec], List[Reject]]:
+  """Keep clips in order; a clip overlapping a kept one by more than a frame is rejected (duplicate data)."""
+  kept, rejects = [], []
+  for clip in clips:
+    if clip.start is not None and clip.end is not None:
+      other = next((k for k in kept if k.start is not None and k.end is not None and
+                    min(clip.end, k.end) - max(clip.start, k.start) > OVERLAP_TOLERANCE_S), None)
+      if other is not None:
+        rejects.append(Reject(clip.clip_id, STAGE, 'overlapping_clip',
+                              f'{clip.start:.3f}-{clip.end:.3f}s overlaps {other.clip_id} '
+                              f'({other.start:.3f}-{other.end:.3f}s)', source_id))
+        continue
+    kept.append(clip)
+  return kept, rejects
 
 
 def _read_text(path: str) -> str:
@@ -155,6 +188,10 @@ def _hdtf_set(set_name: str, tables: Dict[str, List[List[str]]]) -> Iterator[Uni
     name = _stem(fields[0])
     annotated.add(name)
     source_id = sanitize_id(name)
+    unsafe = unsafe_id_reason(fields[0])
+    if unsafe:
+      yield Reject(source_id, STAGE, 'unsafe_id', f'video name {fields[0][:80]!r} {unsafe}', source_id)
+      continue
     url = urls.get(name)
     clips, rejects = [], []
     for index, stamp in enumerate(fields[1:]):
@@ -169,6 +206,8 @@ def _hdtf_set(set_name: str, tables: Dict[str, List[List[str]]]) -> Iterator[Uni
         rejects.append(Reject(clip_id, STAGE, 'bad_crop', f'crop window {window} has no area', source_id))
         continue
       clips.append(ClipSpec(clip_id, index, start, end, window, ratios.get(f'{name}_{index}')))
+    clips, overlapping = drop_overlaps(clips, source_id)
+    rejects.extend(overlapping)
     if url is None:
       rejects.extend(Reject(c.clip_id, STAGE, 'no_url', f'{name} is not in {set_name}_video_url.txt', source_id)
                      for c in clips)
@@ -192,11 +231,12 @@ def _records(path: str) -> Iterator[dict]:
       table = pq.read_table(io.BytesIO(handle.read()))
     yield from table.to_pylist()
   elif lower.endswith('.csv'):
-    yield from csv.DictReader(io.StringIO(_read_text(path)))
+    yield from csv.DictReader(io.StringIO(re.sub(r'\r\n?', '\n', _read_text(path))))  # mixed line endings
   else:
     text = _read_text(path)
     if lower.endswith('.json') and text.lstrip().startswith('['):
-      yield from json.loads(text)
+      for number, record in enumerate(json.loads(text)):
+        yield record if isinstance(record, dict) else {'__error__': f'item {number} is not an object'}
       return
     for number, line in enumerate(text.splitlines(), 1):
       if line.strip():
@@ -213,55 +253,241 @@ def _maybe_json(value):
   return value
 
 
-def source_from_record(record: dict, row: int) -> Iterator[Union[Source, Reject]]:
-  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`)."""
-  raw_id = record.get('id') or ''
-  source_id = sanitize_id(raw_id) if raw_id else f'row{row}'
-  if '__error__' in record:
-    yield Reject(source_id, STAGE, 'bad_manifest_row', record['__error__'], source_id)
-    return
-  url = str(record.get('url') or '').strip()
-  if not raw_id or not url:
-    yield Reject(source_id, STAGE, 'bad_manifest_row', f'row {row} needs both id and url', source_id)
-    return
-  try:
-    crop = _maybe_json(record.get('crop'))
-    window = tuple(int(v) for v in crop) if crop not in (None, '') else None
-    if window is not None and (len(window) != 4 or window[2] <= 0 or window[3] <= 0):
-      raise ManifestError('bad_crop', f'crop {crop!r} is not [x, y, w, h] with positive size')
-    ratio = record.get('crop_ratio')
-    ratio = float(ratio) if ratio not in (None, '') else None
-    height = record.get('height')
-    height = int(height) if height not in (None, '') else None
-    clips_value = _maybe_json(record.get('clips'))
-  except (ValueError, TypeError) as error:
-    yield Reject(source_id, STAGE, 'bad_manifest_row', f'row {row}: {error}', source_id)
-    return
-  except ManifestError as error:
-    yield Reject(source_id, STAGE, error.reason, str(error), source_id)
-    return
+def _clip_options(record: dict) -> Tuple[Optional[tuple], Optional[float], Optional[int], object]:
+  """crop window, crop ratio, height and the raw clips value of a manifest record (or sidecar)."""
+  crop = _maybe_json(record.get('crop'))
+  window = tuple(int(v) for v in crop) if crop not in (None, '') else None
+  if window is not None and (len(window) != 4 or window[2] <= 0 or window[3] <= 0):
+    raise ManifestError('bad_crop', f'crop {crop!r} is not [x, y, w, h] with positive size')
+  ratio = record.get('crop_ratio')
+  ratio = float(ratio) if ratio not in (None, '') else None
+  if ratio is not None and not 0 < ratio < float('inf'):
+    raise ManifestError('bad_crop', f'crop_ratio {ratio!r} is not a positive number')
+  height = record.get('height')
+  height = int(height) if height not in (None, '') else None
+  return window, ratio, height, _maybe_json(record.get('clips'))
+
+
+def _clips_of(source_id: str, record: dict) -> Iterator[Union[ClipSpec, Reject, Tuple[str, object]]]:
+  """ClipSpecs and clip rejects for one record; ('height', h) first. Raises ManifestError/ValueError/TypeError."""
+  window, ratio, height, clips_value = _clip_options(record)
+  yield 'height', height
   if clips_value in (None, '', []):
-    yield Source(source_id, url, (ClipSpec(f'{source_id}_0', 0, None, None, window, ratio),), height or None)
+    yield ClipSpec(f'{source_id}_0', 0, None, None, window, ratio)
     return
   if isinstance(clips_value, str):
     clips_value = [c for c in re.split(r'[;\s]+', clips_value) if c]
-  clips = []
+  if not isinstance(clips_value, (list, tuple)):
+    raise ManifestError('bad_timestamp', f'clips {str(clips_value)[:80]!r} is not a list of [start, end]')
+  clips, rejects = [], []
   for index, value in enumerate(clips_value):
     clip_id = f'{source_id}_{index}'
     try:
       start, end = parse_range(value)
-    except (ManifestError, TypeError) as error:
-      reason = getattr(error, 'reason', 'bad_timestamp')
-      yield Reject(clip_id, STAGE, reason, str(error), source_id)
+    except (ManifestError, TypeError, ValueError) as error:
+      rejects.append(Reject(clip_id, STAGE, getattr(error, 'reason', 'bad_timestamp'), str(error)[:300], source_id))
       continue
     clips.append(ClipSpec(clip_id, index, start, end, window, ratio))
+  clips, overlapping = drop_overlaps(clips, source_id)
+  yield from rejects + overlapping
+  yield from clips
+
+
+def source_from_record(record: dict, row: int, context: Optional['_ArchiveContext'] = None
+                       ) -> Iterator[Union[Source, Reject]]:
+  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`).
+
+  A `url` naming a tar or zip of videos (local or gs://) expands into one source per
+  member video, `<id>_<member>`, with this row's clips and crop.
+  """
+  raw_id = record.get('id') if isinstance(record, dict) else None
+  raw_id = '' if raw_id is None else str(raw_id)
+  source_id = sanitize_id(raw_id) if raw_id.strip() else f'row{row}'
+  if not isinstance(record, dict) or '__error__' in record:
+    detail = record.get('__error__') if isinstance(record, dict) else f'row {row} is not an object'
+    yield Reject(source_id, STAGE, 'bad_manifest_row', str(detail)[:300], source_id)
+    return
+  url = str(record.get('url') or '').strip()
+  if not raw_id.strip() or not url:
+    yield Reject(source_id, STAGE, 'bad_manifest_row', f'row {row} needs both id and url', source_id)
+    return
+  unsafe = unsafe_id_reason(raw_id)
+  if unsafe:
+    yield Reject(source_id, STAGE, 'unsafe_id', f'id {raw_id[:80]!r} {unsafe}', source_id)
+    return
+  if url.lower().endswith(ARCHIVE_EXTENSIONS) and context is not None:
+    yield from context.expand(url, source_id + '_', record)
+    return
+  try:
+    items = list(_clips_of(source_id, record))
+  except (ValueError, TypeError) as error:
+    reason = getattr(error, 'reason', 'bad_manifest_row')
+    yield Reject(source_id, STAGE, reason, f'row {row}: {error}'[:300], source_id)
+    return
+  (_, height), clips = items[0], [c for c in items[1:] if isinstance(c, ClipSpec)]
+  yield from (r for r in items[1:] if isinstance(r, Reject))
   if clips:
     yield Source(source_id, url, tuple(clips), height or None)
 
 
-def parse_manifest(path: str) -> Iterator[Union[Source, Reject]]:
+def parse_manifest(path: str, context: Optional['_ArchiveContext'] = None) -> Iterator[Union[Source, Reject]]:
   for row, record in enumerate(_records(path)):
-    yield from source_from_record(record, row)
+    yield from source_from_record(record, row, context)
+
+
+# ----------------------------------------------------------------------------- archives
+
+def _is_pickle(name: str, head: bytes) -> bool:
+  """By name or by content: protocol 2+ pickles start with 0x80 and the protocol number."""
+  return name.lower().endswith(PICKLE_EXTENSIONS) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+class _ArchiveContext:
+  """Unpacks tar/zip members into `work_dir/archives/<archive id>/` under sanitised flat names.
+
+  Members whose names are absolute or climb out (`../`), links and devices are
+  refused (`unsafe_member`); pickles are refused (`pickle_refused`) unless
+  `policy.trust_pickle`, when a `<stem>.pkl` beside `<stem>.mp4` may carry its
+  clips like a `<stem>.json` sidecar does. Every member is size-bounded.
+  """
+
+  def __init__(self, work_dir: str, policy: InputPolicy, max_member_bytes: int):
+    self.work_dir = work_dir
+    self.policy = policy
+    self.max_member_bytes = max_member_bytes
+
+  def expand(self, url: str, prefix: str, defaults: dict) -> Iterator[Union[Source, Reject]]:
+    archive_id = sanitize_id(prefix.rstrip('_') or _archive_stem(url))
+    try:
+      url = check_url(url, self.policy)
+      if scheme_of(url) not in ('file', 'gs'):
+        raise UnsafeInput('bad_url', f'{url[:200]}: archives are read from local or gs:// paths only')
+      path = local_path(url, self.policy) if scheme_of(url) == 'file' else url
+      members = list(self._members(path))
+    except UnsafeInput as error:
+      yield Reject(archive_id, STAGE, error.reason, str(error)[:300], archive_id)
+      return
+    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as error:
+      yield Reject(archive_id, STAGE, 'bad_archive', f'{url[:200]}: {error}'[:300], archive_id)
+      return
+    if not members:
+      yield Reject(archive_id, STAGE, 'empty_input', f'{url[:200]} holds no members', archive_id)
+    sidecars: Dict[str, dict] = {}
+    videos = []
+    for name, size, reader in members:
+      safe = safe_member_name(name)
+      member_ref = sanitize_id(prefix + (safe or name))  # rejects name the member, extension and all
+      if safe is None or reader is None:
+        why = 'is not a regular file' if safe is not None else 'is absolute or climbs out of the archive'
+        yield Reject(member_ref, STAGE, 'unsafe_member', f'member {name[:120]!r} {why}', archive_id)
+        continue
+      member_id = sanitize_id(prefix + os.path.splitext(safe)[0])
+      lower = safe.lower()
+      if size > self.max_member_bytes:
+        yield Reject(member_ref, STAGE, 'too_large', f'member {safe} is {size} bytes, over the limit', archive_id)
+      elif lower.endswith(VIDEO_EXTENSIONS):
+        videos.append((safe, member_id, reader))
+      elif lower.endswith('.json') or _is_pickle(safe, reader(2)):
+        if lower.endswith('.json') or self.policy.trust_pickle:
+          try:
+            sidecars[os.path.splitext(safe)[0]] = self._sidecar(reader, pickled=not lower.endswith('.json'))
+          except ManifestError as error:
+            yield Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id)
+        else:
+          yield Reject(member_ref, STAGE, 'pickle_refused',
+                       f'member {safe} is a pickle; it is never loaded without --trust_pickle', archive_id)
+    folder = FileSystems.join(self.work_dir, 'archives', archive_id)
+    seen = set()
+    for safe, member_id, reader in videos:
+      if member_id in seen:
+        yield Reject(member_id, STAGE, 'duplicate_id', f'member {safe} has the same sanitised id as another',
+                     archive_id)
+        continue
+      seen.add(member_id)
+      record = dict(defaults)
+      record.update(sidecars.get(os.path.splitext(safe)[0]) or {})
+      try:
+        items = list(_clips_of(member_id, record))
+      except (ValueError, TypeError) as error:
+        yield Reject(member_id, STAGE, getattr(error, 'reason', 'bad_manifest_row'), str(error)[:300], archive_id)
+        continue
+      clips = [c for c in items[1:] if isinstance(c, ClipSpec)]
+      yield from (r for r in items[1:] if isinstance(r, Reject))
+      if clips:
+        uri = FileSystems.join(folder, member_id + os.path.splitext(safe)[1].lower())
+        try:
+          self._extract(reader, uri)
+        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as error:
+          yield from (Reject(c.clip_id, STAGE, 'bad_archive', f'member {safe}: {error}'[:300], archive_id)
+                      for c in clips)
+          continue
+        yield Source(member_id, uri, tuple(clips), items[0][1] or None)
+
+  def _members(self, path: str):
+    """(name, size, reader or None for non-files) per member; reader(n) reads n bytes, reader(None) a stream."""
+    handle = FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed')
+    if path.lower().endswith('.zip'):
+      archive = zipfile.ZipFile(handle)
+      for info in archive.infolist():
+        if info.is_dir():
+          continue
+        is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+        yield info.filename, info.file_size, None if is_link else self._zip_reader(archive, info)
+    else:
+      archive = tarfile.open(fileobj=handle, mode='r:*')
+      for info in archive.getmembers():
+        if info.isdir():
+          continue
+        yield info.name, info.size, self._tar_reader(archive, info) if info.isreg() else None
+
+  @staticmethod
+  def _zip_reader(archive, info):
+    return lambda n=None: archive.open(info).read(n) if n is not None else archive.open(info)
+
+  @staticmethod
+  def _tar_reader(archive, info):
+    return lambda n=None: archive.extractfile(info).read(n) if n is not None else archive.extractfile(info)
+
+  @staticmethod
+  def _sidecar(reader, pickled: bool) -> dict:
+    """A member's metadata record (clips, crop, ...): JSON, or a pickle only with --trust_pickle."""
+    try:
+      with reader(None) as handle:
+        data = handle.read()
+      value = pickle.loads(data) if pickled else json.loads(data.decode('utf-8-sig'))
+    except Exception as error:  # pylint: disable=broad-except  # unpickling can raise anything
+      raise ManifestError('bad_sidecar', f'unreadable metadata: {type(error).__name__}: {error}') from error
+    if not isinstance(value, dict):
+      raise ManifestError('bad_sidecar', f'metadata is a {type(value).__name__}, not a record')
+    return value
+
+  def _extract(self, reader, uri: str) -> None:
+    """Copy one member to `uri` (temporary name, then rename), never more than the size limit."""
+    from transforms.fileio import put_file
+    fd, tmp = tempfile.mkstemp(prefix='member-')
+    try:
+      with os.fdopen(fd, 'wb') as out, reader(None) as src:
+        copied = 0
+        while True:
+          block = src.read(1 << 20)
+          if not block:
+            break
+          copied += len(block)
+          if copied > self.max_member_bytes:
+            raise ValueError(f'member grew past {self.max_member_bytes} bytes')
+          out.write(block)
+      put_file(tmp, uri, move=True)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+def _archive_stem(path: str) -> str:
+  base = os.path.basename(path.rstrip('/'))
+  for ext in ARCHIVE_EXTENSIONS:
+    if base.lower().endswith(ext):
+      return base[:-len(ext)]
+  return base
 
 
 # ----------------------------------------------------------------------------- globs
@@ -274,23 +500,32 @@ def parse_glob(pattern: str) -> Iterator[Source]:
 
 
 def detect_format(spec: str) -> str:
-  """`hdtf`, `manifest` or `glob` for an `--input` value."""
+  """`hdtf`, `manifest`, `archive` or `glob` for an `--input` value."""
   lower = spec.lower().rstrip('/')
   if lower.endswith(MANIFEST_EXTENSIONS):
     return 'manifest'
+  if lower.endswith(ARCHIVE_EXTENSIONS):
+    return 'archive'
   if any(ch in spec for ch in '*?[') or lower.endswith(VIDEO_EXTENSIONS):
     return 'glob'
   return 'hdtf'
 
 
-def read_input(spec: str, input_format: str = 'auto') -> Iterator[Union[Source, Reject]]:
+def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = None,
+               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096
+               ) -> Iterator[Union[Source, Reject]]:
   fmt = detect_format(spec) if input_format == 'auto' else input_format
+  context = _ArchiveContext(work_dir, policy, int(max_member_mb * 1024 * 1024)) if work_dir else None
   if fmt == 'hdtf':
     return parse_hdtf(spec)
   if fmt == 'manifest':
-    return parse_manifest(spec)
+    return parse_manifest(spec, context)
   if fmt == 'glob':
     return parse_glob(spec)
+  if fmt == 'archive':
+    if context is None:
+      raise ValueError('archive inputs need a work dir to unpack into')
+    return context.expand(spec, '', {})
   raise ValueError(f'unknown input format {input_format!r}')
 
 
@@ -300,19 +535,22 @@ class ReadSources(beam.PTransform):
   Sources already fully written in the output are dropped here (resume); their
   clip ids still count as planned. Sources are reshuffled so that downloads
   spread over workers instead of fusing onto the one that read the manifest.
+  An input that holds nothing, or stops parsing half-way, leaves a reject that says so.
   """
 
-  def __init__(self, spec: str, input_format: str = 'auto', written_ids: Iterable[str] = ()):
+  def __init__(self, spec: str, input_format: str = 'auto', written_ids: Iterable[str] = (),
+               work_dir: Optional[str] = None, policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096):
     super().__init__()
     self.spec = spec
     self.input_format = input_format
     self.written_ids = frozenset(written_ids)
+    self.read_options = {'work_dir': work_dir, 'policy': policy, 'max_member_mb': max_member_mb}
 
   def expand(self, pbegin):
     parsed = (
         pbegin
         | 'InputSpec' >> beam.Create([self.spec])
-        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.written_ids)).with_outputs(
+        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.written_ids, self.read_options)).with_outputs(
             'rejects', 'planned', main='sources'))
     sources = parsed.sources | 'Spread' >> beam.Reshuffle()
     return {'sources': sources, 'rejects': parsed.rejects, 'planned': parsed.planned}
@@ -320,14 +558,27 @@ class ReadSources(beam.PTransform):
 
 class _ParseInput(beam.DoFn):
 
-  def __init__(self, input_format: str, written_ids: frozenset):
+  def __init__(self, input_format: str, written_ids: frozenset, read_options: Optional[dict] = None):
     self.input_format = input_format
     self.written_ids = written_ids
+    self.read_options = read_options or {}
     self.skipped = beam.metrics.Metrics.counter('manifest', 'clips_already_written')
 
   def process(self, spec):
     seen = set()
-    for item in read_input(spec, self.input_format):
+    count = 0
+    items = read_input(spec, self.input_format, **self.read_options)
+    input_id = sanitize_id(os.path.basename(spec.rstrip('/')) or 'input')
+    while True:
+      try:
+        item = next(items)
+      except StopIteration:
+        break
+      except (ValueError, UnicodeDecodeError, KeyError, csv.Error) as error:
+        item = Reject(input_id, STAGE, 'bad_manifest', f'{spec}: parsing stopped after {count} entries: {error}'[:500],
+                      input_id)
+        items = iter(())
+      count += 1
       if isinstance(item, Reject):
         yield beam.pvalue.TaggedOutput('planned', item.id)
         yield beam.pvalue.TaggedOutput('rejects', item)
@@ -347,3 +598,7 @@ class _ParseInput(beam.DoFn):
           clips.append(clip)
       if clips:
         yield Source(item.source_id, item.url, tuple(clips), item.height)
+    if not count:
+      yield beam.pvalue.TaggedOutput('planned', input_id)
+      yield beam.pvalue.TaggedOutput('rejects', Reject(input_id, STAGE, 'empty_input',
+                                                       f'{spec} holds no entries', input_id))

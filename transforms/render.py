@@ -20,7 +20,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Reject, RenderedClip
+from transforms.crop import follow_crop
 from transforms.fileio import put_file
+from transforms.prefetch import prefetch
 from transforms.probe import open_media
 
 STAGE = 'render'
@@ -29,18 +31,25 @@ _AGAIN = (av.error.BlockingIOError, BlockingIOError)
 _END = (av.error.EOFError, EOFError)
 
 
-class _VideoFilter:
-  """buffer -> [yadif] -> crop -> scale -> rgb24, as one libavfilter graph."""
+_TURNS = {90: (('transpose', 'cclock'),), 180: (('hflip', None), ('vflip', None)), 270: (('transpose', 'clock'),)}
 
-  def __init__(self, stream, window, size: int, deinterlace: bool):
+
+class _VideoFilter:
+  """buffer -> [yadif] -> [turn upright] -> crop -> scale -> rgb24, as one libavfilter graph.
+
+  The window is in displayed pixels, so a phone video's display-matrix turn comes before the crop.
+  """
+
+  def __init__(self, stream, window, size: int, deinterlace: bool, rotation: int = 0, follow: bool = False):
     x, y, w, h = window
     self.graph = av.filter.Graph()
     chain = [self.graph.add_buffer(template=stream)]
     if deinterlace:
       chain.append(self.graph.add('yadif', 'mode=send_frame:parity=auto:deint=all'))
-    chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'),
-              self.graph.add('scale', f'{size}:{size}:flags=area'),
-              self.graph.add('format', 'rgb24'),
+    chain += [self.graph.add(name, args) for name, args in _TURNS.get(rotation, ())]
+    if not follow:  # a window that follows the face is cut per frame (crop.follow_crop)
+      chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'), self.graph.add('scale', f'{size}:{size}:flags=area')]
+    chain += [self.graph.add('format', 'rgb24'),
               self.graph.add('buffersink')]
     for a, b in zip(chain, chain[1:]):
       a.link_to(b)
@@ -178,7 +187,8 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
     count = int(round(duration * fps))
     container.seek(max(0, int((t0 - 0.5) * av.time_base)), backward=True, any_frame=False)
     source_fps = task.media.info.fps or fps
-    video_filter = _VideoFilter(vin, task.window, size, task.media.info.interlaced)
+    video_filter = _VideoFilter(vin, task.window, size, task.media.info.interlaced,
+                                 task.media.info.rotation, follow=bool(task.path))
     selector = _FrameSelector(t0, count, fps, 1.0 / source_fps)
     with av.open(mp4_path, 'w', format='mp4', options={'movflags': '+faststart'}) as out:
       vout = out.add_stream('libx264', rate=rate)
@@ -197,6 +207,8 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
 
       def encode(image):
         nonlocal produced
+        if task.path:
+          image = follow_crop(image, task.path, task.window[2], produced / fps, size)
         frame = av.VideoFrame.from_ndarray(image, format='rgb24')
         frame.pts = produced
         frame.time_base = 1 / rate
@@ -259,9 +271,15 @@ class RenderClips(beam.DoFn):
 
   def process(self, task: ClipTask):
     tmp = tempfile.mkdtemp(prefix='render-')
+    try:
+      yield from self._render(task, tmp)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  def _render(self, task: ClipTask, tmp: str):
     mp4 = os.path.join(tmp, task.clip_id + '.mp4')
     try:
-      frames = render(task, mp4, self.size, self.fps, self.crf, self.preset, self.max_render_s)
+      frames = prefetch(render(task, mp4, self.size, self.fps, self.crf, self.preset, self.max_render_s))
       try:
         while True:
           index, image = next(frames)
@@ -273,18 +291,20 @@ class RenderClips(beam.DoFn):
       reason = 'render_timeout' if isinstance(error, TimeoutError) else 'decode_error'
       yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, str(error)[:500],
                                                        task.source_id))
-      shutil.rmtree(tmp, ignore_errors=True)
       return
-    try:
-      if produced == 0:
-        yield beam.pvalue.TaggedOutput('rejects', Reject(
-            task.clip_id, STAGE, 'no_frames', f'no video frames between {task.start:.3f}s and {task.end:.3f}s',
-            task.source_id))
-        return
-      uri = FileSystems.join(self.work_dir, 'clips', task.clip_id + '.mp4')
-      put_file(mp4, uri, move=True)
-      self.clips.inc()
-      yield beam.pvalue.TaggedOutput('rendered', (task.clip_id, RenderedClip(
-          task=task, mp4_uri=uri, wav=wav, num_frames=produced, fps=self.fps, size=self.size)))
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
+    if produced == 0:
+      yield beam.pvalue.TaggedOutput('rejects', Reject(
+          task.clip_id, STAGE, 'no_frames', f'no video frames between {task.start:.3f}s and {task.end:.3f}s',
+          task.source_id))
+      return
+    planned = int(round((task.end - task.start) * self.fps))
+    if produced < planned - max(2, planned // 10):  # the header promised frames the file does not hold
+      yield beam.pvalue.TaggedOutput('rejects', Reject(
+          task.clip_id, STAGE, 'source_truncated', f'the source ran out after {produced} of {planned} frames '
+          f'(about {task.start + produced / self.fps:.3f}s of a clip ending at {task.end:.3f}s)', task.source_id))
+      return
+    uri = FileSystems.join(self.work_dir, 'clips', task.clip_id + '.mp4')
+    put_file(mp4, uri, move=True)
+    self.clips.inc()
+    yield beam.pvalue.TaggedOutput('rendered', (task.clip_id, RenderedClip(
+        task=task, mp4_uri=uri, wav=wav, num_frames=produced, fps=self.fps, size=self.size)))

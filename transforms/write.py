@@ -27,8 +27,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_pipeline.elements import RenderedClip, Reject, Sample
-from transforms import features
+from beam_pipeline.elements import Reject, Sample
+from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
 from transforms.fileio import PARTIAL, put_file, read_bytes, write_atomic
 
 STAGE = 'write'
@@ -60,6 +60,8 @@ def read_index(output: str) -> List[dict]:
 
 
 def written_ids(output: str) -> Set[str]:
+  """Ids a rerun skips: written clips and written pieces. A split clip's planned id is not among them,
+  so the rerun tracks it again and writes only its pieces that are missing."""
   return {record['id'] for record in read_index(output)}
 
 
@@ -76,48 +78,37 @@ def clean_unfinished(output: str) -> int:
 # ----------------------------------------------------------------------------- samples
 
 class AssembleSample(beam.DoFn):
-  """(clip_id, {'rendered': [RenderedClip], 'faces': [(frame, FaceResult)]}) -> Sample.
+  """filters.Analysis -> Sample: the mp4, wav, per-frame arrays and a json with every score.
 
   Reads the rendered mp4 back from the work dir (and removes it): the only
   place clip media become bytes in flight, right before they are packed.
   """
 
-  def __init__(self, min_face_ratio: float = 0.0):
-    self.min_face_ratio = min_face_ratio
-
-  def process(self, element):
-    clip_id, grouped = element
-    # No rendered clip: it was rejected while rendering (its reject is already out).
-    for clip in grouped['rendered']:
-      yield self._assemble(clip, grouped['faces'])
-
-  def _assemble(self, clip: RenderedClip, faces):
+  def process(self, analysis):
+    clip, arrays = analysis.clip, analysis.arrays
     clip_id, task = clip.task.clip_id, clip.task
-    arrays = features.frame_arrays(clip.num_frames, faces)
-    stats = features.face_statistics(arrays, clip)
-    if stats['face_frames'] == 0 or stats['face_ratio'] < self.min_face_ratio:
-      FileSystems.delete([clip.mp4_uri])
-      return beam.pvalue.TaggedOutput('rejects', Reject(
-          clip_id, 'analyse', 'no_face', f'a face in {stats["face_frames"]} of {clip.num_frames} output frames',
-          task.source_id))
     info = task.media.info
     meta = {
-        'id': clip_id, 'source_id': task.source_id, 'url': task.url,
+        'id': clip_id, 'planned_id': task.planned, 'source_id': task.source_id, 'url': task.url,
         'start': round(task.start, 4), 'end': round(task.end, 4), 'duration': round(clip.num_frames / clip.fps, 4),
         'fps': clip.fps, 'num_frames': clip.num_frames, 'size': [clip.size, clip.size],
         'source': {'width': info.width, 'height': info.height, 'fps': round(info.fps, 4),
                    'codec': info.video_codec, 'interlaced': info.interlaced, 'audio_rate': info.audio_rate},
-        'crop': {'mode': task.crop_mode, 'window': list(task.window), 'ratio': task.crop_ratio},
-        'face': {**stats, **{k: round(v, 4) for k, v in task.face_stats}},
+        'crop': {'mode': task.crop_mode, 'window': list(task.window), 'ratio': task.crop_ratio,
+                 'follow': [list(p) for p in task.path]},
+        'face': {**analysis.face, **{k: round(v, 4) for k, v in task.face_stats}},
+        'scores': analysis.scores,
+        'failed': [code for code, _ in analysis.failed],
+        'blendshape_names': list(BLENDSHAPE_NAMES),
         'notes': list(task.notes),
     }
     payload = {
         'mp4': read_bytes(clip.mp4_uri), 'wav': clip.wav, 'json': meta,
         'landmarks.npy': arrays['landmarks'], 'bbox.npy': arrays['bbox'], 'pose.npy': arrays['pose'],
-        'blendshapes.npy': arrays['blendshapes'],
+        'blendshapes.npy': arrays['blendshapes'], 'iris.npy': arrays['iris'], 'lmk68.npy': arrays['lmk68'],
     }
     FileSystems.delete([clip.mp4_uri])
-    return Sample(clip_id, payload)
+    yield Sample(clip_id, payload)
 
 
 def _encode(value) -> bytes:
@@ -194,19 +185,31 @@ class WriteShards(beam.DoFn):
 
 # ----------------------------------------------------------------------------- run summary
 
-def summarise(planned: List[str], rejects: List[Reject], index: List[dict], written_this_run: int) -> dict:
+def summarise(planned: List[str], rejects: List[Reject], index: List[dict], written_this_run: int,
+              pieces: Iterable = ()) -> dict:
+  """Counts per planned clip. A clip that tracking split into pieces (`pieces`: (piece id, planned id);
+  index records carry `planned_id` too) counts once: written when any piece is in the index, else
+  rejected once however many pieces were rejected. `samples` and `reject_records` count pieces/lines."""
+  planned_of = dict(pieces)
+  planned_of.update({record['id']: record.get('planned_id') or record['id'] for record in index})
   planned_ids = collections.Counter(planned)
-  index_ids = {record['id'] for record in index}
-  written = sum(1 for clip_id in planned_ids if clip_id in index_ids)
+  written_planned = {planned_of.get(record['id'], record['id']) for record in index}
+  written = sum(1 for clip_id in planned_ids if clip_id in written_planned)
+  clip_rejects = [r for r in rejects if planned_of.get(r.id, r.id) == r.id]
+  piece_rejects = [r for r in rejects if planned_of.get(r.id, r.id) != r.id]
+  all_pieces_rejected = {planned_of[r.id] for r in piece_rejects} - written_planned
+  rejected = len(clip_rejects) + len(all_pieces_rejected)
   by_reason = collections.Counter(r.reason for r in rejects)
   by_stage = collections.Counter(r.stage for r in rejects)
   total = sum(planned_ids.values())
+  samples = [r for r in index if planned_of.get(r['id'], r['id']) in planned_ids]
   return {
-      'planned': total, 'written': written, 'rejected': len(rejects),
+      'planned': total, 'written': written, 'rejected': rejected,
       'written_this_run': written_this_run, 'already_written': written - written_this_run,
-      'balanced': written + len(rejects) == total,
+      'balanced': written + rejected == total,
+      'samples': len(samples), 'reject_records': len(rejects), 'pieces_rejected': len(piece_rejects),
       'rejected_by_reason': dict(sorted(by_reason.items())), 'rejected_by_stage': dict(sorted(by_stage.items())),
-      'frames_written': sum(r.get('num_frames', 0) for r in index if r['id'] in planned_ids),
+      'frames_written': sum(r.get('num_frames', 0) for r in samples),
   }
 
 
@@ -216,14 +219,17 @@ class WriteRunSummary(beam.DoFn):
   def __init__(self, output: str):
     self.output = output
 
-  def process(self, _, planned, rejects, new_records):
+  def process(self, _, planned, rejects, new_records, pieces=()):
     index = sorted(read_index(self.output), key=lambda r: r['id'])
     rejects = sorted(rejects, key=lambda r: (r.id, r.stage, r.reason))
-    stats = summarise(list(planned), rejects, index, len(new_records))
+    new_clips = {r.get('planned_id') or r['id'] for r in new_records}
+    stats = summarise(list(planned), rejects, index, len(new_clips), pieces)
+    planned_of = dict(pieces)
     write_atomic(FileSystems.join(self.output, 'index.jsonl'),
                  ''.join(json.dumps(r, sort_keys=True) + '\n' for r in index).encode())
     write_atomic(FileSystems.join(self.output, 'rejects.jsonl'),
-                 ''.join(json.dumps(r.to_json(), sort_keys=True) + '\n' for r in rejects).encode())
+                 ''.join(json.dumps(dict(r.to_json(), planned_id=planned_of.get(r.id, r.id)), sort_keys=True) + '\n'
+                         for r in rejects).encode())
     write_atomic(FileSystems.join(self.output, 'stats.json'), json.dumps(stats, indent=2, sort_keys=True).encode())
     if not stats['balanced']:
       logging.error('accounting mismatch: %s', stats)

@@ -1,0 +1,38 @@
+"""Flex-template entry point (FLEX_TEMPLATE_PYTHON_PY_FILE): submit the job, then return.
+
+The Dataflow launcher VM runs this file with the template parameters as flags.
+Unlike the CLI it must not wait for the job: waiting blocks the launch. The
+output is prepared the same way (unfinished shards removed, written and, with
+--incremental, permanently rejected clips skipped) before the job is built.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import List, Optional
+
+import apache_beam as beam
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipeline.__main__ import prepare
+from beam_pipeline.pipeline import build_pipeline
+from beam_pipeline.template_metadata import normalise_flags
+
+
+def launch(argv: Optional[List[str]] = None) -> PipelineResult:
+  """Build the job from template parameters and submit it; a `--dry_run` result carries the translated job."""
+  options, opts, done, carried = prepare(normalise_flags(list(argv or [])))
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, opts, done, carried_rejects=carried)
+  return p.run()
+
+
+def main() -> None:
+  logging.getLogger().setLevel(logging.INFO)
+  result = launch(sys.argv[1:])
+  job_id = getattr(result, 'job_id', None)
+  print(f'submitted job {job_id()}' if callable(job_id) else f'job state: {result.state}')
+
+
+if __name__ == '__main__':
+  main()

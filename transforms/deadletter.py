@@ -1,0 +1,106 @@
+"""Dead letter per element: an unexpected exception in one clip never takes down its bundle.
+
+`DeadLetter` wraps a stage DoFn (in the spirit of Beam's `with_exception_handling`,
+but its dead letters are ordinary `Reject`s on the stage's `rejects` tag). When
+the wrapped `process` raises, every clip the element still owed becomes a
+`Reject(reason='internal_error', stage=<stage>)` with the exception in its
+detail; clips it had already settled (emitted downstream or rejected) are left
+alone, so accounting stays exact. An exception from an element that names no
+clip is re-raised: failing loudly beats losing work silently.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Iterable, List, Tuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_pipeline.elements import ClipTask, Reject, RenderedClip, Sample, Source
+
+REASON = 'internal_error'
+
+
+def owed_clips(element) -> List[Tuple[str, str]]:
+  """(clip_id, source_id) of every clip a stage input element stands for."""
+  if isinstance(element, Source):
+    return [(c.clip_id, element.source_id) for c in element.clips]
+  if isinstance(element, ClipTask):
+    return [(element.clip_id, element.source_id)]
+  if isinstance(element, RenderedClip):
+    return [(element.task.clip_id, element.task.source_id)]
+  carried = getattr(element, 'clip', None) or getattr(element, 'task', None)  # e.g. an analysis of a clip
+  if isinstance(carried, (ClipTask, RenderedClip)):
+    return owed_clips(carried)
+  if isinstance(element, tuple) and len(element) == 2:
+    head, body = element
+    if isinstance(head, Source):
+      return owed_clips(head)
+    if isinstance(head, str) and isinstance(body, dict):  # CoGroupByKey result keyed by clip id
+      found = [pair for values in body.values() for value in values for pair in owed_clips(value)]
+      return list(dict.fromkeys(found))
+    if isinstance(head, str) and isinstance(body, (ClipTask, RenderedClip)):
+      return owed_clips(body)
+  return []
+
+
+def settled_clips(output) -> Iterable[str]:
+  """Clip ids an output accounts for: a reject, a planned task, a rendered or analysed clip, a sample."""
+  if isinstance(output, beam.pvalue.TaggedOutput):
+    if output.tag == 'rejects':
+      return [output.value.id]
+    if output.tag == 'rendered':
+      return [output.value[0]]
+    return []
+  if isinstance(output, Reject):
+    return [output.id]
+  if isinstance(output, ClipTask):
+    return [output.clip_id]
+  if isinstance(output, Sample):
+    return [output.key]
+  if isinstance(output, RenderedClip) or isinstance(getattr(output, 'clip', None) or getattr(output, 'task', None),
+                                                    (ClipTask, RenderedClip)):
+    return [clip_id for clip_id, _ in owed_clips(output)]
+  if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], Source):
+    return [c.clip_id for c in output[0].clips]
+  return []
+
+
+class DeadLetter(beam.DoFn):
+  """Runs `fn` per element; its unexpected exceptions become `internal_error` rejects (tag `rejects`)."""
+
+  def __init__(self, fn: beam.DoFn, stage: str):
+    super().__init__()
+    self.fn = fn
+    self.stage = stage
+    self.errors = Metrics.counter('dead_letter', f'{stage}_{REASON}')
+
+  def setup(self):
+    self.fn.setup()
+
+  def start_bundle(self):
+    self.fn.start_bundle()
+
+  def finish_bundle(self):
+    return self.fn.finish_bundle()
+
+  def teardown(self):
+    self.fn.teardown()
+
+  def process(self, element, *args, **kwargs):
+    settled = set()
+    try:
+      for output in self.fn.process(element, *args, **kwargs) or ():
+        settled.update(settled_clips(output))
+        yield output
+    except Exception as error:  # pylint: disable=broad-except
+      owed = [pair for pair in owed_clips(element) if pair[0] not in settled]
+      if not owed and not settled:
+        raise
+      self.errors.inc()
+      where = traceback.extract_tb(error.__traceback__)[-1]
+      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
+      logging.warning('%s: internal error on %s: %s', self.stage, [c for c, _ in owed], detail)
+      for clip_id, source_id in owed:
+        yield beam.pvalue.TaggedOutput('rejects', Reject(clip_id, self.stage, REASON, detail[:500], source_id))

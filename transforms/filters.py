@@ -1,0 +1,150 @@
+"""Per-clip quality scores from the per-frame analysis, and the filters that reject on them.
+
+Every score is written into the sample's json (`scores`), whether or not it filters; `failed` lists
+the reason codes a clip fails. A clip is rejected with the first failing code (the detail names all),
+unless `--score_only` is set: then every clip with a face is written and nothing is filtered.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from scipy import ndimage
+
+from beam_pipeline.elements import Reject, RenderedClip
+from transforms import features
+
+STAGE = 'filter'
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """Filter settings; the defaults are the command line's (see beam_pipeline/options.py)."""
+  min_face_px: float = 64.0
+  min_face_ratio: float = 0.8
+  min_resolution: int = 0
+  min_duration: float = 1.0
+  min_sharpness: float = 25.0
+  max_yaw: float = 45.0
+  max_pitch: float = 30.0
+  eye_motion: bool = False
+  min_eye_motion_var: float = 2.0
+  min_sync_corr: float = 0.3
+  max_sync_lag: int = 0
+  sync_search: int = 15
+  score_only: bool = False
+
+  @classmethod
+  def from_options(cls, opts) -> 'Thresholds':
+    return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class Analysis:
+  """A rendered clip with its per-frame arrays, face statistics, scores and failed filters."""
+  clip: RenderedClip
+  arrays: dict
+  face: dict
+  scores: dict
+  failed: List[Tuple[str, str]]
+
+
+def _robust_max_abs(values: np.ndarray) -> Optional[float]:
+  """Largest |value| after a 5-frame median filter, so one mis-fitted frame does not decide."""
+  values = values[~np.isnan(values)]
+  if not len(values):
+    return None
+  return float(np.max(np.abs(ndimage.median_filter(values, size=min(5, len(values)), mode='nearest'))))
+
+
+def _round(value, digits: int = 3):
+  return None if value is None else round(float(value), digits)
+
+
+def score_clip(clip: RenderedClip, arrays: dict, face: dict, th: Thresholds) -> dict:
+  """Every score of a clip (None where it cannot be measured: no face, silence)."""
+  info = clip.task.media.info
+  present = ~np.isnan(arrays['bbox'][:, 0])
+  sharpness = arrays['sharpness'][present]
+  sharpness = sharpness[~np.isnan(sharpness)]
+  mouth = features.mouth_opening(arrays['landmarks'])
+  corr, lag = features.best_lag(mouth, features.audio_envelope(clip.wav, clip.num_frames, clip.fps), th.sync_search)
+  return {
+      'source_face_px': face.get('source_face_size'),
+      'face_ratio': _round(face['face_ratio']),
+      'source_resolution': min(info.width, info.height),
+      'duration': _round(clip.num_frames / clip.fps),
+      'sharpness': _round(np.median(sharpness) if len(sharpness) else None, 2),
+      'max_abs_yaw': _round(_robust_max_abs(arrays['pose'][:, 0]), 2),
+      'max_abs_pitch': _round(_robust_max_abs(arrays['pose'][:, 1]), 2),
+      'eye_motion_var': _round(features.eye_motion_variance(arrays['landmarks'])),
+      'sync_corr': _round(corr),
+      'sync_lag_frames': lag if corr is not None else None,
+  }
+
+
+def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str]]:
+  """(reason code, detail) for each filter the scores fail, in a fixed order."""
+  s = scores
+  checks = [
+      ('face_ratio_low', s['face_ratio'] < th.min_face_ratio,
+       f'face on {s["face_ratio"]:.0%} of frames < --min_face_ratio {th.min_face_ratio}'),
+      ('face_too_small', s['source_face_px'] is not None and s['source_face_px'] < th.min_face_px,
+       f'face {s["source_face_px"]} source px < --min_face_px {th.min_face_px}'),
+      ('low_resolution', s['source_resolution'] < th.min_resolution,
+       f'source short side {s["source_resolution"]} px < --min_resolution {th.min_resolution}'),
+      ('too_short', s['duration'] < th.min_duration, f'{s["duration"]}s < --min_duration {th.min_duration}s'),
+      ('blurry', s['sharpness'] is not None and s['sharpness'] < th.min_sharpness,
+       f'face sharpness {s["sharpness"]} < --min_sharpness {th.min_sharpness}'),
+      ('yaw_too_large', s['max_abs_yaw'] is not None and s['max_abs_yaw'] > th.max_yaw,
+       f'|yaw| up to {s["max_abs_yaw"]} deg > --max_yaw {th.max_yaw}'),
+      ('pitch_too_large', s['max_abs_pitch'] is not None and s['max_abs_pitch'] > th.max_pitch,
+       f'|pitch| up to {s["max_abs_pitch"]} deg > --max_pitch {th.max_pitch}'),
+      ('eye_motion_low', th.eye_motion and (s['eye_motion_var'] or 0.0) <= th.min_eye_motion_var,
+       f'eye motion variance {s["eye_motion_var"]} <= --min_eye_motion_var {th.min_eye_motion_var}'),
+      ('av_sync_low', s['sync_corr'] is not None and s['sync_corr'] < th.min_sync_corr,
+       f'mouth/audio correlation {s["sync_corr"]} < --min_sync_corr {th.min_sync_corr}'),
+      ('av_sync_offset', th.max_sync_lag > 0 and s['sync_corr'] is not None and abs(s['sync_lag_frames']) >
+       th.max_sync_lag, f'audio lags the mouth by {s["sync_lag_frames"]} frames, more than --max_sync_lag '
+       f'{th.max_sync_lag}'),
+  ]
+  return [(code, detail) for code, failed, detail in checks if failed]
+
+
+class ScoreAndFilter(beam.DoFn):
+  """(clip_id, {'rendered': [RenderedClip], 'faces': [(frame, FaceResult)]}) -> Analysis, or a `Reject`
+  on tag `rejects` (the rendered mp4 is removed from the work dir then)."""
+
+  def __init__(self, thresholds: Thresholds):
+    self.th = thresholds
+    self.kept = Metrics.counter(STAGE, 'clips_kept')
+    self.rejected = Metrics.counter(STAGE, 'clips_rejected')
+
+  def process(self, element):
+    _, grouped = element
+    # No rendered clip: it was rejected while rendering (its reject is already out).
+    for clip in grouped['rendered']:
+      yield self._filter(clip, grouped['faces'])
+
+  def _filter(self, clip: RenderedClip, faces):
+    task = clip.task
+    arrays = features.frame_arrays(clip.num_frames, faces)
+    face = features.face_statistics(arrays, clip)
+    if face['face_frames'] == 0:
+      return self._reject(clip, 'no_face', f'no face on any of {clip.num_frames} output frames')
+    scores = score_clip(clip, arrays, face, self.th)
+    failed = failures(scores, self.th)
+    if failed and not self.th.score_only:
+      return self._reject(clip, failed[0][0], '; '.join(detail for _, detail in failed))
+    self.kept.inc()
+    return Analysis(clip, arrays, face, scores, failed)
+
+  def _reject(self, clip: RenderedClip, reason: str, detail: str):
+    self.rejected.inc()
+    FileSystems.delete([clip.mp4_uri])
+    return beam.pvalue.TaggedOutput('rejects', Reject(clip.task.clip_id, STAGE, reason, detail,
+                                                      clip.task.source_id))
