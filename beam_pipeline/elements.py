@@ -150,14 +150,3 @@ class Sample:
   """One WebDataset sample: key plus named payloads (bytes, dict or ndarray)."""
   key: str
   payload: dict
-
-  def num_bytes(self) -> int:
-    total = 0
-    for value in self.payload.values():
-      if isinstance(value, (bytes, bytearray)):
-        total += len(value)
-      elif isinstance(value, np.ndarray):
-        total += value.nbytes
-      else:
-        total += 1024
-    return total
