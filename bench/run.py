@@ -30,12 +30,17 @@ import av  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
+from beam_pipeline.options import TalkingFaceOptions  # noqa: E402
 
 SIZES = ((1280, 720, 1.4), (1920, 1080, 2.0))  # width, height, face scale; sources alternate
 CLIP_S = 10.0
-OUT_SIZE, OUT_FPS, CRF, PRESET = 512, 25.0, 18, 'veryfast'  # the pipeline's defaults
-BATCH = 32
+# The pipeline runs with its defaults; the floor and the baseline must do the same work.
+_DEFAULTS = PipelineOptions([]).view_as(TalkingFaceOptions)
+OUT_SIZE, OUT_FPS, CRF, PRESET = _DEFAULTS.size, _DEFAULTS.fps, _DEFAULTS.crf, _DEFAULTS.x264_preset
+BATCH = _DEFAULTS.landmark_batch_size
 
 
 # ----------------------------------------------------------------------------- workload
@@ -469,6 +474,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       choices=('ours', 'floor', 'baseline', 'multi_processing', 'long_sources'),
                       help='Parts not to run.')
   args = parser.parse_args(argv)
+  shortest = 2 * CLIP_S + 10.0
+  if args.duration < shortest:  # shorter, the two clips overlap and the pipeline rejects one of them
+    parser.error(f'--duration must be at least {shortest:g} s (two {CLIP_S:g} s clips 5 s from each end)')
   models = os.path.join(os.path.dirname(REPO), 'shared', 'models')
   if not os.environ.get('BEAM_PIPELINE_MODEL_DIR') and os.path.isdir(models):
     os.environ['BEAM_PIPELINE_MODEL_DIR'] = models
