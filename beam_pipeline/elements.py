@@ -41,9 +41,14 @@ class Reject:
   reason: str
   detail: str = ''
   source_id: str = ''
+  planned_id: str = ''  # the planned clip this id is a piece of (plan or tracking splits); '' means id
+
+  @property
+  def planned(self) -> str:
+    return self.planned_id or self.id
 
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    return dict(dataclasses.asdict(self), planned_id=self.planned)
 
 
 @dataclasses.dataclass(frozen=True)
