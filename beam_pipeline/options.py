@@ -21,6 +21,10 @@ class TalkingFaceOptions(PipelineOptions):
     io.add_argument('--work_dir', default=None,
                     help='Where downloads and rendered clips are cached (local or gs://). Default: <output>/_work.')
     io.add_argument('--recipe', default='hdtf', choices=RECIPES, help='Which dataset pipeline to reproduce.')
+    io.add_argument('--run_id', default=None,
+                    help='Names this run\'s temporary files and crash markers in the work dir and output. Set by the '
+                    'CLI and the flex-template launcher (UTC time + random suffix); give one only to re-attach to a '
+                    'run on purpose.')
     io.add_argument('--model_dir', default=None,
                     help='Directory holding the model files; stands in for their download '
                     '(also $BEAM_PIPELINE_MODEL_DIR).')
