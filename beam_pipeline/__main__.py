@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sys
-from typing import List, Optional, Set, Tuple
+import time
+import uuid
+from typing import List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -17,69 +20,142 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_pipeline import progress
 from beam_pipeline import native_log
 from beam_pipeline.options import TalkingFaceOptions
-from beam_pipeline.pipeline import build_pipeline, work_dir_of
-from transforms import incremental, write
+from beam_pipeline.pipeline import build_pipeline
+from transforms import write
+from transforms.crash_guard import CrashGuard
 
 
-def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingFaceOptions, Set[str], List]:
-  """Options, output made ready (unfinished shards removed), and what this run skips.
+DISTRIBUTED_RUNNERS = ('DataflowRunner', 'FlinkRunner', 'SparkRunner', 'PortableRunner')
+# The local default: Beam's FnApiRunner, the engine DirectRunner runs batch jobs on (in-memory or
+# --direct_running_mode=multi_processing), without DirectRunner's first attempt to download Prism.
+LOCAL_RUNNER = 'FnApiRunner'
 
-  Shared by the CLI (which waits for the job) and the flex-template launcher
-  (which must return once the job is submitted). A `--dry_run` only builds the
-  job graph: the output is neither read nor cleaned.
+
+def new_run_id() -> str:
+  return time.strftime('%Y%m%d-%H%M%S', time.gmtime()) + '-' + uuid.uuid4().hex[:6]
+
+
+def _is_local(path: str) -> bool:
+  return '://' not in path or path.startswith('file://')
+
+
+def runs_elsewhere(options: PipelineOptions) -> bool:
+  """Whether workers may run on other machines than this one (then local paths mean nothing to them).
+
+  A portable job whose workers run inside this process (`--environment_type=LOOPBACK`) shares this disk.
+  """
+  runner = options.view_as(StandardOptions).runner
+  name = runner if isinstance(runner, str) else type(runner).__name__
+  if name not in DISTRIBUTED_RUNNERS:
+    return False
+  environment = (options.view_as(pipeline_options.PortableOptions).environment_type or '').upper()
+  return name == 'DataflowRunner' or environment != 'LOOPBACK'
+
+
+def refuse_local_paths(options: PipelineOptions, opts: TalkingFaceOptions) -> None:
+  """Distributed workers cannot read or write this machine's disk: a local path would put clips on one
+  worker's disk, shards on others, and the CLI would then find nothing. Say which flag to change."""
+  if not runs_elsewhere(options):
+    return
+  runner = options.view_as(StandardOptions).runner
+  for flag in ('input', 'output', 'work_dir'):
+    value = getattr(opts, flag)
+    if value and _is_local(value):
+      raise SystemExit(f'--{flag}={value} is a local path, but {runner} runs workers on other machines: give a '
+                       f'shared location (gs://bucket/...) for --{flag}, or run the portable runner with '
+                       f'--environment_type=LOOPBACK to keep the workers on this machine.')
+
+
+def default_work_dir(options: PipelineOptions, opts: TalkingFaceOptions) -> str:
+  """Where downloads and rendered clips are cached when --work_dir is not given.
+
+  Under a local output: `<output>/_work`. A remote output must not carry raw sources inside the dataset:
+  a distributed job caches under `--temp_location` (clean it with a bucket lifecycle rule), a local
+  runner under this machine's cache directory.
+  """
+  if opts.work_dir:
+    return opts.work_dir
+  if _is_local(opts.output):
+    return FileSystems.join(opts.output, '_work')
+  name = hashlib.sha1(opts.output.rstrip('/').encode()).hexdigest()[:12]
+  if runs_elsewhere(options):
+    temp = options.view_as(pipeline_options.GoogleCloudOptions).temp_location
+    if not temp:
+      raise SystemExit(f'--output={opts.output} is remote: give --work_dir (a shared location for downloads and '
+                       'rendered clips, e.g. gs://bucket/work) or --temp_location to cache under.')
+    return FileSystems.join(temp, 'talking_face_work', name)
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(cache, 'beam_pipeline', 'work', name)
+
+
+def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingFaceOptions]:
+  """Options checked and completed (runner, run id, work dir), and the output made ready.
+
+  Shared by the CLI (which waits for the job) and the flex-template launcher (which must return once
+  the job is submitted). What earlier runs wrote is not read here: the pipeline reads it itself. A
+  `--dry_run` only builds the job graph: the output is neither read nor cleaned.
   """
   options = PipelineOptions(argv)
   opts = options.view_as(TalkingFaceOptions)
+  if not options.view_as(StandardOptions).runner:
+    options.view_as(StandardOptions).runner = LOCAL_RUNNER
+  opts.run_id = opts.run_id or new_run_id()
   if not opts.input:
+    if runs_elsewhere(options):
+      raise SystemExit('the embedded demo runs on local runners only: give --input')
     from beam_pipeline.demo import write_demo_input
     opts.output = opts.output or os.path.abspath('demo_out')
-    demo_dir = os.path.join(work_dir_of(opts), 'demo_input')
+    demo_dir = os.path.join(default_work_dir(options, opts), 'demo_input')
     opts.input = write_demo_input(demo_dir)
     print(f'demo: generated a talking clip and manifest in {demo_dir}')
   if not opts.output:
     raise SystemExit('--output is required with --input')
-  if not options.view_as(StandardOptions).runner:
-    options.view_as(StandardOptions).runner = 'DirectRunner'
+  refuse_local_paths(options, opts)
+  opts.work_dir = default_work_dir(options, opts)
   if options.view_as(TestOptions).dry_run:
-    return options, opts, set(), []
+    return options, opts
   if not any(ch in opts.input for ch in '*?[') and not FileSystems.exists(opts.input):
     raise SystemExit(f'--input {opts.input} does not exist')
-  if '://' not in opts.output:
+  if _is_local(opts.output):
     os.makedirs(opts.output, exist_ok=True)
-  write.clean_unfinished(opts.output)
-  done = write.written_ids(opts.output)
-  if done:
-    print(f'resuming: {len(done)} clips already in {opts.output} are skipped')
-  carried = incremental.earlier_rejects(opts.output) if opts.incremental else []
-  if carried:
-    print(f'incremental: {len(carried)} clips rejected for good by an earlier run are skipped')
-  return options, opts, done, carried
+  write.clean_unfinished(opts.output, opts.stale_after_h * 3600)
+  return options, opts
 
 
 def run(argv: Optional[List[str]] = None) -> dict:
-  options, opts, done, carried = prepare(argv)
-  line = progress.ProgressLine(len(done)) if progress.wanted(options, opts.no_progress) else None
+  options, opts = prepare(argv)
+  local = not runs_elsewhere(options)
+  line = progress.ProgressLine() if local and progress.wanted(options, opts.no_progress) else None
   with line or contextlib.nullcontext():
-    with beam.Pipeline(options=options) as p:
-      build_pipeline(p, opts, done, line and line.directory, carried_rejects=carried)
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, opts, line and line.directory)
+    result = p.run()
+    if not line and not opts.no_progress and not options.view_as(TestOptions).dry_run:
+      progress.follow(result)
+    result.wait_until_finish()
     if line:
-      line.finish(p.result)
+      line.finish(result)
   if options.view_as(TestOptions).dry_run:
     print(f'dry run: the {options.view_as(StandardOptions).runner} job was built, nothing ran')
     return {}
-  stats = report(opts.output)
+  CrashGuard(opts.work_dir, opts.run_id).clear()
+  stats = report(opts.output, opts.incremental)
   if stats and not opts.no_report:
     from beam_pipeline.report import write_report
     print(f'report: {write_report(opts.output, opts.report_samples)}')
   return stats
 
 
-def report(output: str) -> dict:
+def report(output: str, incremental: bool = False) -> dict:
   path = FileSystems.join(output, 'stats.json')
   if not FileSystems.exists(path):
     return {}  # a remote runner still working (e.g. Dataflow without waiting)
   with FileSystems.open(path) as handle:
     stats = json.loads(handle.read())
+  if stats.get('already_written'):
+    print(f'resumed: {stats["already_written"]} clips already in {output} were skipped')
+  if incremental and stats.get('carried_rejects'):
+    print(f'incremental: {stats["carried_rejects"]} clips rejected for good by an earlier run were skipped')
   print(f'wrote {stats["written_this_run"]} new clips ({stats["written"]} in total, '
         f'{stats["rejected"]} rejected of {stats["planned"]} planned) to {output}')
   for reason, count in stats['rejected_by_reason'].items():

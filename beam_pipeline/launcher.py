@@ -2,8 +2,8 @@
 
 The Dataflow launcher VM runs this file with the template parameters as flags.
 Unlike the CLI it must not wait for the job: waiting blocks the launch. The
-output is prepared the same way (unfinished shards removed, written and, with
---incremental, permanently rejected clips skipped) before the job is built.
+options are checked and completed the same way (remote paths, run id, work dir)
+and stale unfinished shards removed; the job itself reads what earlier runs wrote.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from beam_pipeline.template_metadata import normalise_flags
 
 def launch(argv: Optional[List[str]] = None) -> PipelineResult:
   """Build the job from template parameters and submit it; a `--dry_run` result carries the translated job."""
-  options, opts, done, carried = prepare(normalise_flags(list(argv or [])))
+  options, opts = prepare(normalise_flags(list(argv or [])))
   p = beam.Pipeline(options=options)
-  build_pipeline(p, opts, done, carried_rejects=carried)
+  build_pipeline(p, opts)
   return p.run()
 
 

@@ -5,8 +5,15 @@ import os
 
 import pytest
 
+from apache_beam.options.pipeline_options import StandardOptions
+
+from beam_pipeline.__main__ import LOCAL_RUNNER
 from beam_pipeline.demo import VideoSpec, write_video
 from tests.helpers import REPO, media_server
+
+# TestPipeline() without a runner takes Beam's default, DirectRunner, which first tries to download the
+# Prism runner binary: tests make no outside traffic, so they run on the same local runner as the CLI.
+StandardOptions.DEFAULT_RUNNER = LOCAL_RUNNER
 
 SHARED_MODELS = os.path.join(os.path.dirname(REPO), 'shared', 'models')
 if not os.environ.get('BEAM_PIPELINE_MODEL_DIR') and os.path.isdir(SHARED_MODELS):

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -161,3 +162,40 @@ def read_jsonl(path: str) -> List[dict]:
 
 def load_npy(data) -> np.ndarray:
   return data if isinstance(data, np.ndarray) else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- loopback services
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise RuntimeError(f'{process.args[:3]} exited with {process.returncode}')
+    with contextlib.suppress(OSError), socket.create_connection(('127.0.0.1', port), timeout=1):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'nothing listens on port {port} after {timeout}s')
+
+
+@contextlib.contextmanager
+def background(args, port: int, env=None, timeout: float = 30.0):
+  """A service process on loopback, stopped (then killed) when the block ends."""
+  log = open(os.devnull, 'wb')
+  process = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
+  try:
+    wait_for_port(port, process, timeout)
+    yield process
+  finally:
+    process.terminate()
+    try:
+      process.wait(10)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait(10)
+    log.close()

@@ -27,7 +27,8 @@ def hdtf_run(tmp_path_factory, media_dir, server):
   # HDTF order x, width, y, height: a window around where the generated face drifts.
   (annotations / 'TST_crop_wh.txt').write_text('talk_0.mp4 160 320 50 320\n')
   output, work = root / 'out', root / 'work'
-  result = run_cli(f'--input={annotations}', f'--output={output}', f'--work_dir={work}', '--shard_max_samples=2')
+  result = run_cli(f'--input={annotations}', f'--output={output}', f'--work_dir={work}', '--shard_max_samples=2',
+                   '--allow_private_hosts')
   return {'output': str(output), 'work': str(work), 'annotations': str(annotations), 'stdout': result.stdout}
 
 
@@ -85,11 +86,11 @@ def test_crop_modes_and_centring(hdtf_run):
 def test_rerun_writes_nothing_new(hdtf_run):
   shards_before = sorted(os.listdir(os.path.join(hdtf_run['output'], 'shards')))
   result = run_cli(f'--input={hdtf_run["annotations"]}', f'--output={hdtf_run["output"]}',
-                   f'--work_dir={hdtf_run["work"]}')
+                   f'--work_dir={hdtf_run["work"]}', '--allow_private_hosts')
   stats = json.load(open(os.path.join(hdtf_run['output'], 'stats.json')))
   assert sorted(os.listdir(os.path.join(hdtf_run['output'], 'shards'))) == shards_before
   assert stats['written_this_run'] == 0 and stats['written'] == 3 and stats['balanced']
-  assert 'resuming: 3 clips' in result.stdout
+  assert 'resumed: 3 clips' in result.stdout
 
 
 def test_glob_of_local_files(tmp_path, media_dir):
@@ -99,3 +100,25 @@ def test_glob_of_local_files(tmp_path, media_dir):
   samples = read_shards(str(output))
   assert [s['__key__'] for s in samples] == ['clipA_0']
   assert samples[0]['json']['num_frames'] == 200  # the whole 8 s video at 25 fps
+
+
+def test_dotted_and_long_ids_read_back_as_distinct_complete_samples(tmp_path, media_dir):
+  """webdataset splits member names at the first dot: `interview.part1_0` must not merge with
+  `interview.part2_0`, and a 120-character id must not break the tar."""
+  import webdataset as wds
+  long_id = 'speaker' + 'x' * 113
+  rows = [{'id': name, 'url': str(media_dir / 'talking.mp4'), 'clips': [[start, start + 2]]}
+          for name, start in (('interview.part1', 0), ('interview.part2', 2), (long_id, 4))]
+  manifest = tmp_path / 'in.jsonl'
+  manifest.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+  output = tmp_path / 'out'
+  run_cli(f'--input={manifest}', f'--output={output}', '--size=128')
+  tars = sorted(str(p) for p in (output / 'shards').glob('*.tar'))
+  samples = list(wds.WebDataset(tars, shardshuffle=False))
+  by_id = {json.loads(s['json'])['id']: s for s in samples}
+  assert sorted(by_id) == sorted(['interview.part1_0', 'interview.part2_0', long_id + '_0'])
+  for clip_id, sample in by_id.items():
+    assert {'mp4', 'wav', 'json', 'landmarks.npy', 'pose.npy'} <= set(sample), (clip_id, sorted(sample))
+    assert json.loads(sample['json'])['key'] == sample['__key__'] and '.' not in sample['__key__']
+    assert load_npy(sample['landmarks.npy']).shape[0] == json.loads(sample['json'])['num_frames']
+  assert sorted(r['id'] for r in read_jsonl(str(output / 'index.jsonl'))) == sorted(by_id)

@@ -1,9 +1,16 @@
-"""Atomic writes to local paths or any Beam FileSystems URI (gs://...)."""
+"""Atomic writes to local paths or any Beam FileSystems URI (gs://...).
+
+Local files are written under a temporary name and renamed. Object stores (gs://, s3://) make an object
+visible only when its upload completes, so there the final name is written directly: one atomic upload
+instead of exists -> delete -> rename.
+"""
 from __future__ import annotations
 
 import os
 import shutil
+from typing import Iterable
 
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 PARTIAL = '.partial'
@@ -15,30 +22,28 @@ def _is_local(uri: str) -> bool:
 
 
 def write_atomic(uri: str, data: bytes) -> None:
-  """Write under a temporary name, then rename: readers never see half a file."""
-  tmp = uri + PARTIAL
+  """Readers never see half a file."""
   if _is_local(uri):
+    tmp = uri + PARTIAL
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     with open(tmp, 'wb') as handle:
       handle.write(data)
     os.replace(tmp, uri)
     return
-  with FileSystems.create(tmp) as handle:
+  with FileSystems.create(uri) as handle:
     handle.write(data)
-  _replace(tmp, uri)
 
 
 def put_file(path: str, uri: str, move: bool = False) -> None:
   """Publish a finished local file at `uri` atomically."""
-  tmp = uri + PARTIAL
   if _is_local(uri):
+    tmp = uri + PARTIAL
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     (shutil.move if move else shutil.copyfile)(path, tmp)
     os.replace(tmp, uri)
     return
-  with open(path, 'rb') as src, FileSystems.create(tmp) as dst:
+  with open(path, 'rb') as src, FileSystems.create(uri) as dst:
     shutil.copyfileobj(src, dst, CHUNK)
-  _replace(tmp, uri)
   if move:
     os.unlink(path)
 
@@ -48,7 +53,12 @@ def read_bytes(uri: str) -> bytes:
     return handle.read()
 
 
-def _replace(tmp: str, uri: str) -> None:
-  if FileSystems.exists(uri):
-    FileSystems.delete([uri])
-  FileSystems.rename([tmp], [uri])
+def delete_quietly(uris: Iterable[str]) -> None:
+  """Delete what exists: a retried clean-up finds some files already gone, which is fine."""
+  for uri in uris:
+    try:
+      if FileSystems.exists(uri):
+        FileSystems.delete([uri])
+    except BeamIOError:
+      if FileSystems.exists(uri):
+        raise

@@ -5,18 +5,18 @@ incremental run also skips clips that an earlier run rejected for a reason
 that a retry cannot change (the media itself: no face, too short, corrupt
 file...). Their earlier rejects are carried into this run's `rejects.jsonl`,
 so the accounting still adds up. Transient failures (timeouts, network and
-HTTP errors, unknown reasons) are always retried.
+HTTP errors, unknown reasons) are always retried. The earlier rejects are read
+inside the pipeline, so the job graph does not grow with them.
 """
 from __future__ import annotations
 
 import json
-from typing import Iterable, List
+from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.elements import Reject
-from transforms.fileio import read_bytes
 
 REJECTS = 'rejects.jsonl'
 
@@ -25,7 +25,7 @@ REJECTS = 'rejects.jsonl'
 PERMANENT_REASONS = frozenset({
     # download / probe: the file itself
     'download_corrupt', 'empty_file', 'no_video', 'still_image', 'too_many_pixels', 'too_small',
-    'unsupported_codec', 'too_large',
+    'unsupported_codec', 'too_large', 'playlist_refused',
     # plan: the clip against the media
     'bad_crop', 'clip_past_end', 'no_audio', 'too_short', 'too_long',
     # crop / render / analyse: what the frames hold
@@ -33,41 +33,54 @@ PERMANENT_REASONS = frozenset({
 })
 
 
-def earlier_rejects(output: str) -> List[Reject]:
-  """Permanent rejects recorded by the last finished run in `output` (none if there is none)."""
-  path = FileSystems.join(output, REJECTS)
+def permanent_rejects(path: str) -> Iterator[Reject]:
+  """Permanent rejects recorded in a rejects.jsonl (none if there is none), streamed line by line."""
   if not FileSystems.exists(path):
-    return []
-  carried = []
-  for line in read_bytes(path).decode().splitlines():
-    if not line.strip():
-      continue
-    record = json.loads(line)
-    if record.get('stage') != 'manifest' and record.get('reason') in PERMANENT_REASONS:
-      carried.append(Reject(record['id'], record['stage'], record['reason'], record.get('detail', ''),
-                            record.get('source_id', '')))
-  return carried
+    return
+  with FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
+    for line in handle:
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      if record.get('stage') != 'manifest' and record.get('reason') in PERMANENT_REASONS:
+        planned = record.get('planned_id') or record['id']
+        yield Reject(record['id'], record['stage'], record['reason'], record.get('detail', ''),
+                     record.get('source_id', ''), planned if planned != record['id'] else '',
+                     record.get('value'), record.get('threshold'))
+
+
+class ReadCarriedRejects(beam.PTransform):
+  """The last finished run's permanent rejects in `output` (with `enabled` False: none)."""
+
+  def __init__(self, output: str, enabled: bool):
+    super().__init__()
+    self.path = FileSystems.join(output, REJECTS)
+    self.enabled = enabled
+
+  def expand(self, pbegin):
+    return (pbegin
+            | 'RejectsFile' >> beam.Create([self.path] if self.enabled else [])
+            | 'PermanentRejects' >> beam.FlatMap(permanent_rejects))
 
 
 class CarryRejects(beam.PTransform):
-  """planned ids -> the earlier rejects of clips this run plans again (a clip gone from the input is dropped)."""
+  """(planned ids, earlier rejects) -> the earlier rejects whose planned clip this run plans again
+  (a clip gone from the input is dropped)."""
 
-  def __init__(self, rejects: Iterable[Reject]):
-    super().__init__()
-    self.rejects = list(rejects)
-
-  def expand(self, planned):
-    earlier = (planned.pipeline
-               | 'EarlierRejects' >> beam.Create(self.rejects)
-               | 'KeyRejects' >> beam.Map(lambda reject: (reject.id, reject)))
+  def expand(self, inputs):
+    planned, earlier = inputs
+    keyed_rejects = earlier | 'KeyRejects' >> beam.Map(lambda reject: (reject.planned, reject))
     again = planned | 'KeyPlanned' >> beam.Map(lambda clip_id: (clip_id, None))
-    return ({'reject': earlier, 'planned': again}
+    return ({'reject': keyed_rejects, 'planned': again}
             | 'JoinPlanned' >> beam.CoGroupByKey()
             | 'StillPlanned' >> beam.FlatMap(_if_planned))
 
 
 def _if_planned(keyed):
   _, grouped = keyed
-  rejects = list(grouped['reject'])
-  if rejects and any(True for _ in grouped['planned']):
-    yield rejects[0]
+  if any(True for _ in grouped['planned']):
+    seen = set()
+    for reject in grouped['reject']:
+      if reject.id not in seen:
+        seen.add(reject.id)
+        yield reject

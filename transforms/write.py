@@ -1,47 +1,65 @@
-"""Pack samples into WebDataset shards and write the run's index, rejects and stats.
+"""Pack samples into WebDataset shards so that retried or duplicated bundles can neither duplicate nor lose a
+sample, and write the run's index, rejects and stats from combiners.
 
-Each shard is built on local disk, then published as `shards/<name>.jsonl`
-(its index) followed by `shards/<name>.tar`, both under temporary names first.
-A shard counts only once its tar exists, so a killed run leaves nothing a
-rerun could duplicate: the rerun skips exactly the clips of finished shards.
+    Analysis -> AssembleSample -> SampleRef -> BatchSamples -> ShardBatch -> PublishShard -> index record
+
+- AssembleSample packs each sample's tar members into one fragment file in the work dir, named by its key:
+  a retried bundle writes the same file again.
+- BatchSamples (a stateful DoFn per writer key) fixes which samples a shard holds, bounded by count and
+  bytes. Its output is checkpointed by the runner, so everything after it sees the same batches on a retry,
+  and shard sizes no longer follow bundle boundaries.
+- PublishShard names the shard from its sample keys and writes `shards/<name>.jsonl`, then
+  `shards/<name>.tar` (the shard counts once its tar exists). A retry rewrites the same name or, finding the
+  shard published, only re-emits its records. Fragments and rendered clips are deleted only after that.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
-import time
-import uuid
-from typing import Dict, Iterable, List, Optional, Set
+import zlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.coders import VarIntCoder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import BagStateSpec, CombiningValueStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_pipeline.elements import Reject, Sample
+from beam_pipeline.elements import Reject, SampleRef, ShardBatch
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
-from transforms.fileio import PARTIAL, put_file, read_bytes, write_atomic
+from transforms.fileio import PARTIAL, delete_quietly, put_file, read_bytes, write_atomic
 
 STAGE = 'write'
 SHARDS = 'shards'
+FRAGMENTS = 'samples'  # in the work dir
+KEY_LIMIT = 96
+_KEY_UNSAFE = re.compile(r'[^A-Za-z0-9_-]')
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
 
 
 # ----------------------------------------------------------------------------- output state
 
-def _shard_files(output: str, pattern: str) -> List[str]:
+def _matches(pattern: str) -> List:
   try:
-    return sorted(m.path for m in FileSystems.match([FileSystems.join(output, SHARDS, pattern)])[0].metadata_list)
-  except Exception:  # no shards folder yet
+    return FileSystems.match([pattern])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except  # no shards folder yet
     return []
+
+
+def _shard_files(output: str, pattern: str) -> List[str]:
+  return sorted(m.path for m in _matches(FileSystems.join(output, SHARDS, pattern)))
 
 
 def finished_shard_indexes(output: str) -> List[str]:
@@ -50,68 +68,43 @@ def finished_shard_indexes(output: str) -> List[str]:
   return [path for path in _shard_files(output, '*.jsonl') if path[:-len('.jsonl')] + '.tar' in tars]
 
 
-def read_index(output: str) -> List[dict]:
-  records = []
-  for path in finished_shard_indexes(output):
-    for line in read_bytes(path).decode().splitlines():
-      if line.strip():
-        records.append(json.loads(line))
-  return records
+def index_records(path: str) -> Iterator[dict]:
+  for line in read_bytes(path).decode().splitlines():
+    if line.strip():
+      yield json.loads(line)
 
 
-def written_ids(output: str) -> Set[str]:
-  """Ids a rerun skips: written clips and written pieces. A split clip's planned id is not among them,
-  so the rerun tracks it again and writes only its pieces that are missing."""
-  return {record['id'] for record in read_index(output)}
+def clean_unfinished(output: str, older_than_s: float) -> int:
+  """Remove temporary files and index files whose shard never finished, when older than `older_than_s`.
 
-
-def clean_unfinished(output: str) -> int:
-  """Remove temporary files and index files whose shard never finished; returns how many."""
-  tars = set(_shard_files(output, '*.tar'))
-  stale = _shard_files(output, '*' + PARTIAL)
-  stale += [p for p in _shard_files(output, '*.jsonl') if p[:-len('.jsonl')] + '.tar' not in tars]
-  if stale:
-    FileSystems.delete(stale)
+  A job writing to the same output right now has only fresh ones, so its work in flight is left alone.
+  Returns how many were removed.
+  """
+  import time
+  now = time.time()
+  entries = _matches(FileSystems.join(output, SHARDS, '*'))
+  tars = {m.path for m in entries if m.path.endswith('.tar')}
+  stale = [m.path for m in entries
+           if (m.path.endswith(PARTIAL) or (m.path.endswith('.jsonl') and m.path[:-len('.jsonl')] + '.tar' not in tars))
+           and now - (m.last_updated_in_seconds or now) > older_than_s]
+  delete_quietly(stale)
   return len(stale)
 
 
-# ----------------------------------------------------------------------------- samples
+# ----------------------------------------------------------------------------- keys and tar members
 
-class AssembleSample(beam.DoFn):
-  """filters.Analysis -> Sample: the mp4, wav, per-frame arrays and a json with every score.
-
-  Reads the rendered mp4 back from the work dir (and removes it): the only
-  place clip media become bytes in flight, right before they are packed.
-  """
-
-  def process(self, analysis):
-    clip, arrays = analysis.clip, analysis.arrays
-    clip_id, task = clip.task.clip_id, clip.task
-    info = task.media.info
-    meta = {
-        'id': clip_id, 'planned_id': task.planned, 'source_id': task.source_id, 'url': task.url,
-        'start': round(task.start, 4), 'end': round(task.end, 4), 'duration': round(clip.num_frames / clip.fps, 4),
-        'fps': clip.fps, 'num_frames': clip.num_frames, 'size': [clip.size, clip.size],
-        'source': {'width': info.width, 'height': info.height, 'fps': round(info.fps, 4),
-                   'codec': info.video_codec, 'interlaced': info.interlaced, 'audio_rate': info.audio_rate},
-        'crop': {'mode': task.crop_mode, 'window': list(task.window), 'ratio': task.crop_ratio,
-                 'follow': [list(p) for p in task.path]},
-        'face': {**analysis.face, **{k: round(v, 4) for k, v in task.face_stats}},
-        'scores': analysis.scores,
-        'failed': [code for code, _ in analysis.failed],
-        'blendshape_names': list(BLENDSHAPE_NAMES),
-        'notes': list(task.notes),
-    }
-    payload = {
-        'mp4': read_bytes(clip.mp4_uri), 'wav': clip.wav, 'json': meta,
-        'landmarks.npy': arrays['landmarks'], 'bbox.npy': arrays['bbox'], 'pose.npy': arrays['pose'],
-        'blendshapes.npy': arrays['blendshapes'], 'iris.npy': arrays['iris'], 'lmk68.npy': arrays['lmk68'],
-    }
-    FileSystems.delete([clip.mp4_uri])
-    yield Sample(clip_id, payload)
+def sample_key(clip_id: str) -> str:
+  """The sample's WebDataset key: no dots (webdataset splits a member name at the first one), no more than
+  KEY_LIMIT characters. An id that is not already such a key gets a digest suffix, so keys stay distinct;
+  the full id is in the sample's json."""
+  key = _KEY_UNSAFE.sub('_', clip_id)
+  if key == clip_id and len(key) <= KEY_LIMIT:
+    return key
+  digest = hashlib.sha1(clip_id.encode('utf-8', 'surrogatepass')).hexdigest()[:12]
+  return f'{key[:KEY_LIMIT - len(digest) - 1]}-{digest}'
 
 
-def _encode(value) -> bytes:
+def encode_payload(value) -> bytes:
   if isinstance(value, (bytes, bytearray)):
     return bytes(value)
   if isinstance(value, np.ndarray):
@@ -121,116 +114,391 @@ def _encode(value) -> bytes:
   return json.dumps(value, sort_keys=True).encode()
 
 
-class WriteShards(beam.DoFn):
-  """Sample -> index records, packing samples into tar shards of bounded count and size."""
+def tar_members(key: str, payload: Dict[str, object]) -> bytes:
+  """`key.name` members in POSIX pax format (any name length), without the end-of-archive blocks, so
+  fragments concatenate into one tar. mtime 0 keeps the bytes the same when a retry writes them again."""
+  out = io.BytesIO()
+  for name, value in sorted(payload.items()):
+    data = encode_payload(value)
+    member = tarfile.TarInfo(f'{key}.{name}')
+    member.size, member.mtime, member.mode = len(data), 0, 0o444
+    out.write(member.tobuf(tarfile.PAX_FORMAT, 'utf-8', 'surrogateescape'))
+    out.write(data)
+    out.write(b'\0' * (-len(data) % _BLOCK))
+  return out.getvalue()
 
-  def __init__(self, output: str, max_samples: int, max_mb: float):
+
+# ----------------------------------------------------------------------------- samples
+
+def sample_json(analysis) -> dict:
+  clip, task = analysis.clip, analysis.clip.task
+  info = task.media.info
+  return {
+      'id': task.clip_id, 'key': sample_key(task.clip_id), 'planned_id': task.planned, 'source_id': task.source_id,
+      'url': task.url, 'start': round(task.start, 4), 'end': round(task.end, 4),
+      'duration': round(clip.num_frames / clip.fps, 4), 'fps': clip.fps, 'num_frames': clip.num_frames,
+      'size': [clip.size, clip.size],
+      'source': {'width': info.width, 'height': info.height, 'fps': round(info.fps, 4),
+                 'codec': info.video_codec, 'interlaced': info.interlaced, 'audio_rate': info.audio_rate},
+      'crop': {'mode': task.crop_mode, 'window': list(task.window), 'padding': list(task.padding),
+               'ratio': task.crop_ratio, 'follow': [list(p) for p in task.path]},
+      'face': {**analysis.face, **{k: round(v, 4) for k, v in task.face_stats}},
+      'scores': analysis.scores,
+      'failed': [code for code, *_ in analysis.failed],
+      'blendshape_names': list(BLENDSHAPE_NAMES),
+      'notes': list(task.notes),
+  }
+
+
+class AssembleSample(beam.DoFn):
+  """filters.Analysis -> SampleRef: the mp4, wav, per-frame arrays and a json with every score, packed as
+  tar members into `work_dir/samples/<key>.tar`. The rendered mp4 stays until its shard is published."""
+
+  def __init__(self, work_dir: str):
+    self.work_dir = work_dir
+    self.assembled = Metrics.counter(STAGE, 'samples_assembled')
+
+  def process(self, analysis):
+    clip, arrays = analysis.clip, analysis.arrays
+    meta = sample_json(analysis)
+    payload = {
+        'mp4': read_bytes(clip.mp4_uri), 'wav': clip.wav, 'json': meta,
+        'landmarks.npy': arrays['landmarks'], 'bbox.npy': arrays['bbox'], 'pose.npy': arrays['pose'],
+        'blendshapes.npy': arrays['blendshapes'], 'iris.npy': arrays['iris'], 'lmk68.npy': arrays['lmk68'],
+    }
+    data = tar_members(meta['key'], payload)
+    uri = FileSystems.join(self.work_dir, FRAGMENTS, meta['key'] + '.tar')
+    write_atomic(uri, data)
+    self.assembled.inc()
+    yield SampleRef(meta['key'], meta['id'], clip.task.source_id, uri, len(data), meta, (clip.mp4_uri,))
+
+
+class _Total(beam.CombineFn):
+  """An int sum whose accumulator is the int itself (state cells store it with VarIntCoder)."""
+
+  def create_accumulator(self):
+    return 0
+
+  def add_input(self, total, value):
+    return total + value
+
+  def merge_accumulators(self, totals):
+    return sum(totals)
+
+  def extract_output(self, total):
+    return total
+
+
+class BatchSamples(beam.DoFn):
+  """(writer key, SampleRef) -> ShardBatch of at most `max_samples` samples and about `max_bytes`.
+
+  State per writer key; the rest is flushed when the input ends (the global window's end timer). The
+  runner commits these batches before the next stage, which is what makes shard contents stable.
+  """
+  REFS = BagStateSpec('refs', beam.coders.PickleCoder())
+  COUNT = CombiningValueStateSpec('count', VarIntCoder(), _Total())
+  BYTES = CombiningValueStateSpec('bytes', VarIntCoder(), _Total())
+  END = TimerSpec('end', TimeDomain.WATERMARK)
+
+  def __init__(self, max_samples: int, max_bytes: int):
+    self.max_samples = max_samples
+    self.max_bytes = max_bytes
+
+  def process(self, keyed, refs=beam.DoFn.StateParam(REFS), count=beam.DoFn.StateParam(COUNT),
+              size=beam.DoFn.StateParam(BYTES), end=beam.DoFn.TimerParam(END)):
+    _, ref = keyed
+    end.set(GlobalWindow().max_timestamp())
+    refs.add(ref)
+    count.add(1)
+    size.add(ref.size)
+    if count.read() >= self.max_samples or size.read() >= self.max_bytes:
+      yield from self._flush(refs, count, size)
+
+  @on_timer(END)
+  def at_end(self, refs=beam.DoFn.StateParam(REFS), count=beam.DoFn.StateParam(COUNT),
+             size=beam.DoFn.StateParam(BYTES)):
+    yield from self._flush(refs, count, size)
+
+  @staticmethod
+  def _flush(refs, count, size):
+    batch = tuple(sorted(refs.read(), key=lambda ref: ref.key))
+    refs.clear()
+    count.clear()
+    size.clear()
+    if batch:
+      yield ShardBatch(batch)
+
+
+def shard_name(batch: ShardBatch) -> str:
+  """Named from the keys it holds: a retried publish of the same batch writes the same shard."""
+  digest = hashlib.sha1('\n'.join(ref.key for ref in batch.refs).encode()).hexdigest()
+  return f'shard-{digest[:20]}'
+
+
+class PublishShard(beam.DoFn):
+  """ShardBatch -> its index records (with `shard`), after `shards/<name>.jsonl` and `.tar` are published."""
+
+  def __init__(self, output: str):
+    self.output = output
+    self.shards = Metrics.counter(STAGE, 'shards')
+    self.samples = Metrics.counter(STAGE, 'samples')
+    self.republished = Metrics.counter(STAGE, 'shards_already_published')
+
+  def process(self, batch: ShardBatch):
+    name = shard_name(batch)
+    base = FileSystems.join(self.output, SHARDS, name)
+    records = [dict(ref.record, shard=f'{SHARDS}/{name}.tar') for ref in batch.refs]
+    if FileSystems.exists(base + '.tar') and FileSystems.exists(base + '.jsonl'):
+      self.republished.inc()  # a retry after the publish: the fragments may be gone already
+    else:
+      self._publish(batch, base, records)
+    delete_quietly([uri for ref in batch.refs for uri in (ref.fragment_uri,) + ref.consumed])
+    self.samples.inc(len(records))
+    yield from records
+
+  def _publish(self, batch: ShardBatch, base: str, records: List[dict]) -> None:
+    local = tempfile.mkdtemp(prefix='shard-')
+    try:
+      path = os.path.join(local, 'shard.tar')
+      with open(path, 'wb') as out:
+        for ref in batch.refs:
+          with FileSystems.open(ref.fragment_uri, mime_type='application/octet-stream',
+                                compression_type='uncompressed') as fragment:
+            shutil.copyfileobj(fragment, out, 1 << 20)
+        end = out.tell() + 2 * _BLOCK
+        out.write(b'\0' * (2 * _BLOCK + (-end % _RECORD)))
+      write_atomic(base + '.jsonl', ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records).encode())
+      put_file(path, base + '.tar', move=True)
+      self.shards.inc()
+    finally:
+      shutil.rmtree(local, ignore_errors=True)
+
+
+class _FirstRef(beam.CombineFn):
+  """One SampleRef per sample key: a sample that reached the writer twice (a duplicated bundle upstream)
+  is packed once. The refs of one key are the same sample, so which one is kept does not matter."""
+
+  def create_accumulator(self):
+    return None
+
+  def add_input(self, kept, ref):
+    return kept if kept is not None and kept.fragment_uri <= ref.fragment_uri else ref
+
+  def merge_accumulators(self, kept):
+    present = [ref for ref in kept if ref is not None]
+    return min(present, key=lambda ref: ref.fragment_uri) if present else None
+
+  def extract_output(self, kept):
+    return kept
+
+
+class WriteShards(beam.PTransform):
+  """SampleRefs -> published index records: one ref per sample key, batched under `writers` keys, the
+  batches spread over workers and published."""
+
+  def __init__(self, output: str, max_samples: int, max_mb: float, writers: int):
+    super().__init__()
     self.output = output
     self.max_samples = max_samples
     self.max_bytes = int(max_mb * 1024 * 1024)
-    self.shards = Metrics.counter(STAGE, 'shards')
-    self.samples = Metrics.counter(STAGE, 'samples')
+    self.writers = max(1, writers)
 
-  def setup(self):
-    self.local = tempfile.mkdtemp(prefix='shards-')
-    self.prefix = time.strftime('%Y%m%d-%H%M%S') + '-' + uuid.uuid4().hex[:8]
-    self.serial = 0
-    self.tar = None
-
-  def start_bundle(self):
-    self.tar = None
-
-  def _open(self):
-    self.name = f'{self.prefix}-{self.serial:05d}'
-    self.serial += 1
-    self.path = os.path.join(self.local, self.name + '.tar')
-    self.tar = tarfile.open(self.path, 'w', format=tarfile.USTAR_FORMAT)
-    self.records: List[dict] = []
-    self.size = 0
-
-  def process(self, sample: Sample):
-    if self.tar is None:
-      self._open()
-    for name, value in sorted(sample.payload.items()):
-      data = _encode(value)
-      member = tarfile.TarInfo(f'{sample.key}.{name}')
-      member.size, member.mtime, member.mode = len(data), int(time.time()), 0o444
-      self.tar.addfile(member, io.BytesIO(data))
-      self.size += len(data) + 1024
-    record = dict(sample.payload['json'])
-    record['shard'] = f'{SHARDS}/{self.name}.tar'
-    self.records.append(record)
-    self.samples.inc()
-    if len(self.records) >= self.max_samples or self.size >= self.max_bytes:
-      yield from self._publish()
-
-  def finish_bundle(self):
-    for record in self._publish():
-      yield WindowedValue(record, MIN_TIMESTAMP, [GlobalWindow()])
-
-  def _publish(self) -> Iterable[dict]:
-    if self.tar is None:
-      return []
-    self.tar.close()
-    self.tar = None
-    base = FileSystems.join(self.output, SHARDS, self.name)
-    write_atomic(base + '.jsonl', ''.join(json.dumps(r, sort_keys=True) + '\n' for r in self.records).encode())
-    put_file(self.path, base + '.tar', move=True)
-    self.shards.inc()
-    return self.records
-
-  def teardown(self):
-    shutil.rmtree(getattr(self, 'local', ''), ignore_errors=True)
+  def expand(self, refs):
+    from transforms.deadletter import DeadLetter
+    writers = self.writers
+    published = (refs
+                 | 'BySampleKey' >> beam.Map(lambda ref: (ref.key, ref))
+                 | 'OneRefPerKey' >> beam.CombinePerKey(_FirstRef())
+                 | 'ByWriter' >> beam.Map(lambda keyed: (zlib.crc32(keyed[0].encode()) % writers, keyed[1]))
+                 .with_output_types(Tuple[int, SampleRef])
+                 | 'BatchSamples' >> beam.ParDo(BatchSamples(self.max_samples, self.max_bytes))
+                 | 'SpreadShards' >> beam.Reshuffle()
+                 | 'PublishShard' >> beam.ParDo(DeadLetter(PublishShard(self.output), STAGE))
+                 .with_outputs('rejects', main='records'))
+    return {'records': published.records, 'rejects': published.rejects}
 
 
 # ----------------------------------------------------------------------------- run summary
 
-def summarise(planned: List[str], rejects: List[Reject], index: List[dict], written_this_run: int,
-              pieces: Iterable = ()) -> dict:
-  """Counts per planned clip. A clip that tracking split into pieces (`pieces`: (piece id, planned id);
-  index records carry `planned_id` too) counts once: written when any piece is in the index, else
-  rejected once however many pieces were rejected. `samples` and `reject_records` count pieces/lines."""
-  planned_of = dict(pieces)
-  planned_of.update({record['id']: record.get('planned_id') or record['id'] for record in index})
-  planned_ids = collections.Counter(planned)
-  written_planned = {planned_of.get(record['id'], record['id']) for record in index}
-  written = sum(1 for clip_id in planned_ids if clip_id in written_planned)
-  clip_rejects = [r for r in rejects if planned_of.get(r.id, r.id) == r.id]
-  piece_rejects = [r for r in rejects if planned_of.get(r.id, r.id) != r.id]
-  all_pieces_rejected = {planned_of[r.id] for r in piece_rejects} - written_planned
-  rejected = len(clip_rejects) + len(all_pieces_rejected)
-  by_reason = collections.Counter(r.reason for r in rejects)
-  by_stage = collections.Counter(r.stage for r in rejects)
-  total = sum(planned_ids.values())
-  samples = [r for r in index if planned_of.get(r['id'], r['id']) in planned_ids]
-  return {
-      'planned': total, 'written': written, 'rejected': rejected,
-      'written_this_run': written_this_run, 'already_written': written - written_this_run,
-      'balanced': written + rejected == total,
-      'samples': len(samples), 'reject_records': len(rejects), 'pieces_rejected': len(piece_rejects),
-      'rejected_by_reason': dict(sorted(by_reason.items())), 'rejected_by_stage': dict(sorted(by_stage.items())),
-      'frames_written': sum(r.get('num_frames', 0) for r in samples),
-  }
+def _earlier_record(record: dict) -> Tuple[str, str, int]:
+  return record['id'], record.get('planned_id') or record['id'], int(record.get('num_frames', 0))
 
 
-class WriteRunSummary(beam.DoFn):
-  """Runs once after every shard is published: index.jsonl, rejects.jsonl, stats.json."""
+class ReadPublished(beam.PTransform):
+  """Records of the shards already published in `output` (an earlier run): (id, planned id, frames).
+
+  Read inside the pipeline, index file by index file, so the job graph does not grow with the output.
+  """
+
+  def __init__(self, output: str):
+    super().__init__()
+    self.output = output
+
+  def expand(self, pbegin):
+    return (pbegin
+            | 'OutputDir' >> beam.Create([self.output])
+            | 'IndexFiles' >> beam.FlatMap(finished_shard_indexes)
+            | 'SpreadIndexFiles' >> beam.Reshuffle()
+            | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r) for r in index_records(path))))
+
+
+def _events(tag):
+  """Key each accounting fact by the planned clip it settles."""
+  if tag == 'planned':
+    return lambda clip_id: (clip_id, ('planned',))
+  if tag == 'earlier':
+    return lambda written: (written[1], ('earlier', written[0], written[2]))
+  if tag == 'written':
+    return lambda record: (record.get('planned_id') or record['id'], ('written', record['id'],
+                                                                       int(record.get('num_frames', 0))))
+  return lambda reject: (reject.planned, (tag, reject.id, reject.reason, reject.stage))
+
+
+MAX_UNBALANCED_LISTED = 20
+
+
+def planned_outcome(keyed) -> dict:
+  """Counts for one planned clip id from everything this run and earlier runs say about it.
+
+  Written when any sample (the clip or a piece of it) is published, now or before; otherwise rejected
+  once per reject of the clip itself, or once for all rejected pieces. `samples`/`reject_records` count lines.
+  """
+  planned_id, facts = keyed
+  planned = sum(1 for fact in facts if fact[0] == 'planned')
+  if not planned:
+    return {}  # an earlier sample or carried reject of a clip this input no longer plans
+  new = {fact[1]: fact[2] for fact in facts if fact[0] == 'written'}
+  earlier = {fact[1]: fact[2] for fact in facts if fact[0] == 'earlier' and fact[1] not in new}
+  rejects = [fact for fact in facts if fact[0] in ('rejected', 'carried')]
+  clip_rejects = [fact for fact in rejects if fact[1] == planned_id]
+  piece_rejects = [fact for fact in rejects if fact[1] != planned_id]
+  written = 1 if new or earlier else 0
+  rejected = len(clip_rejects) + (1 if piece_rejects and not written else 0)
+  counts = collections.Counter({
+      'planned': planned, 'written': written, 'written_this_run': 1 if new else 0,
+      'already_written': 1 if earlier and not new else 0, 'rejected': rejected,
+      'samples': len(new) + len(earlier), 'frames_written': sum(new.values()) + sum(earlier.values()),
+      'reject_records': len(rejects), 'pieces_rejected': len(piece_rejects),
+      'carried_rejects': sum(1 for fact in rejects if fact[0] == 'carried')})
+  summary = {'counts': counts,
+             'rejected_by_reason': collections.Counter(fact[2] for fact in rejects),
+             'rejected_by_stage': collections.Counter(fact[3] for fact in rejects),
+             'unbalanced': [planned_id] if written + rejected != planned else []}
+  return summary
+
+
+class StatsFn(beam.CombineFn):
+  """Adds up the per-planned-clip outcomes into stats.json; lifts, so no worker holds more than counters."""
+
+  def create_accumulator(self):
+    return {'counts': collections.Counter(), 'rejected_by_reason': collections.Counter(),
+            'rejected_by_stage': collections.Counter(), 'unbalanced': []}
+
+  def add_input(self, acc, outcome):
+    if outcome:
+      for name in ('counts', 'rejected_by_reason', 'rejected_by_stage'):
+        acc[name].update(outcome[name])
+      acc['unbalanced'] = (acc['unbalanced'] + outcome['unbalanced'])[:MAX_UNBALANCED_LISTED]
+    return acc
+
+  def merge_accumulators(self, accs):
+    merged = self.create_accumulator()
+    for acc in accs:
+      self.add_input(merged, acc)
+    return merged
+
+  def extract_output(self, acc):
+    counts = acc['counts']
+    stats = {name: int(counts.get(name, 0)) for name in (
+        'planned', 'written', 'rejected', 'written_this_run', 'already_written', 'samples', 'reject_records',
+        'pieces_rejected', 'frames_written', 'carried_rejects')}
+    stats['balanced'] = stats['written'] + stats['rejected'] == stats['planned'] and not acc['unbalanced']
+    stats['rejected_by_reason'] = dict(sorted(acc['rejected_by_reason'].items()))
+    stats['rejected_by_stage'] = dict(sorted(acc['rejected_by_stage'].items()))
+    stats['unbalanced_examples'] = sorted(acc['unbalanced'])
+    return stats
+
+
+def reject_line(reject: Reject) -> str:
+  return json.dumps(reject.to_json(), sort_keys=True)
+
+
+class WriteIndex(beam.DoFn):
+  """Once every shard is published: index.jsonl, streamed from the shard index files (constant memory)."""
 
   def __init__(self, output: str):
     self.output = output
 
-  def process(self, _, planned, rejects, new_records, pieces=()):
-    index = sorted(read_index(self.output), key=lambda r: r['id'])
-    rejects = sorted(rejects, key=lambda r: (r.id, r.stage, r.reason))
-    new_clips = {r.get('planned_id') or r['id'] for r in new_records}
-    stats = summarise(list(planned), rejects, index, len(new_clips), pieces)
-    planned_of = dict(pieces)
-    write_atomic(FileSystems.join(self.output, 'index.jsonl'),
-                 ''.join(json.dumps(r, sort_keys=True) + '\n' for r in index).encode())
-    write_atomic(FileSystems.join(self.output, 'rejects.jsonl'),
-                 ''.join(json.dumps(dict(r.to_json(), planned_id=planned_of.get(r.id, r.id)), sort_keys=True) + '\n'
-                         for r in rejects).encode())
+  def process(self, _, published_count):
+    target = FileSystems.join(self.output, 'index.jsonl')
+    fd, local = tempfile.mkstemp(prefix='index-')
+    try:
+      lines = 0
+      with os.fdopen(fd, 'wb') as out:
+        for path in finished_shard_indexes(self.output):
+          with FileSystems.open(path, mime_type='application/octet-stream',
+                                compression_type='uncompressed') as handle:
+            for line in handle:
+              if line.strip():
+                out.write(line if line.endswith(b'\n') else line + b'\n')
+                lines += 1
+      put_file(local, target, move=True)
+    finally:
+      if os.path.exists(local):
+        os.unlink(local)
+    yield lines
+
+
+class WriteStats(beam.DoFn):
+  """Last: stats.json, once index.jsonl and rejects.jsonl are in place (the CLI takes it as 'finished')."""
+
+  def __init__(self, output: str, thresholds: dict):
+    self.output = output
+    self.thresholds = thresholds
+
+  def process(self, stats, index_lines, unused_reject_files):
+    stats = dict(stats, index_lines=index_lines, thresholds=self.thresholds)
     write_atomic(FileSystems.join(self.output, 'stats.json'), json.dumps(stats, indent=2, sort_keys=True).encode())
     if not stats['balanced']:
       logging.error('accounting mismatch: %s', stats)
     yield stats
+
+
+class WriteRunSummary(beam.PTransform):
+  """index.jsonl, rejects.jsonl and stats.json from the planned ids, earlier and new records, and rejects.
+
+  Accounting facts are grouped by planned clip id (a distributed shuffle of small tuples) and counted by a
+  combiner; rejects are written by Beam's own text sink (temporary files, then one rename).
+  """
+
+  def __init__(self, output: str, thresholds: Optional[dict] = None):
+    super().__init__()
+    self.output = output
+    self.thresholds = thresholds or {}
+
+  def expand(self, inputs):
+    planned, earlier, records, rejects, carried = (
+        inputs['planned'], inputs['earlier'], inputs['records'], inputs['rejects'], inputs['carried'])
+    facts = (
+        (planned | 'PlannedFacts' >> beam.Map(_events('planned')),
+         earlier | 'EarlierFacts' >> beam.Map(_events('earlier')),
+         records | 'WrittenFacts' >> beam.Map(_events('written')),
+         rejects | 'RejectFacts' >> beam.Map(_events('rejected')),
+         carried | 'CarriedFacts' >> beam.Map(_events('carried')))
+        | 'AllFacts' >> beam.Flatten())
+    stats = (facts
+             | 'ByPlannedClip' >> beam.GroupByKey()
+             | 'Outcome' >> beam.Map(planned_outcome)
+             | 'AddUp' >> beam.CombineGlobally(StatsFn()))
+    published = records | 'CountPublished' >> beam.combiners.Count.Globally()
+    index_lines = (published.pipeline
+                   | 'AfterShards' >> beam.Create([None])
+                   | 'WriteIndex' >> beam.ParDo(WriteIndex(self.output), beam.pvalue.AsSingleton(published)))
+    reject_files = ((rejects, carried)
+                    | 'AllRejectLines' >> beam.Flatten()
+                    | 'RejectLine' >> beam.Map(reject_line)
+                    | 'WriteRejects' >> beam.io.WriteToText(FileSystems.join(self.output, 'rejects'),
+                                                           file_name_suffix='.jsonl', num_shards=1,
+                                                           shard_name_template=''))
+    return stats | 'WriteStats' >> beam.ParDo(WriteStats(self.output, self.thresholds), beam.pvalue.AsSingleton(index_lines),
+                                              beam.pvalue.AsList(reject_files))
