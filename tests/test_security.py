@@ -136,7 +136,8 @@ def test_redirect_to_another_scheme_is_refused(tmp_path):
   with media_server(str(tmp_path)) as server:
     target = urllib.parse.quote('ftp://127.0.0.1/secret.mp4', safe='')
     with pytest.raises(DownloadError) as error:
-      http_download(f'{server}/goto/{target}', str(tmp_path / 'x.mp4'), 10**6, 5, 1e18)
+      http_download(f'{server}/goto/{target}', str(tmp_path / 'x.mp4'), 10**6, 5, 1e18,
+                    InputPolicy(allow_private_hosts=True))
   assert error.value.reason == 'scheme_not_allowed'
 
 
