@@ -128,10 +128,12 @@ def test_read_sources_transform(tmp_path):
   path = tmp_path / 'm.jsonl'
   rows = _rows() + [{'id': 'b', 'url': 'https://example.com/b2.mp4'}]
   path.write_text('\n'.join(json.dumps(r) for r in rows))
+  from transforms.resume import SkipDoneClips
   with TestPipeline() as p:
-    read = p | ReadSources(str(path), written_ids={'a_1'})
+    read = p | ReadSources(str(path))
+    todo = read['sources'] | SkipDoneClips(p | 'Done' >> beam.Create(['a_1']))
     assert_that(read['planned'], equal_to(['a_0', 'a_1', 'b_0', 'c_0', 'b_0']), label='planned')
-    assert_that(read['sources'] | beam.Map(lambda s: (s.source_id, [c.clip_id for c in s.clips])),
+    assert_that(todo | beam.Map(lambda s: (s.source_id, [c.clip_id for c in s.clips])),
                 equal_to([('a', ['a_0']), ('b', ['b_0'])]), label='sources')
     assert_that(read['rejects'] | beam.Map(lambda r: (r.id, r.reason)),
                 equal_to([('c_0', 'bad_range'), ('b_0', 'duplicate_id')]), label='rejects')

@@ -3,8 +3,9 @@
 Parsing never raises on a bad line: a clip that cannot be planned becomes a
 `Reject` with stage `manifest`, so every planned clip is accounted for. Ids
 that would climb out of a folder are refused; others are sanitised. Tar and
-zip inputs are unpacked member by member into the work dir under sanitised
-names; members that are pickles are never loaded unless the user trusts them.
+zip inputs are only listed here: each member video becomes a Source whose url
+names the member, and `transforms.unpack.UnpackMembers` unpacks it after the
+shuffle. Members that are pickles are never loaded unless the user trusts them.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import zipfile
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -26,6 +26,8 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.elements import ClipSpec, Reject, Source
 from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of, \
   unsafe_id_reason
+from transforms.unpack import MEMBER_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, Unpacker, \
+  is_member_url, unpack_in_process
 
 STAGE = 'manifest'
 HDTF_KINDS = ('video_url', 'resolution', 'annotion_time', 'crop_wh', 'crop_ratio')
@@ -33,6 +35,9 @@ VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.webm', '.mov', '.avi', '.m4v', '.flv', '.t
 MANIFEST_EXTENSIONS = ('.csv', '.jsonl', '.json', '.parquet')
 ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.zip')
 PICKLE_EXTENSIONS = ('.pkl', '.pickle')
+COMPRESSED_MAGIC = (b'\x1f\x8b', b'BZh', b'\xfd7zXZ\x00')  # gzip, bzip2, xz: a tar in one cannot seek
+RESERVED = f'URLs of scheme {MEMBER_SCHEME}: name listed archive members; an input cannot give one'
+MAX_SIDECAR_BYTES = 1 << 20  # a <stem>.json / .pkl metadata record is read whole into memory
 _ID_UNSAFE = re.compile(r'[^A-Za-z0-9._-]+')
 MAX_ID_LENGTH = 120
 OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
@@ -208,9 +213,9 @@ def _hdtf_set(set_name: str, tables: Dict[str, List[List[str]]]) -> Iterator[Uni
       clips.append(ClipSpec(clip_id, index, start, end, window, ratios.get(f'{name}_{index}')))
     clips, overlapping = drop_overlaps(clips, source_id)
     rejects.extend(overlapping)
-    if url is None:
-      rejects.extend(Reject(c.clip_id, STAGE, 'no_url', f'{name} is not in {set_name}_video_url.txt', source_id)
-                     for c in clips)
+    if url is None or is_member_url(url):
+      reason, why = ('no_url', f'{name} is not in {set_name}_video_url.txt') if url is None else ('bad_url', RESERVED)
+      rejects.extend(Reject(c.clip_id, STAGE, reason, why, source_id) for c in clips)
       clips = []
     yield from rejects
     if clips:
@@ -315,6 +320,9 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
   if unsafe:
     yield Reject(source_id, STAGE, 'unsafe_id', f'id {raw_id[:80]!r} {unsafe}', source_id)
     return
+  if is_member_url(url):
+    yield Reject(source_id, STAGE, 'bad_url', f'row {row}: {RESERVED}', source_id)
+    return
   if url.lower().endswith(ARCHIVE_EXTENSIONS) and context is not None:
     yield from context.expand(url, source_id + '_', record)
     return
@@ -342,17 +350,42 @@ def _is_pickle(name: str, head: bytes) -> bool:
   return name.lower().endswith(PICKLE_EXTENSIONS) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+class _SequentialReader:
+  """read(n): the member's next n bytes, from one stream opened on first use (a tar stream cannot go back)."""
+
+  def __init__(self, open_member: Callable[[], BinaryIO]):
+    self.open_member = open_member
+    self.stream = None
+
+  def __call__(self, size: int) -> bytes:
+    if self.stream is None:
+      self.stream = self.open_member()
+    return self.stream.read(size)
+
+
+class _Listed(NamedTuple):
+  """One archive member as the listing sees it; `read(n)` works only until the next member is listed."""
+  name: str
+  size: int
+  regular: bool
+  encrypted: bool
+  where: dict  # ArchiveMember fields: kind, offset (and zip's method, compressed_size, crc, flags)
+  read: Callable[[int], bytes]
+
+
 class _ArchiveContext:
-  """Unpacks tar/zip members into `work_dir/archives/<archive id>/` under sanitised flat names.
+  """Lists tar/zip members; no video member is read. Each becomes a Source whose url names the member.
 
   Members whose names are absolute or climb out (`../`), links and devices are
   refused (`unsafe_member`); pickles are refused (`pickle_refused`) unless
   `policy.trust_pickle`, when a `<stem>.pkl` beside `<stem>.mp4` may carry its
-  clips like a `<stem>.json` sidecar does. Every member is size-bounded.
+  clips like a `<stem>.json` sidecar does. Every member is size-bounded. A member
+  video's url (transforms.unpack.ArchiveMember) says where it sits and that it
+  unpacks to `work_dir/archives/<archive id>/<member id><ext>`; `UnpackMembers`
+  unpacks it after the shuffle. A compressed tar is read once here, in order.
   """
 
-  def __init__(self, work_dir: str, policy: InputPolicy, max_member_bytes: int):
-    self.work_dir = work_dir
+  def __init__(self, policy: InputPolicy, max_member_bytes: int):
     self.policy = policy
     self.max_member_bytes = max_member_bytes
 
@@ -363,42 +396,19 @@ class _ArchiveContext:
       if scheme_of(url) not in ('file', 'gs'):
         raise UnsafeInput('bad_url', f'{url[:200]}: archives are read from local or gs:// paths only')
       path = local_path(url, self.policy) if scheme_of(url) == 'file' else url
-      members = list(self._members(path))
+      listed_count, rejects, sidecars, videos = self._classify(path, prefix, archive_id)
     except UnsafeInput as error:
       yield Reject(archive_id, STAGE, error.reason, str(error)[:300], archive_id)
       return
-    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except UNPACK_ERRORS as error:
       yield Reject(archive_id, STAGE, 'bad_archive', f'{url[:200]}: {error}'[:300], archive_id)
       return
-    if not members:
+    yield from rejects
+    if not listed_count:
       yield Reject(archive_id, STAGE, 'empty_input', f'{url[:200]} holds no members', archive_id)
-    sidecars: Dict[str, dict] = {}
-    videos = []
-    for name, size, reader in members:
-      safe = safe_member_name(name)
-      member_ref = sanitize_id(prefix + (safe or name))  # rejects name the member, extension and all
-      if safe is None or reader is None:
-        why = 'is not a regular file' if safe is not None else 'is absolute or climbs out of the archive'
-        yield Reject(member_ref, STAGE, 'unsafe_member', f'member {name[:120]!r} {why}', archive_id)
-        continue
-      member_id = sanitize_id(prefix + os.path.splitext(safe)[0])
-      lower = safe.lower()
-      if size > self.max_member_bytes:
-        yield Reject(member_ref, STAGE, 'too_large', f'member {safe} is {size} bytes, over the limit', archive_id)
-      elif lower.endswith(VIDEO_EXTENSIONS):
-        videos.append((safe, member_id, reader))
-      elif lower.endswith('.json') or _is_pickle(safe, reader(2)):
-        if lower.endswith('.json') or self.policy.trust_pickle:
-          try:
-            sidecars[os.path.splitext(safe)[0]] = self._sidecar(reader, pickled=not lower.endswith('.json'))
-          except ManifestError as error:
-            yield Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id)
-        else:
-          yield Reject(member_ref, STAGE, 'pickle_refused',
-                       f'member {safe} is a pickle; it is never loaded without --trust_pickle', archive_id)
-    folder = FileSystems.join(self.work_dir, 'archives', archive_id)
     seen = set()
-    for safe, member_id, reader in videos:
+    before = 0  # listed sizes of the members planned so far: their share of --max_archive_mb
+    for safe, member_id, listed in videos:
       if member_id in seen:
         yield Reject(member_id, STAGE, 'duplicate_id', f'member {safe} has the same sanitised id as another',
                      archive_id)
@@ -414,72 +424,88 @@ class _ArchiveContext:
       clips = [c for c in items[1:] if isinstance(c, ClipSpec)]
       yield from (r for r in items[1:] if isinstance(r, Reject))
       if clips:
-        uri = FileSystems.join(folder, member_id + os.path.splitext(safe)[1].lower())
+        member = ArchiveMember(archive=url, name=listed.name, size=listed.size, before=before,
+                               file=f'{archive_id}/{member_id}{os.path.splitext(safe)[1].lower()}', **listed.where)
+        before += listed.size
+        yield Source(member_id, member.url, tuple(clips), items[0][1] or None)
+
+  def _classify(self, path: str, prefix: str, archive_id: str):
+    """(members listed, member rejects, {stem: sidecar record}, [(safe name, member id, _Listed)] of videos).
+
+    Raises on an archive that does not list to its end: then nothing of it is planned.
+    """
+    rejects: List[Reject] = []
+    sidecars: Dict[str, dict] = {}
+    videos = []
+    count = 0
+    for count, listed in enumerate(self._members(path), 1):
+      safe = safe_member_name(listed.name)
+      member_ref = sanitize_id(prefix + (safe or listed.name))  # rejects name the member, extension and all
+      if safe is None or not listed.regular:
+        why = 'is not a regular file' if safe is not None else 'is absolute or climbs out of the archive'
+        rejects.append(Reject(member_ref, STAGE, 'unsafe_member', f'member {listed.name[:120]!r} {why}', archive_id))
+        continue
+      lower = safe.lower()
+      if listed.encrypted:
+        rejects.append(Reject(member_ref, STAGE, 'bad_archive', f'member {safe} is encrypted', archive_id))
+      elif listed.size > self.max_member_bytes:
+        rejects.append(Reject(member_ref, STAGE, 'too_large', f'member {safe} is {listed.size} bytes, over the '
+                              f'limit', archive_id))
+      elif lower.endswith(VIDEO_EXTENSIONS):
+        videos.append((safe, sanitize_id(prefix + os.path.splitext(safe)[0]), listed))
+      else:
+        head, is_json = listed.read(2), lower.endswith('.json')
+        if not is_json and not _is_pickle(safe, head):
+          continue  # text, images...: not ours to read
+        if not is_json and not self.policy.trust_pickle:
+          rejects.append(Reject(member_ref, STAGE, 'pickle_refused',
+                                f'member {safe} is a pickle; it is never loaded without --trust_pickle', archive_id))
+          continue
         try:
-          self._extract(reader, uri)
-        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as error:
-          yield from (Reject(c.clip_id, STAGE, 'bad_archive', f'member {safe}: {error}'[:300], archive_id)
-                      for c in clips)
-          continue
-        yield Source(member_id, uri, tuple(clips), items[0][1] or None)
-
-  def _members(self, path: str):
-    """(name, size, reader or None for non-files) per member; reader(n) reads n bytes, reader(None) a stream."""
-    handle = FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed')
-    if path.lower().endswith('.zip'):
-      archive = zipfile.ZipFile(handle)
-      for info in archive.infolist():
-        if info.is_dir():
-          continue
-        is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-        yield info.filename, info.file_size, None if is_link else self._zip_reader(archive, info)
-    else:
-      archive = tarfile.open(fileobj=handle, mode='r:*')
-      for info in archive.getmembers():
-        if info.isdir():
-          continue
-        yield info.name, info.size, self._tar_reader(archive, info) if info.isreg() else None
+          sidecars[os.path.splitext(safe)[0]] = self._sidecar(listed, head, pickled=not is_json)
+        except ManifestError as error:
+          rejects.append(Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id))
+    return count, rejects, sidecars, videos
 
   @staticmethod
-  def _zip_reader(archive, info):
-    return lambda n=None: archive.open(info).read(n) if n is not None else archive.open(info)
+  def _members(path: str) -> Iterator[_Listed]:
+    """Members in archive order. Zips: the central directory. Uncompressed tars: headers, seeking over
+    the data. Compressed tars: one sequential pass (members are read while they are current)."""
+    with FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
+      if path.lower().endswith('.zip'):
+        archive = zipfile.ZipFile(handle)  # pylint: disable=consider-using-with  # closed with its handle
+        for info in archive.infolist():
+          if info.is_dir():
+            continue
+          is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+          where = {'kind': ZIP, 'offset': info.header_offset, 'method': info.compress_type,
+                   'compressed_size': info.compress_size, 'crc': info.CRC, 'flags': info.flag_bits}
+          yield _Listed(info.filename, info.file_size, not is_link, bool(info.flag_bits & 0x1), where,
+                        _SequentialReader(lambda info=info: archive.open(info)))
+        return
+      compressed = handle.read(8).startswith(COMPRESSED_MAGIC)
+      handle.seek(0)
+      kind = TAR_STREAM if compressed else TAR
+      with tarfile.open(fileobj=handle, mode='r|*' if compressed else 'r:') as archive:
+        for info in archive:
+          if info.isdir():
+            continue
+          yield _Listed(info.name, info.size, info.isreg(), False, {'kind': kind, 'offset': info.offset_data},
+                        _SequentialReader(lambda info=info: archive.extractfile(info)))
 
   @staticmethod
-  def _tar_reader(archive, info):
-    return lambda n=None: archive.extractfile(info).read(n) if n is not None else archive.extractfile(info)
-
-  @staticmethod
-  def _sidecar(reader, pickled: bool) -> dict:
+  def _sidecar(listed: _Listed, head: bytes, pickled: bool) -> dict:
     """A member's metadata record (clips, crop, ...): JSON, or a pickle only with --trust_pickle."""
+    if listed.size > MAX_SIDECAR_BYTES:
+      raise ManifestError('bad_sidecar', f'metadata is {listed.size} bytes, over {MAX_SIDECAR_BYTES}')
     try:
-      with reader(None) as handle:
-        data = handle.read()
+      data = head + listed.read(listed.size - len(head))
       value = pickle.loads(data) if pickled else json.loads(data.decode('utf-8-sig'))
     except Exception as error:  # pylint: disable=broad-except  # unpickling can raise anything
       raise ManifestError('bad_sidecar', f'unreadable metadata: {type(error).__name__}: {error}') from error
     if not isinstance(value, dict):
       raise ManifestError('bad_sidecar', f'metadata is a {type(value).__name__}, not a record')
     return value
-
-  def _extract(self, reader, uri: str) -> None:
-    """Copy one member to `uri` (temporary name, then rename), never more than the size limit."""
-    from transforms.fileio import put_file
-    fd, tmp = tempfile.mkstemp(prefix='member-')
-    try:
-      with os.fdopen(fd, 'wb') as out, reader(None) as src:
-        copied = 0
-        while True:
-          block = src.read(1 << 20)
-          if not block:
-            break
-          copied += len(block)
-          if copied > self.max_member_bytes:
-            raise ValueError(f'member grew past {self.max_member_bytes} bytes')
-          out.write(block)
-      put_file(tmp, uri, move=True)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
 
 
 def _archive_stem(path: str) -> str:
@@ -511,11 +537,11 @@ def detect_format(spec: str) -> str:
   return 'hdtf'
 
 
-def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = None,
-               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096
-               ) -> Iterator[Union[Source, Reject]]:
+def list_input(spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
+               max_member_mb: float = 4096) -> Iterator[Union[Source, Reject]]:
+  """Sources and rejects of an input, lazily. Archives are listed, not unpacked: see `read_input`."""
   fmt = detect_format(spec) if input_format == 'auto' else input_format
-  context = _ArchiveContext(work_dir, policy, int(max_member_mb * 1024 * 1024)) if work_dir else None
+  context = _ArchiveContext(policy, int(max_member_mb * MIB))
   if fmt == 'hdtf':
     return parse_hdtf(spec)
   if fmt == 'manifest':
@@ -523,51 +549,59 @@ def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = 
   if fmt == 'glob':
     return parse_glob(spec)
   if fmt == 'archive':
-    if context is None:
-      raise ValueError('archive inputs need a work dir to unpack into')
     return context.expand(spec, '', {})
   raise ValueError(f'unknown input format {input_format!r}')
 
 
-class ReadSources(beam.PTransform):
-  """Input spec -> `Source` elements (main) and `Reject`s (tag `rejects`).
+def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = None,
+               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096, max_archive_mb: float = 65536
+               ) -> Iterator[Union[Source, Reject]]:
+  """`list_input`, with archive members unpacked in this process into `work_dir` when one is given.
 
-  Sources already fully written in the output are dropped here (resume); their
-  clip ids still count as planned. Sources are reshuffled so that downloads
-  spread over workers instead of fusing onto the one that read the manifest.
-  An input that holds nothing, or stops parsing half-way, leaves a reject that says so.
+  For tools and tests; the pipeline lists in its parse step and unpacks after a shuffle (`ReadSources`).
+  """
+  items = list_input(spec, input_format, policy, max_member_mb)
+  if not work_dir:
+    return items
+  return unpack_in_process(items, Unpacker(work_dir, policy, int(max_member_mb * MIB), int(max_archive_mb * MIB)))
+
+
+class ReadSources(beam.PTransform):
+  """Input spec -> {'sources': Sources, 'rejects': Rejects, 'planned': planned ids}.
+
+  Every clip the input plans is listed, already written or not: the pipeline skips done clips
+  afterwards (transforms/resume.py), whose shuffle also spreads the sources over workers. An input
+  that holds nothing, or stops parsing half-way, leaves a reject that says so. Archives are only
+  listed here; their members are unpacked later (transforms/unpack.UnpackMembers), and only those of
+  clips still to do.
   """
 
-  def __init__(self, spec: str, input_format: str = 'auto', written_ids: Iterable[str] = (),
-               work_dir: Optional[str] = None, policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096):
+  def __init__(self, spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
+               max_member_mb: float = 4096):
     super().__init__()
     self.spec = spec
     self.input_format = input_format
-    self.written_ids = frozenset(written_ids)
-    self.read_options = {'work_dir': work_dir, 'policy': policy, 'max_member_mb': max_member_mb}
+    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb}
 
   def expand(self, pbegin):
     parsed = (
         pbegin
         | 'InputSpec' >> beam.Create([self.spec])
-        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.written_ids, self.read_options)).with_outputs(
+        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.read_options)).with_outputs(
             'rejects', 'planned', main='sources'))
-    sources = parsed.sources | 'Spread' >> beam.Reshuffle()
-    return {'sources': sources, 'rejects': parsed.rejects, 'planned': parsed.planned}
+    return {'sources': parsed.sources, 'rejects': parsed.rejects, 'planned': parsed.planned}
 
 
 class _ParseInput(beam.DoFn):
 
-  def __init__(self, input_format: str, written_ids: frozenset, read_options: Optional[dict] = None):
+  def __init__(self, input_format: str, read_options: Optional[dict] = None):
     self.input_format = input_format
-    self.written_ids = written_ids
     self.read_options = read_options or {}
-    self.skipped = beam.metrics.Metrics.counter('manifest', 'clips_already_written')
 
   def process(self, spec):
     seen = set()
     count = 0
-    items = read_input(spec, self.input_format, **self.read_options)
+    items = list_input(spec, self.input_format, **self.read_options)
     input_id = sanitize_id(os.path.basename(spec.rstrip('/')) or 'input')
     while True:
       try:
@@ -592,10 +626,7 @@ class _ParseInput(beam.DoFn):
               item.source_id))
           continue
         seen.add(clip.clip_id)
-        if clip.clip_id in self.written_ids:
-          self.skipped.inc()
-        else:
-          clips.append(clip)
+        clips.append(clip)
       if clips:
         yield Source(item.source_id, item.url, tuple(clips), item.height)
     if not count:
