@@ -1,8 +1,10 @@
 """RunInference ModelHandlers for MediaPipe Tasks: FaceDetector and FaceLandmarker.
 
-RunInference keeps one model per worker process; here that "model" is a pool
-of task instances, and each batch borrows one, so several SDK threads never
-run the same MediaPipe graph at once. MediaPipe stays on the CPU: its GPU
+The pipeline runs them in-process where the frames are (model_handlers/in_process.py),
+which like RunInference keeps one model per worker process; here that "model" is
+a pool of task instances, and each batch borrows one, so several SDK threads never
+run the same MediaPipe graph at once. A frame a task fails on is a `ModelError`
+(not "no face") and that task is replaced. MediaPipe stays on the CPU: its GPU
 delegate needs an EGL context that Dataflow GPU workers do not provide.
 """
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 os.environ.setdefault('GLOG_minloglevel', '2')  # MediaPipe/TFLite print a warning per image otherwise
 
-import cv2
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_pipeline.elements import Detection, FaceResult
 from model_handlers import registry
+from model_handlers.in_process import ModelError
 
 NUM_LANDMARKS = 478
 NUM_BLENDSHAPES = 52
@@ -46,19 +48,46 @@ class TaskPool:
     self._idle: 'queue.SimpleQueue' = queue.SimpleQueue()
     self._all = []
 
-  def map(self, function: Callable[[Any, np.ndarray], Any], images: Iterable[np.ndarray]) -> list:
+  def map(self, function: Callable[[Any, np.ndarray], Any], images: Iterable[np.ndarray],
+          on_error: Callable[[np.ndarray, Exception], Any]) -> list:
+    """function(task, image) for each image; where it raises, on_error(image, error) stands in and the
+    task is replaced: a MediaPipe graph that failed once refuses every later frame ("Graph has errors")."""
+    task = self._borrow()
+    results = []
     try:
-      task = self._idle.get_nowait()
+      for image in images:
+        try:
+          results.append(function(task, image))
+        except Exception as error:  # pylint: disable=broad-except
+          results.append(on_error(image, error))
+          self._discard(task)
+          task = self._borrow()
+    finally:
+      self._idle.put(task)
+    return results
+
+  def _borrow(self):
+    try:
+      return self._idle.get_nowait()
     except queue.Empty:
       task = self._factory()
       if not self._all:
         # MediaPipe closes through an executor that shuts down at interpreter exit; close before it.
         threading._register_atexit(self.close)  # pylint: disable=protected-access
       self._all.append(task)
+      return task
+
+  def _discard(self, task) -> None:
+    self._all.remove(task)
     try:
-      return [function(task, image) for image in images]
-    finally:
-      self._idle.put(task)
+      task.close()
+    except Exception:  # pylint: disable=broad-except
+      # A failed graph re-raises its error on close, before MediaPipe forgets its handle; its __del__ would
+      # then close the freed graph again when garbage collected, which blocks forever (seen with
+      # mediapipe 1.2.x). Finish the teardown close() left undone so __del__ has nothing to do.
+      task._handle = None  # pylint: disable=protected-access
+      task._dispatcher.close()  # pylint: disable=protected-access
+      task._lib.close()  # pylint: disable=protected-access
 
   def close(self) -> None:
     while self._all:
@@ -95,18 +124,12 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
   def _infer(self, task, image: np.ndarray):
     raise NotImplementedError
 
-  def _no_face(self, image: np.ndarray):
-    raise NotImplementedError
-
-  def _infer_or_no_face(self, task, image: np.ndarray):
-    """One bad frame must not fail its batch (and every clip in it): it counts as a frame without a face."""
-    try:
-      return self._infer(task, image)
-    except Exception:  # pylint: disable=broad-except
-      self._errors.inc()
-      logging.warning('%s failed on a frame of shape %s; counted as no face', self.model_name,
-                      getattr(image, 'shape', None), exc_info=True)
-      return self._no_face(image)
+  def _failed(self, image: np.ndarray, error: Exception) -> ModelError:
+    """One bad frame must not fail its batch (and every clip in it); it is a model error, not "no face"."""
+    self._errors.inc()
+    logging.warning('%s failed on a frame of shape %s', self.model_name, getattr(image, 'shape', None),
+                    exc_info=True)
+    return ModelError(self.model_name, f'{type(error).__name__}: {error}'[:300])
 
   def load_model(self) -> TaskPool:
     path = registry.resolve(self.model_name, self._model_dir)
@@ -114,9 +137,10 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
 
   def run_inference(self, batch: Sequence[np.ndarray], model: TaskPool,
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    for result in model.map(self._infer_or_no_face, batch):
-      (self._with_face if result.num_faces else self._without_face).inc()
-      # The frame is not kept in the result: it would travel on into the next shuffle.
+    for result in model.map(self._infer, batch, self._failed):
+      if not isinstance(result, ModelError):
+        (self._with_face if result.num_faces else self._without_face).inc()
+      # The frame is not kept in the result: only the caller holds frames, and only while it needs them.
       yield PredictionResult(example=None, inference=result, model_id=self.model_name)
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -149,13 +173,10 @@ class FaceDetectorModelHandler(_MediaPipeHandler):
     order = np.argsort(-_areas(boxes))[:self._max_faces]
     return Detection(boxes[order], scores[order], image.shape[1], image.shape[0])
 
-  def _no_face(self, image: np.ndarray) -> Detection:
-    height, width = np.shape(image)[:2] if np.ndim(image) >= 2 else (0, 0)
-    return Detection(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), width, height)
-
 
 class FaceLandmarkerModelHandler(_MediaPipeHandler):
-  """RGB frame -> `FaceResult`: 478 landmarks, 52 blendshapes, head pose matrix; largest face first."""
+  """RGB frame -> `FaceResult`: 478 landmarks, 52 blendshapes, head pose matrix of up to `max_faces`
+  faces, largest first."""
 
   model_name = 'face_landmarker'
 
@@ -169,27 +190,9 @@ class FaceLandmarkerModelHandler(_MediaPipeHandler):
 
   def _infer(self, task, image: np.ndarray) -> FaceResult:
     face = to_face_result(task.detect(_mp_image(image)), image.shape[1], image.shape[0])
-    boxes = face.boxes()
-    order = np.argsort(-_areas(boxes))
-    # Blur is measured here because only here the frame and its face box meet (frames are not kept).
-    sharpness = np.array([face_sharpness(image, box) for box in boxes[order]], np.float32)
+    order = np.argsort(-_areas(face.boxes()))
     return FaceResult(face.landmarks[order], face.blendshapes[order], face.matrices[order],
-                      face.image_width, face.image_height, sharpness)
-
-  def _no_face(self, image: np.ndarray) -> FaceResult:
-    height, width = np.shape(image)[:2] if np.ndim(image) >= 2 else (0, 0)
-    return FaceResult(np.zeros((0, NUM_LANDMARKS, 3), np.float32), np.zeros((0, NUM_BLENDSHAPES), np.float32),
-                      np.zeros((0, 4, 4), np.float32), width, height, np.zeros(0, np.float32))
-
-
-def face_sharpness(image: np.ndarray, box: np.ndarray) -> float:
-  """Variance of the Laplacian of the grey face region (the usual focus measure); NaN if the box is empty."""
-  x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-  x1, y1 = min(image.shape[1], int(np.ceil(box[2]))), min(image.shape[0], int(np.ceil(box[3])))
-  if x1 - x0 < 3 or y1 - y0 < 3:
-    return float('nan')
-  grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-  return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+                      face.image_width, face.image_height)
 
 
 def to_face_result(result, width: int, height: int) -> FaceResult:

@@ -5,16 +5,17 @@ import apache_beam as beam
 import cv2
 import numpy as np
 import pytest
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, _sprite, write_video
 from beam_pipeline.elements import ClipTask, MediaFile
+from model_handlers.in_process import ModelError
 from model_handlers.mediapipe_face import (BLENDSHAPE_NAMES, FaceDetectorModelHandler, FaceLandmarkerModelHandler,
                                            _mp_image)
 from transforms import features
 from transforms.filters import ScoreAndFilter, Thresholds, failures
+from transforms.frame_analysis import FaceLandmarks
 from transforms.probe import probe
 from transforms.render import RenderClips
 from transforms.track import DetectAndTrack
@@ -37,14 +38,15 @@ DEFAULT_OUTCOME = [('blur_0', 'blurry'), ('small_0', 'face_too_small'), ('away_0
 
 def _to_json(analysis):
   return json.dumps({'id': analysis.clip.task.clip_id, 'scores': analysis.scores,
-                     'failed': [code for code, _ in analysis.failed], 'frames': analysis.clip.num_frames,
+                     'failed': [failed[0] for failed in analysis.failed], 'frames': analysis.clip.num_frames,
                      'iris': analysis.arrays['iris'].tolist(), 'lmk68': analysis.arrays['lmk68'][::10].tolist()})
 
 
 @pytest.fixture(scope='module')
 def analysed(tmp_path_factory):
-  """One pipeline over every clip: track, render, landmarks, then ScoreAndFilter twice: --score_only
-  (every score, written to a file) and the defaults with the sync filter tightened (checked with assert_that)."""
+  """One pipeline over every clip: track, render with the landmarks in the same pass, then ScoreAndFilter
+  twice: --score_only (every score, written to a file) and the defaults with the sync filter tightened
+  (checked with assert_that)."""
   root = tmp_path_factory.mktemp('analysis')
   tasks = []
   for name, spec in CLIPS.items():
@@ -58,14 +60,11 @@ def analysed(tmp_path_factory):
   detected = (given
               | 'NoWindow' >> beam.Filter(lambda t: t.window is None)
               | 'Track' >> DetectAndTrack(FaceDetectorModelHandler(max_faces=4), 1.8, 5.0, 0.4, 'largest', 0.48, 1.0))
-  rendered = ((given | 'Fixed' >> beam.Filter(lambda t: t.window is not None), detected['tasks'])
-              | beam.Flatten()
-              | 'Render' >> beam.ParDo(RenderClips(str(root / 'work'), 512, 25.0, 23, 'ultrafast')).with_outputs(
-                  'rendered', 'rejects', main='frames'))
-  faces = (rendered.frames
-           | 'Landmarks' >> RunInference(KeyedModelHandler(FaceLandmarkerModelHandler()))
-           | beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1].inference))))
-  joined = {'rendered': rendered.rendered, 'faces': faces} | beam.CoGroupByKey()
+  landmarks = FaceLandmarks(FaceLandmarkerModelHandler(max_faces=4))
+  joined = ((given | 'Fixed' >> beam.Filter(lambda t: t.window is not None), detected['tasks'])
+            | beam.Flatten()
+            | 'Render' >> beam.ParDo(RenderClips(str(root / 'work'), 512, 25.0, 23, 'ultrafast',
+                                                 analyzers=[landmarks])))
   scored = joined | 'ScoreOnly' >> beam.ParDo(ScoreAndFilter(Thresholds(score_only=True))).with_outputs(
       'rejects', main='kept')
   _ = scored.kept | beam.Map(_to_json) | beam.io.WriteToText(str(root / 'scores'), shard_name_template='')
@@ -82,7 +81,7 @@ def analysed(tmp_path_factory):
 
 
 def _fails(record, **thresholds):
-  return [code for code, _ in failures(record['scores'], Thresholds(**thresholds))]
+  return [failed[0] for failed in failures(record['scores'], Thresholds(**thresholds))]
 
 
 def test_score_only_writes_every_clip_with_its_failed_filters(analysed):
@@ -136,8 +135,8 @@ def portrait_face():
   handler = FaceLandmarkerModelHandler()
   pool = handler.load_model()
   image = np.ascontiguousarray(_sprite(1.0))
-  raw = pool.map(lambda task, img: task.detect(_mp_image(img)), [image])[0]
-  return raw, pool.map(handler._infer, [image])[0]  # pylint: disable=protected-access
+  raw = pool.map(lambda task, img: task.detect(_mp_image(img)), [image], handler._failed)[0]
+  return raw, pool.map(handler._infer, [image], handler._failed)[0]  # pylint: disable=protected-access
 
 
 def test_eye_motion_rule_keeps_moving_eyes(portrait_face):
@@ -154,7 +153,9 @@ def test_eye_motion_rule_keeps_moving_eyes(portrait_face):
 def test_blendshape_names_iris_and_68_points(portrait_face, analysed):
   raw, face = portrait_face
   assert tuple(c.category_name for c in raw.face_blendshapes[0]) == BLENDSHAPE_NAMES
-  arrays = features.frame_arrays(1, [(0, face)])
+  packed = features.FaceArrays(1)
+  packed.put(0, face, 0)
+  arrays = packed.arrays(1)
   p = arrays['lmk68'][0]
   assert arrays['iris'].shape == (1, 2, 2) and p.shape == (68, 2)
   assert p[8, 1] == p[:17, 1].max()  # chin is the lowest jaw point
@@ -167,21 +168,21 @@ def test_blendshape_names_iris_and_68_points(portrait_face, analysed):
   assert np.array(sync['iris']).shape == (sync['frames'], 2, 2) and np.array(sync['lmk68']).shape[1:] == (68, 2)
 
 
-def test_landmarker_records_sharpness_per_face(portrait_face):
+def test_sharpness_of_a_face_box_drops_with_blur(portrait_face):
   _, face = portrait_face
-  assert face.sharpness.shape == (1,) and face.sharpness[0] > 50
-  handler = FaceLandmarkerModelHandler()
-  soft = cv2.GaussianBlur(np.ascontiguousarray(_sprite(1.0)), (0, 0), 3)
-  result = handler.load_model().map(handler._infer, [soft])[0]  # pylint: disable=protected-access
-  assert result.sharpness[0] < face.sharpness[0] / 4
+  image = np.ascontiguousarray(_sprite(1.0))
+  sharp = features.face_sharpness(image, face.boxes()[0])
+  soft = features.face_sharpness(cv2.GaussianBlur(image, (0, 0), 3), face.boxes()[0])
+  assert sharp > 50 and soft < sharp / 4
 
 
-def test_a_frame_the_model_fails_on_does_not_fail_its_batch():
-  """A malformed frame (no colour channels) is counted as no face; the good frames beside it still get faces."""
+def test_a_frame_the_model_fails_on_is_a_model_error_and_its_batch_goes_on():
+  """An empty frame makes MediaPipe's graph fail (and refuse every later frame): that frame is a ModelError,
+  not "no face", and the good frames after it still get their faces from a fresh task."""
   from skimage import data
-  from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
   good = data.astronaut()
-  bad = np.zeros((4,), np.uint8)
+  bad = np.zeros((0, 0, 3), np.uint8)
   for handler in (FaceDetectorModelHandler(), FaceLandmarkerModelHandler()):
-    results = [r.inference for r in handler.run_inference([good, bad, good], handler.load_model())]
-    assert [r.num_faces for r in results] == [1, 0, 1]
+    results = [r.inference for r in handler.run_inference([good, bad, good, good], handler.load_model())]
+    assert isinstance(results[1], ModelError) and 'RuntimeError' in results[1].detail
+    assert [r.num_faces for i, r in enumerate(results) if i != 1] == [1, 1, 1]

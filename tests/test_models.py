@@ -38,3 +38,26 @@ def test_download_verifies_sha_and_caches(tmp_path, monkeypatch):
     with pytest.raises(registry.ModelNotFoundError, match='sha256'):
       registry.resolve('tiny')
     assert not os.path.exists(tmp_path / 'cache' / 'bad.bin')
+
+
+def test_a_failed_graph_is_torn_down_so_garbage_collection_cannot_hang():
+  """MediaPipe's close() on a failed graph raises before it forgets the handle; its __del__ then blocked
+  forever on the freed graph. The pool finishes the teardown; checked in a child so a hang is a failure."""
+  import subprocess
+  import sys
+  code = '''
+import gc
+import numpy as np
+from model_handlers.mediapipe_face import FaceDetectorModelHandler, TaskPool
+from model_handlers import registry
+handler = FaceDetectorModelHandler(max_faces=4)
+pool = TaskPool(lambda: handler._create(registry.resolve(handler.model_name, None)))
+out = pool.map(lambda task, image: handler._infer(task, image), [np.zeros((0, 0, 3), np.uint8)],
+               on_error=lambda image, error: type(error).__name__)
+del pool
+gc.collect()
+print('collected', out)
+'''
+  from tests.helpers import REPO
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and 'collected' in result.stdout, result.stderr[-2000:]

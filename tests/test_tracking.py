@@ -1,4 +1,6 @@
 """Face tracking on sampled detector frames: IoU tracks, gaps, shot cuts, --multi_face, stable windows."""
+import dataclasses
+
 import numpy as np
 import apache_beam as beam
 import pytest
@@ -6,11 +8,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, write_video
-from beam_pipeline.elements import ClipTask, MediaFile
+from beam_pipeline.elements import ClipTask, FaceSamples, MediaFile
 from model_handlers.mediapipe_face import FaceDetectorModelHandler
 from transforms.crop import ShotCuts, follow_crop
 from transforms.probe import probe
-from transforms.track import DetectAndTrack, Track, choose_tracks, follow_path, track_faces
+from transforms.track import DetectAndTrack, Track, TrackFaces, choose_tracks, follow_path, piece_ids, track_faces
 
 FACE = np.array([100, 100, 200, 220], np.float32)
 
@@ -50,6 +52,19 @@ def test_two_faces_two_tracks_and_the_policies():
   before = [tr for tr in tracks if tr.size() > 100][0]
   after = Track([3.0], [small], start=2.0, end=4.0)
   assert len(choose_tracks([before, after], 'reject')[0]) == 2
+
+
+def test_piece_ids_come_from_the_time_range_not_the_order():
+  right = FACE + np.array([300, 0, 300, 0], np.float32)
+  first, second, third = (Track([t], [FACE], start=t, end=t + 1.5) for t in (0.0, 3.9, 6.1234))
+  beside = Track([3.9], [right], start=3.9, end=5.0)
+  assert piece_ids('talk_0', [first, second, third]) == ['talk_0_f0', 'talk_0_f3900', 'talk_0_f6123']
+  # A rerun that loses (or gains) an earlier piece names the others the same.
+  assert piece_ids('talk_0', [second, third]) == ['talk_0_f3900', 'talk_0_f6123']
+  # Faces on screen together start together: numbered left to right, whatever order they come in.
+  assert piece_ids('talk_0', [beside, second]) == ['talk_0_f3900_1', 'talk_0_f3900_0']
+  assert piece_ids('talk_0', [second]) == ['talk_0']  # a single piece keeps the planned id
+  assert piece_ids('a.b_0', [first, third]) == ['a.b_0_f0', 'a.b_0_f6123']  # no dot of its own
 
 
 def test_follow_path_is_smooth_and_crop_has_output_size():
@@ -99,9 +114,9 @@ def _span(task):
 
 def test_face_leaving_the_frame_splits_the_clip(clips):
   pipeline, out = _track([clips['gone']])
+  # Piece ids come from the start time in ms, not the order (a rerun names them the same).
   assert_that(out['tasks'] | beam.Map(_span), equal_to([('gone_0_f0', 'gone_0', 0.0, 2.1),
-                                                         ('gone_0_f1', 'gone_0', 3.9, 6.0)]), label='pieces')
-  assert_that(out['pieces'], equal_to([('gone_0_f0', 'gone_0'), ('gone_0_f1', 'gone_0')]), label='map')
+                                                         ('gone_0_f3900', 'gone_0', 3.9, 6.0)]), label='pieces')
   assert_that(out['rejects'], equal_to([]), label='none')
   pipeline.run()
 
@@ -113,14 +128,15 @@ def test_max_gap_bridges_or_splits_and_min_duration_rejects_pieces(clips):
   pipeline.run()
   pipeline, out = _track([clips['gone']], min_duration=2.5)
   assert_that(out['tasks'], equal_to([]), label='kept')
-  assert_that(out['rejects'] | beam.Map(lambda r: (r.id, r.stage, r.reason)),
-              equal_to([('gone_0_f0', 'track', 'too_short'), ('gone_0_f1', 'track', 'too_short')]), label='short')
+  assert_that(out['rejects'] | beam.Map(lambda r: (r.id, r.planned_id, r.stage, r.reason)),
+              equal_to([('gone_0_f0', 'gone_0', 'track', 'too_short'),
+                        ('gone_0_f3900', 'gone_0', 'track', 'too_short')]), label='short')
   pipeline.run()
 
 
 @pytest.mark.parametrize('policy,expected,reject', [
     ('largest', ['two_0'], []),
-    ('split', ['two_0_f0', 'two_0_f1'], []),
+    ('split', ['two_0_f0_0', 'two_0_f0_1'], []),  # both start at 0: numbered left to right
     ('reject', [], [('two_0', 'multiple_faces')]),
 ])
 def test_two_faces(clips, policy, expected, reject):
@@ -129,14 +145,14 @@ def test_two_faces(clips, policy, expected, reject):
   assert_that(out['rejects'] | beam.Map(lambda r: (r.id, r.reason)), equal_to(reject), label='rejects')
   # The big speaker is on the left (x < 480 of 960); the listener's window is smaller, on the right.
   assert_that(out['tasks'] | beam.Map(lambda t: (t.clip_id, t.window[0] + t.window[2] / 2 < 480, t.window[2] > 250)),
-              equal_to([(i, i != 'two_0_f1', i != 'two_0_f1') for i in expected]), label='windows')
+              equal_to([(i, i != 'two_0_f0_1', i != 'two_0_f0_1') for i in expected]), label='windows')
   pipeline.run()
 
 
 def test_shot_change_splits_the_clip(clips):
   pipeline, out = _track([clips['cut']])
   assert_that(out['tasks'] | beam.Map(_span), equal_to([('cut_0_f0', 'cut_0', 0.0, 2.4),
-                                                         ('cut_0_f1', 'cut_0', 2.4, 4.8)]), label='cut')
+                                                         ('cut_0_f2400', 'cut_0', 2.4, 4.8)]), label='cut')
   pipeline.run()
 
 
@@ -158,3 +174,18 @@ def test_windows_are_fixed_per_track_or_follow_with_crop_follow(clips):
   assert_that(out['tasks'] | beam.Map(lambda t: (len(t.path) >= 10, t.window[:2] == t.path[0][1:],
                                                  t.path[-1][0] <= 3.0)), equal_to([(True, True, True)]))
   pipeline.run()
+
+
+def test_pieces_of_a_clip_cut_at_planning_account_against_the_planned_clip(clips):
+  """A long clip cut at planning (`_s<ms>`, planned id set) split again by tracking: every piece, kept or
+  rejected, names the clip that was planned."""
+  task = dataclasses.replace(clips['gone'], clip_id='gone_0_s0', planned_id='gone_0')
+  times = [round(0.2 * i, 1) for i in range(30)]
+  frame = np.array([640, 480] * 2, np.float32)
+  samples = _samples(times, (FACE / frame, {t for t in times if not 2.0 <= t <= 3.4}))
+  out = list(TrackFaces(1.8, max_gap_s=0.48, min_duration=2.0).process(FaceSamples(task, tuple(samples), ())))
+  tasks = [o for o in out if isinstance(o, ClipTask)]
+  tagged = [(o.tag, o.value) for o in out if not isinstance(o, ClipTask)]
+  assert [(t.clip_id, t.planned_id) for t in tasks] == [('gone_0_s0_f3500', 'gone_0')]
+  assert [(tag, v.id, v.planned_id, v.reason) for tag, v in tagged if tag == 'rejects'] == [
+      ('rejects', 'gone_0_s0_f0', 'gone_0', 'too_short')]

@@ -12,8 +12,10 @@ import apache_beam as beam
 import av
 import cv2
 import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
 
-from beam_pipeline.elements import ClipTask, Detection, Reject, Window
+from beam_pipeline.elements import ClipTask, Detection, FaceSamples, Reject, Window
+from model_handlers.in_process import ModelError, SharedModel
 from transforms.probe import open_media, upright_rgb
 
 STAGE = 'crop'
@@ -70,32 +72,62 @@ def sample_frames(task: ClipTask, detect_fps: float, max_side: int,
 
 
 class SampleFrames(beam.DoFn):
-  """ClipTask -> ((clip_id, (sample index, clip time)), small RGB frame) for the face detector, and
-  (clip_id, shot cut times) on tag `cuts` once the clip decoded to its end."""
+  """ClipTask -> FaceSamples: the detector's face boxes on frames sampled every 1/detect_fps seconds and
+  the shot cuts, one element for the whole clip; `Reject`s on tag `rejects`.
 
-  def __init__(self, detect_fps: float, shot_threshold: float = 0.0, max_side: int = 640):
+  The detector runs here, in-process, on the sampled frames (model_handlers/in_process.py), so per-frame
+  results never become elements. A clip whose sampled frames the detector failed on more than half the
+  time is rejected as `model_error` (transient), not as a clip without a face.
+  """
+
+  def __init__(self, detector: ModelHandler, detect_fps: float, shot_threshold: float = 0.0, max_side: int = 640):
+    self.model = SharedModel(detector)
     self.detect_fps = detect_fps
     self.shot_threshold = shot_threshold
     self.max_side = max_side
 
+  def setup(self):
+    self.model.setup()
+
   def process(self, task: ClipTask):
     shots = ShotCuts(self.shot_threshold)
+    samples: List[Tuple[float, np.ndarray]] = []
+    errors: List[ModelError] = []
+    pending: List[Tuple[float, np.ndarray]] = []
+
+    def detect():
+      for (t, _), found in zip(pending, self.model.infer([image for _, image in pending])):
+        if isinstance(found, ModelError):
+          errors.append(found)
+        else:
+          samples.append((t, face_boxes(found)))
+      pending.clear()
+
     try:
-      for index, t, image in sample_frames(task, self.detect_fps, self.max_side, shots):
-        yield (task.clip_id, (index, t)), image
+      for _, t, image in sample_frames(task, self.detect_fps, self.max_side, shots):
+        pending.append((t, image))
+        if len(pending) >= self.model.batch_size:
+          detect()
+      detect()
     except (av.error.FFmpegError, OSError) as error:
-      yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, 'decode_error', str(error)[:500],
-                                                       task.source_id))
+      yield self._reject(task, 'decode_error', str(error))
       return
-    yield beam.pvalue.TaggedOutput('cuts', (task.clip_id, tuple(shots.cuts)))
+    if 2 * len(errors) > len(samples) + len(errors):
+      yield self._reject(task, 'model_error', f'the face detector failed on {len(errors)} of '
+                         f'{len(samples) + len(errors)} sampled frames (last: {errors[-1].detail})')
+      return
+    yield FaceSamples(task, tuple(samples), tuple(shots.cuts), len(errors))
+
+  @staticmethod
+  def _reject(task: ClipTask, reason: str, detail: str):
+    return beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
+                                                      planned_id=task.planned_id))
 
 
-def face_boxes(keyed_result) -> Tuple[str, Tuple[float, np.ndarray]]:
-  """RunInference output -> (clip_id, (clip time, every face box (F, 4) as fractions of the frame))."""
-  (clip_id, (_, t)), result = keyed_result
-  found: Detection = result.inference
+def face_boxes(found: Detection) -> np.ndarray:
+  """A detection's face boxes (F, 4) as fractions of its frame (sampled frames are scaled down)."""
   size = np.array([found.image_width, found.image_height] * 2, np.float32)
-  return clip_id, (t, (found.boxes / size).astype(np.float32))
+  return (found.boxes / size).astype(np.float32)
 
 
 def square_window(union: Sequence[float], scale: float, width: int, height: int) -> Window:

@@ -6,7 +6,9 @@ the wrapped `process` raises, every clip the element still owed becomes a
 `Reject(reason='internal_error', stage=<stage>)` with the exception in its
 detail; clips it had already settled (emitted downstream or rejected) are left
 alone, so accounting stays exact. An exception from an element that names no
-clip is re-raised: failing loudly beats losing work silently.
+clip is re-raised: failing loudly beats losing work silently. So is a
+`FatalError`: a failure of the worker (e.g. its model fails on most frames),
+not of the clip, which would otherwise reject every clip of the run.
 """
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ from typing import Iterable, List, Tuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipTask, Reject, RenderedClip, Sample, Source
+from beam_pipeline.elements import ClipTask, Reject, RenderedClip, SampleRef, ShardBatch, Source
 
 REASON = 'internal_error'
+
+
+class FatalError(Exception):
+  """A failure that is not the element's fault: DeadLetter re-raises it so that the job stops loudly."""
 
 
 def owed_clips(element) -> List[Tuple[str, str]]:
@@ -30,6 +36,10 @@ def owed_clips(element) -> List[Tuple[str, str]]:
     return [(element.clip_id, element.source_id)]
   if isinstance(element, RenderedClip):
     return [(element.task.clip_id, element.task.source_id)]
+  if isinstance(element, SampleRef):
+    return [(element.id, element.source_id)]
+  if isinstance(element, ShardBatch):
+    return [(ref.id, ref.source_id) for ref in element.refs]
   carried = getattr(element, 'clip', None) or getattr(element, 'task', None)  # e.g. an analysis of a clip
   if isinstance(carried, (ClipTask, RenderedClip)):
     return owed_clips(carried)
@@ -45,20 +55,28 @@ def owed_clips(element) -> List[Tuple[str, str]]:
   return []
 
 
+def planned_id_of(element) -> str:
+  """The planned clip a one-clip element (task, rendered or analysed clip) is a piece of; '' if none."""
+  if isinstance(element, ClipTask):
+    return element.planned_id
+  carried = getattr(element, 'clip', None) or getattr(element, 'task', None)
+  return planned_id_of(carried) if carried is not None else ''
+
+
 def settled_clips(output) -> Iterable[str]:
   """Clip ids an output accounts for: a reject, a planned task, a rendered or analysed clip, a sample."""
   if isinstance(output, beam.pvalue.TaggedOutput):
     if output.tag == 'rejects':
       return [output.value.id]
-    if output.tag == 'rendered':
-      return [output.value[0]]
     return []
   if isinstance(output, Reject):
     return [output.id]
-  if isinstance(output, ClipTask):
-    return [output.clip_id]
-  if isinstance(output, Sample):
-    return [output.key]
+  if isinstance(output, ClipTask):  # a piece settles its planned clip too: the clip is on its way
+    return [output.clip_id, output.planned]
+  if isinstance(output, SampleRef):
+    return [output.id]
+  if isinstance(output, dict) and 'id' in output:  # an index record: the sample is published
+    return [output['id']]
   if isinstance(output, RenderedClip) or isinstance(getattr(output, 'clip', None) or getattr(output, 'task', None),
                                                     (ClipTask, RenderedClip)):
     return [clip_id for clip_id, _ in owed_clips(output)]
@@ -94,6 +112,8 @@ class DeadLetter(beam.DoFn):
       for output in self.fn.process(element, *args, **kwargs) or ():
         settled.update(settled_clips(output))
         yield output
+    except FatalError:
+      raise
     except Exception as error:  # pylint: disable=broad-except
       owed = [pair for pair in owed_clips(element) if pair[0] not in settled]
       if not owed and not settled:
@@ -102,5 +122,7 @@ class DeadLetter(beam.DoFn):
       where = traceback.extract_tb(error.__traceback__)[-1]
       detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
       logging.warning('%s: internal error on %s: %s', self.stage, [c for c, _ in owed], detail)
+      planned_id = planned_id_of(element) if len(owed) == 1 else ''
       for clip_id, source_id in owed:
-        yield beam.pvalue.TaggedOutput('rejects', Reject(clip_id, self.stage, REASON, detail[:500], source_id))
+        yield beam.pvalue.TaggedOutput('rejects', Reject(clip_id, self.stage, REASON, detail[:500], source_id,
+                                                         planned_id=planned_id))

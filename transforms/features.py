@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import wave
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -37,41 +38,73 @@ def pose_from_matrix(matrix: np.ndarray) -> np.ndarray:
   return np.array([yaw, pitch, roll], np.float32)
 
 
-def frame_arrays(num_frames: int, faces: Iterable[Tuple[int, FaceResult]]) -> dict:
-  """Stack per-frame results (largest face) into T-length arrays; NaN where no face was found."""
-  landmarks = np.full((num_frames, NUM_LANDMARKS, 3), np.nan, np.float32)
-  blendshapes = np.full((num_frames, NUM_BLENDSHAPES), np.nan, np.float32)
-  pose = np.full((num_frames, 3), np.nan, np.float32)
-  bbox = np.full((num_frames, 4), np.nan, np.float32)
-  sharpness = np.full((num_frames,), np.nan, np.float32)
-  for index, face in faces:
-    if index >= num_frames or not face.num_faces:
-      continue
-    landmarks[index] = face.landmarks[0]
-    blendshapes[index] = face.blendshapes[0]
-    pose[index] = pose_from_matrix(face.matrices[0])
-    bbox[index] = face.boxes()[0]
-    if face.sharpness is not None and len(face.sharpness):
-      sharpness[index] = face.sharpness[0]
-  return {'landmarks': landmarks, 'blendshapes': blendshapes, 'pose': pose, 'bbox': bbox,
-          'iris': landmarks[:, IRIS_CENTRES, :2].copy(), 'lmk68': landmarks[:, LMK68, :2].copy(),
-          'sharpness': sharpness}
+class FaceArrays:
+  """A clip's per-frame face arrays, filled frame by frame as results come (no frame is kept).
+
+  Sized for the planned frame count and cut to the frames rendered; NaN where no face was found.
+  """
+
+  def __init__(self, num_frames: int):
+    self.landmarks = np.full((num_frames, NUM_LANDMARKS, 3), np.nan, np.float32)
+    self.blendshapes = np.full((num_frames, NUM_BLENDSHAPES), np.nan, np.float32)
+    self.pose = np.full((num_frames, 3), np.nan, np.float32)
+    self.bbox = np.full((num_frames, 4), np.nan, np.float32)
+    self.sharpness = np.full((num_frames,), np.nan, np.float32)
+
+  def put(self, index: int, face: FaceResult, which: int, sharpness: float = float('nan')) -> None:
+    """Frame `index` holds face `which` of the landmarker's result (frames past the planned count are dropped)."""
+    if index >= len(self.bbox):
+      return
+    self.landmarks[index] = face.landmarks[which]
+    self.blendshapes[index] = face.blendshapes[which]
+    self.pose[index] = pose_from_matrix(face.matrices[which])
+    self.bbox[index] = face.boxes()[which]
+    self.sharpness[index] = sharpness
+
+  def arrays(self, num_frames: int) -> dict:
+    """name -> (num_frames, ...) array, with the iris centres and the 68-point subset."""
+    landmarks = self.landmarks[:num_frames]
+    return {'landmarks': landmarks, 'blendshapes': self.blendshapes[:num_frames], 'pose': self.pose[:num_frames],
+            'bbox': self.bbox[:num_frames], 'iris': landmarks[:, IRIS_CENTRES, :2].copy(),
+            'lmk68': landmarks[:, LMK68, :2].copy(), 'sharpness': self.sharpness[:num_frames]}
+
+
+def face_sharpness(image: np.ndarray, box: np.ndarray, source_scale: float = 1.0) -> float:
+  """Variance of the Laplacian of the grey face region (the usual focus measure), at the face's source scale.
+
+  A crop scaled up from a small source face (`source_scale` = source pixels per output pixel < 1) is
+  scaled back down to the pixels the source had first: upscaling alone divides the Laplacian's variance
+  by about the factor to the fourth power, so a sharp low-resolution face would read as blurry.
+  NaN when the box holds under 3 x 3 source pixels.
+  """
+  x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+  x1, y1 = min(image.shape[1], int(np.ceil(box[2]))), min(image.shape[0], int(np.ceil(box[3])))
+  scale = min(1.0, source_scale)
+  width, height = int(round((x1 - x0) * scale)), int(round((y1 - y0) * scale))
+  if width < 3 or height < 3:
+    return float('nan')
+  grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+  if scale < 1.0:
+    grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+  return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
 def face_statistics(arrays: dict, clip: RenderedClip) -> dict:
   """Summary numbers kept in every sample's json (output pixels unless named `source_`)."""
   bbox = arrays['bbox']
   present = ~np.isnan(bbox[:, 0])
-  stats = {'face_frames': int(present.sum()), 'face_ratio': float(present.mean()) if len(present) else 0.0}
+  judged = len(present) - clip.model_errors  # a frame the model failed on is not a frame without a face
+  stats = {'face_frames': int(present.sum()), 'face_ratio': float(present.sum() / judged) if judged > 0 else 0.0,
+           'model_error_frames': clip.model_errors}
   if present.any():
     boxes = bbox[present]
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
     sizes = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    window_side = clip.task.window[2]
+    square_side = clip.task.square_side  # source pixels across the output square
     stats.update({
         'face_centre': [round(float(v), 2) for v in centres.mean(0)],
         'face_size': round(float(np.median(sizes)), 2),
-        'source_face_size': round(float(np.median(sizes)) * window_side / clip.size, 2),
+        'source_face_size': round(float(np.median(sizes)) * square_side / clip.size, 2),
     })
   return stats
 

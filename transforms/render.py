@@ -1,32 +1,39 @@
 """Render a clip in one decode pass: cut, deinterlace, fps, crop, resize, encode.
 
-The same pass yields every output frame (RGB, output size) for the per-frame
-face analysis, so no stage ever decodes the rendered clip again.
+The same pass hands every output frame (RGB, output size) to the per-frame
+analyzers inside the DoFn (transforms/frame_analysis.py), so no stage decodes the
+rendered clip again and no frame or per-frame result leaves the DoFn on its own.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import os
 import shutil
 import tempfile
 import wave
 from fractions import Fraction
-from typing import Iterator, Optional, Tuple
+from typing import Deque, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import av
+import cv2
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Reject, RenderedClip
+from transforms.crash_guard import CrashGuard, crash_guarded
 from transforms.crop import follow_crop
 from transforms.fileio import put_file
+from transforms.frame_analysis import FrameAnalyzer
 from transforms.prefetch import prefetch
 from transforms.probe import open_media
 
 STAGE = 'render'
 WAV_RATE = 16000
+THUMBNAIL_PX = 256
 _AGAIN = (av.error.BlockingIOError, BlockingIOError)
 _END = (av.error.EOFError, EOFError)
 
@@ -35,22 +42,36 @@ _TURNS = {90: (('transpose', 'cclock'),), 180: (('hflip', None), ('vflip', None)
 
 
 class _VideoFilter:
-  """buffer -> [yadif] -> [turn upright] -> crop -> scale -> rgb24, as one libavfilter graph.
+  """buffer -> [yadif] -> [turn upright] -> crop -> scale -> rgb24 -> [pad], as one libavfilter graph.
 
-  The window is in displayed pixels, so a phone video's display-matrix turn comes before the crop.
+  The window is in displayed pixels, so a phone video's display-matrix turn comes before the crop. The
+  window plus its padding spans `size` output pixels with one scale for both axes, so nothing is stretched;
+  the padding is black (an honest "no picture here" that the json records, where replicated edges would
+  pass for image content), added after the scale in RGB, where it lands on exact pixels.
   """
 
-  def __init__(self, stream, window, size: int, deinterlace: bool, rotation: int = 0, follow: bool = False):
+  def __init__(self, stream, window, size: int, deinterlace: bool, rotation: int = 0, follow: bool = False,
+               padding=(0, 0, 0, 0)):
     x, y, w, h = window
     self.graph = av.filter.Graph()
     chain = [self.graph.add_buffer(template=stream)]
     if deinterlace:
       chain.append(self.graph.add('yadif', 'mode=send_frame:parity=auto:deint=all'))
     chain += [self.graph.add(name, args) for name, args in _TURNS.get(rotation, ())]
-    if not follow:  # a window that follows the face is cut per frame (crop.follow_crop)
-      chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'), self.graph.add('scale', f'{size}:{size}:flags=area')]
-    chain += [self.graph.add('format', 'rgb24'),
-              self.graph.add('buffersink')]
+    if follow:  # a window that follows the face is cut per frame (crop.follow_crop)
+      chain.append(self.graph.add('format', 'rgb24'))
+    else:
+      left, top, right, bottom = padding
+      side = max(w + left + right, h + top + bottom)
+      scale = size / side
+      out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+      pad_x = min(size - out_w, round((left + (side - w - left - right) / 2) * scale))
+      pad_y = min(size - out_h, round((top + (side - h - top - bottom) / 2) * scale))
+      chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'), self.graph.add('scale', f'{out_w}:{out_h}:flags=area'),
+                self.graph.add('format', 'rgb24')]
+      if (out_w, out_h) != (size, size):
+        chain.append(self.graph.add('pad', f'{size}:{size}:{pad_x}:{pad_y}:black'))
+    chain.append(self.graph.add('buffersink'))
     for a, b in zip(chain, chain[1:]):
       a.link_to(b)
     self.graph.configure()
@@ -98,13 +119,20 @@ class _FrameSelector:
 
 
 class _AudioCutter:
-  """Cut decoded audio to [start, start + duration) and feed the AAC stream and the 16 kHz wav."""
+  """Cut decoded audio to [start, start + duration) and feed the AAC stream and the 16 kHz wav.
+
+  Samples wait until the video has frames up to their time (`release`), so when the source runs out of
+  video early the audio ends where the video does. The wait is bounded by how far the container
+  interleaves audio ahead of video (about a second), not by the clip's length.
+  """
 
   def __init__(self, out_stream, start: float, duration: float, rate: int, layout: str):
     self.stream = out_stream
     self.start = start
     self.rate = rate
     self.total = int(round(duration * rate))
+    self.received = 0  # clip samples placed so far: written, or waiting in `pending`
+    self.pending: Deque[np.ndarray] = collections.deque()
     self.written = 0
     self.to_aac = av.AudioResampler(format='fltp', layout=layout, rate=rate)
     self.to_wav = av.AudioResampler(format='s16', layout='mono', rate=WAV_RATE)
@@ -112,21 +140,35 @@ class _AudioCutter:
     self.wav_samples = 0
     self.channels = 1 if layout == 'mono' else 2
 
-  def push(self, frame) -> list:
-    packets = []
+  def push(self, frame) -> None:
     for converted in self.to_aac.resample(frame):
       if converted.pts is None or converted.time_base is None:
         continue
       first = int(round((float(converted.pts * converted.time_base) - self.start) * self.rate))
       data = converted.to_ndarray()
-      if first > self.written:  # a gap: pad silence so audio stays aligned with video
-        data = np.concatenate([np.zeros((data.shape[0], first - self.written), data.dtype), data], axis=1)
-        first = self.written
-      data = data[:, self.written - first:] if first < self.written else data
-      data = data[:, :self.total - self.written]
+      if first > self.received:  # a gap: pad silence so audio stays aligned with video
+        data = np.concatenate([np.zeros((data.shape[0], first - self.received), data.dtype), data], axis=1)
+        first = self.received
+      data = data[:, self.received - first:] if first < self.received else data
+      data = data[:, :self.total - self.received]
       if data.shape[1]:
-        packets += self._emit(data)
-    return packets
+        self.pending.append(data)
+        self.received += data.shape[1]
+
+  def release(self, upto: int) -> list:
+    """Encode the waiting samples before clip sample `upto` (as far as the video has got)."""
+    ready = min(upto, self.received) - self.written
+    if ready <= 0:
+      return []
+    taken = []
+    while ready > 0:
+      chunk = self.pending.popleft()
+      if chunk.shape[1] > ready:
+        self.pending.appendleft(chunk[:, ready:])
+        chunk = chunk[:, :ready]
+      taken.append(chunk)
+      ready -= chunk.shape[1]
+    return self._emit(np.concatenate(taken, axis=1) if len(taken) > 1 else taken[0])
 
   def _emit(self, data: np.ndarray) -> list:
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data, np.float32), format='fltp',
@@ -144,14 +186,16 @@ class _AudioCutter:
     self.wav.write(samples.astype('<i2').tobytes())
     self.wav_samples += samples.size
 
-  def finish(self) -> Tuple[list, bytes]:
-    packets = []
-    if self.written < self.total:
-      packets += self._emit(np.zeros((self.channels, self.total - self.written), np.float32))
+  def finish(self, total: int) -> Tuple[list, bytes]:
+    """Exactly `total` samples (the video's length) in both outputs: what waits beyond is dropped, a
+    shortfall is silence."""
+    packets = self.release(total)
+    if self.written < total:
+      packets += self._emit(np.zeros((self.channels, total - self.written), np.float32))
     for pcm in self.to_wav.resample(None):
       self._write_wav(pcm)
     packets += list(self.stream.encode(None))
-    wanted = int(round(self.total * WAV_RATE / self.rate))
+    wanted = int(round(total * WAV_RATE / self.rate))
     pcm = self.wav.getvalue()[:wanted * 2].ljust(wanted * 2, b'\0')
     out = io.BytesIO()
     with wave.open(out, 'wb') as handle:
@@ -188,7 +232,7 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
     container.seek(max(0, int((t0 - 0.5) * av.time_base)), backward=True, any_frame=False)
     source_fps = task.media.info.fps or fps
     video_filter = _VideoFilter(vin, task.window, size, task.media.info.interlaced,
-                                 task.media.info.rotation, follow=bool(task.path))
+                                 task.media.info.rotation, follow=bool(task.path), padding=task.padding)
     selector = _FrameSelector(t0, count, fps, 1.0 / source_fps)
     with av.open(mp4_path, 'w', format='mp4', options={'movflags': '+faststart'}) as out:
       vout = out.add_stream('libx264', rate=rate)
@@ -214,7 +258,12 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
         frame.time_base = 1 / rate
         out.mux(vout.encode(frame))
         produced += 1
+        if cutter is not None:
+          out.mux(cutter.release(audio_upto()))
         return produced - 1, image
+
+      def audio_upto() -> int:
+        return int(round(produced / fps * cutter.rate))
 
       for packet in container.demux(*streams):
         if deadline and time.monotonic() > deadline:
@@ -236,8 +285,8 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
             if frame.time is not None and frame.time > t0 + duration + 0.5:
               audio_done = True
               break
-            for out_packet in cutter.push(frame):
-              out.mux(out_packet)
+            cutter.push(frame)
+          out.mux(cutter.release(audio_upto()))
         if video_done and (cutter is None or audio_done):
           break
       if selector.index < count:
@@ -249,26 +298,40 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
       out.mux(vout.encode(None))
       wav = silent_wav(produced / fps)
       if cutter is not None:
-        cutter.total = int(round(produced / fps * cutter.rate))
-        packets, wav = cutter.finish()
-        for out_packet in packets:
-          out.mux(out_packet)
+        packets, wav = cutter.finish(audio_upto())
+        out.mux(packets)
   return produced, wav
 
 
 class RenderClips(beam.DoFn):
-  """ClipTask -> ((clip_id, frame_index), frame) per output frame; RenderedClip on tag `rendered`.
+  """ClipTask -> RenderedClip carrying the clip's per-frame arrays and a thumbnail; `Reject`s on tag `rejects`.
 
-  The encoded files go to `work_dir/clips/` and travel as URIs; rejects go to tag `rejects`.
+  One pass per clip: decode, crop, encode, and every output frame handed to each frame analyzer
+  (transforms/frame_analysis.py) as it is produced, so the per-frame results are packed into the clip's
+  arrays where the frames are and never travel on their own. The encoded mp4 goes to `work_dir/clips/`
+  and travels as a URI. A clip whose frames a model failed on more than half the time is rejected as
+  `model_error` (transient: a rerun tries again), not judged on the frames that came through.
   """
 
-  def __init__(self, work_dir: str, size: int, fps: float, crf: int, preset: str, max_render_s: float = 0):
+  def __init__(self, work_dir: str, size: int, fps: float, crf: int, preset: str, max_render_s: float = 0,
+               analyzers: Sequence[FrameAnalyzer] = (), run_id: Optional[str] = None):
     self.work_dir = work_dir
+    self.crash_guard = CrashGuard(work_dir, run_id)  # markers/<run_id>/<clip>: a retry after a crash rejects
     self.size, self.fps, self.crf, self.preset = size, fps, crf, preset
     self.max_render_s = max_render_s
+    self.analyzers = tuple(analyzers)
+    # Frames rendered ahead: room for two model batches, so rendering goes on while a batch is in the model
+    # (with one batch of room the two took turns: 11.2 against 9.8 ms a frame, bench in the report).
+    self.prefetch_depth = max([16] + [2 * analyzer.batch_size for analyzer in self.analyzers])
     self.frames = Metrics.counter(STAGE, 'frames')
     self.clips = Metrics.counter(STAGE, 'clips')
+    self.model_errors = Metrics.counter(STAGE, 'model_error_frames')
 
+  def setup(self):
+    for analyzer in self.analyzers:
+      analyzer.setup()
+
+  @crash_guarded(STAGE)
   def process(self, task: ClipTask):
     tmp = tempfile.mkdtemp(prefix='render-')
     try:
@@ -276,35 +339,58 @@ class RenderClips(beam.DoFn):
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 
+  def _reject(self, task: ClipTask, reason: str, detail: str):
+    return beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
+                                                      planned_id=task.planned_id))
+
   def _render(self, task: ClipTask, tmp: str):
     mp4 = os.path.join(tmp, task.clip_id + '.mp4')
-    try:
-      frames = prefetch(render(task, mp4, self.size, self.fps, self.crf, self.preset, self.max_render_s))
-      try:
-        while True:
-          index, image = next(frames)
-          self.frames.inc()
-          yield (task.clip_id, index), image
-      except StopIteration as done:
-        produced, wav = done.value
-    except (av.error.FFmpegError, OSError, ValueError, TimeoutError) as error:
-      reason = 'render_timeout' if isinstance(error, TimeoutError) else 'decode_error'
-      yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, str(error)[:500],
-                                                       task.source_id))
-      return
-    if produced == 0:
-      yield beam.pvalue.TaggedOutput('rejects', Reject(
-          task.clip_id, STAGE, 'no_frames', f'no video frames between {task.start:.3f}s and {task.end:.3f}s',
-          task.source_id))
-      return
     planned = int(round((task.end - task.start) * self.fps))
-    if produced < planned - max(2, planned // 10):  # the header promised frames the file does not hold
-      yield beam.pvalue.TaggedOutput('rejects', Reject(
-          task.clip_id, STAGE, 'source_truncated', f'the source ran out after {produced} of {planned} frames '
-          f'(about {task.start + produced / self.fps:.3f}s of a clip ending at {task.end:.3f}s)', task.source_id))
+    passes = [analyzer.start(task, planned, self.size) for analyzer in self.analyzers]
+    still = None  # the middle output frame (or the last, if the clip ends early), for the thumbnail
+    with contextlib.closing(prefetch(render(task, mp4, self.size, self.fps, self.crf, self.preset,
+                                            self.max_render_s), self.prefetch_depth)) as frames:
+      while True:
+        try:
+          index, image = next(frames)
+        except StopIteration as done:
+          produced, wav = done.value
+          break
+        except (av.error.FFmpegError, OSError, ValueError, TimeoutError) as error:
+          yield self._reject(task, 'render_timeout' if isinstance(error, TimeoutError) else 'decode_error',
+                             str(error))
+          return
+        self.frames.inc()
+        for analysis in passes:
+          analysis.add(index, image)
+        if index <= planned // 2:
+          still = image
+    if produced == 0:
+      yield self._reject(task, 'no_frames', f'no video frames between {task.start:.3f}s and {task.end:.3f}s')
       return
+    if produced < planned - max(2, planned // 10):  # the header promised frames the file does not hold
+      yield self._reject(task, 'source_truncated', f'the source ran out after {produced} of {planned} frames '
+                         f'(about {task.start + produced / self.fps:.3f}s of a clip ending at {task.end:.3f}s)')
+      return
+    arrays, model_errors = {}, 0
+    for analyzer, analysis in zip(self.analyzers, passes):
+      found = analysis.finish(produced)
+      self.model_errors.inc(found.model_errors)
+      if 2 * found.model_errors > produced:
+        yield self._reject(task, 'model_error', f'{analyzer.name} failed on {found.model_errors} of {produced} '
+                           f'frames (last: {found.last_error})')
+        return
+      arrays.update(found.arrays)
+      model_errors = max(model_errors, found.model_errors)
     uri = FileSystems.join(self.work_dir, 'clips', task.clip_id + '.mp4')
     put_file(mp4, uri, move=True)
     self.clips.inc()
-    yield beam.pvalue.TaggedOutput('rendered', (task.clip_id, RenderedClip(
-        task=task, mp4_uri=uri, wav=wav, num_frames=produced, fps=self.fps, size=self.size)))
+    yield RenderedClip(task=task, mp4_uri=uri, wav=wav, num_frames=produced, fps=self.fps, size=self.size,
+                       arrays=arrays, thumbnail=thumbnail_jpeg(still), model_errors=model_errors)
+
+
+def thumbnail_jpeg(image: np.ndarray, side: int = THUMBNAIL_PX) -> bytes:
+  """A small JPEG of an RGB output frame (report.html shows it; the frame itself is not kept)."""
+  small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+  ok, data = cv2.imencode('.jpg', cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+  return data.tobytes() if ok else b''

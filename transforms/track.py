@@ -2,23 +2,26 @@
 for longer than `--max_gap` frames, the `--multi_face` policy, and one stable crop window per track.
 
 A planned clip becomes one clip per kept track (a "piece"). A single piece keeps the planned clip's id;
-several pieces are named `<clip>_f<k>` in order of their start. Pieces shorter than `--min_duration`
-are rejected (`too_short`). Each piece carries its planned clip id, and the (piece id, planned id) pairs
-go out on tag `pieces` so the run summary can count a planned clip once however it was split.
+several pieces are named from their start time, `<clip>_f<start in ms>` (see `piece_ids`), so a rerun
+with the same options names them the same whatever else changed. Pieces shorter than `--min_duration`
+are rejected (`too_short`). Each piece (task or reject) carries its planned clip id, so the run summary
+counts a planned clip once however it was split.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import ModelHandler
 from scipy import ndimage
 
-from beam_pipeline.elements import ClipTask, Reject
-from transforms.crop import SampleFrames, face_boxes, square_window
+from beam_pipeline.elements import ClipTask, FaceSamples, Reject
+from transforms.crop import SampleFrames, square_window
+from transforms.deadletter import DeadLetter
 
 STAGE = 'track'
 MIN_IOU = 0.3  # a detection continues a track when it overlaps the track's last box at least this much
@@ -44,6 +47,10 @@ class Track:
 
   def overlaps(self, other: 'Track') -> bool:
     return min(self.end, other.end) > max(self.start, other.start)
+
+  def centre_x(self) -> float:
+    b = np.array(self.boxes)
+    return float(np.median((b[:, 0] + b[:, 2]) / 2))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,31 +140,56 @@ def follow_path(track: Track, side: int, smooth_s: float, width: int,
   return tuple((round(float(t - track.start), 4), int(x), int(y)) for t, x, y in zip(times, left, top))
 
 
+def piece_ids(clip_id: str, pieces: Sequence[Track]) -> List[str]:
+  """Ids for a planned clip's kept tracks: the clip's own id for a single piece, else `<clip>_f<start in ms>`.
+
+  Derived from the time range, not the order, so a piece found or lost earlier in the clip does not
+  rename the others. Pieces that start together (faces on screen at once) get `_<k>` after it, numbered
+  left to right by the face's median position. No dots: ids are webdataset keys.
+  """
+  if len(pieces) == 1:
+    return [clip_id]
+  starts = [int(round(tr.start * 1000)) for tr in pieces]
+  together = collections.Counter(starts)
+  ids = [''] * len(pieces)
+  for start in together:
+    same = sorted((i for i, s in enumerate(starts) if s == start), key=lambda i: pieces[i].centre_x())
+    for k, i in enumerate(same):
+      ids[i] = f'{clip_id}_f{start}' + (f'_{k}' if together[start] > 1 else '')
+  return ids
+
+
+def face_box_in_window(track: Track, window, path) -> Tuple[float, float, float, float]:
+  """The track's median face box relative to its crop window (fractions of the side); with --crop_follow,
+  relative to where the window was at each detection."""
+  b = np.array(track.boxes, np.float64)
+  if path:
+    origins = np.array([(left, top) for _, left, top in path], np.float64)
+  else:
+    origins = np.array([window[:2]] * len(b), np.float64)
+  relative = (b - np.concatenate([origins, origins], axis=1)) / window[2]
+  return tuple(round(float(v), 4) for v in np.median(relative, axis=0))
+
+
 class TrackFaces(beam.DoFn):
-  """(clip_id, {'task': [ClipTask], 'faces': [(t, boxes)], 'cuts': [cut times]}) -> a ClipTask per piece,
-  `Reject`s on tag `rejects`, (piece id, planned id) on tag `pieces`."""
+  """FaceSamples -> a ClipTask per piece, `Reject`s on tag `rejects`."""
 
   def __init__(self, crop_scale: float, multi_face: str = 'largest', max_gap_s: float = 0.5,
-               min_duration: float = 1.0, detect_fps: float = 5.0, crop_follow_s: float = 0.0,
-               written_ids: Iterable[str] = ()):
+               min_duration: float = 1.0, detect_fps: float = 5.0, crop_follow_s: float = 0.0):
     self.crop_scale = crop_scale
     self.multi_face = multi_face
     self.max_gap_s = max_gap_s
     self.min_duration = min_duration
     self.interval = 1.0 / detect_fps
     self.crop_follow_s = crop_follow_s
-    self.written_ids = frozenset(written_ids)
     self.no_face = Metrics.counter(STAGE, 'clips_without_face')
     self.split = Metrics.counter(STAGE, 'clips_split')
     self.dropped = Metrics.counter(STAGE, 'smaller_faces_dropped')
 
-  def process(self, element):
-    _, grouped = element
-    cuts = list(grouped['cuts'])
-    # No cuts: sampling failed (its reject is already out). No task: nothing to do.
-    for task in grouped['task']:
-      if cuts:
-        yield from self._pieces(task, list(grouped['faces']), cuts[0])
+  def process(self, found: FaceSamples):
+    # Every piece is worked out before the first goes out: an error part-way then rejects the planned
+    # clip as a whole (DeadLetter) instead of leaving some pieces out and others unaccounted.
+    yield from list(self._pieces(found.task, list(found.samples), found.cuts))
 
   def _pieces(self, task: ClipTask, faces: list, cuts: Tuple[float, ...]):
     info = task.media.info
@@ -168,28 +200,30 @@ class TrackFaces(beam.DoFn):
     tracks = [tr for tr in tracks if len(tr.times) >= MIN_TRACK_SAMPLES]
     if not tracks:
       self.no_face.inc()
-      yield beam.pvalue.TaggedOutput('rejects', Reject(
-          task.clip_id, STAGE, 'no_face', f'no face on two or more of {len(faces)} sampled frames', task.source_id))
+      yield self._reject(task, task.clip_id, 'no_face', f'no face on two or more of {len(faces)} sampled frames')
       return
     kept, refused = choose_tracks(tracks, self.multi_face)
     if refused:
-      yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, 'multiple_faces', refused,
-                                                       task.source_id))
+      yield self._reject(task, task.clip_id, 'multiple_faces', refused)
       return
     self.dropped.inc(len(tracks) - len(kept))
-    kept.sort(key=lambda tr: (tr.start, tr.boxes[0][0]))
+    kept.sort(key=lambda tr: (tr.start, tr.centre_x()))
     if len(kept) > 1:
       self.split.inc()
-    for k, tr in enumerate(kept):
-      piece_id = task.clip_id if len(kept) == 1 else f'{task.clip_id}_f{k}'
-      if piece_id != task.clip_id:
-        yield beam.pvalue.TaggedOutput('pieces', (piece_id, task.clip_id))
+    for tr, piece_id in zip(kept, piece_ids(task.clip_id, kept)):
       if tr.end - tr.start < self.min_duration:
-        yield beam.pvalue.TaggedOutput('rejects', Reject(
-            piece_id, STAGE, 'too_short', f'face track {tr.start:.2f}s-{tr.end:.2f}s of {task.clip_id} is shorter '
-            f'than --min_duration {self.min_duration}s', task.source_id))
-      elif piece_id not in self.written_ids:
+        yield self._reject(task, piece_id, 'too_short', f'face track {tr.start:.2f}s-{tr.end:.2f}s of '
+                           f'{task.clip_id} is shorter than --min_duration {self.min_duration}s')
+      else:
         yield self._task(task, tr, piece_id, len(kept), len(tracks) - len(kept), cuts, len(faces))
+
+  @staticmethod
+  def _reject(task: ClipTask, clip_id: str, reason: str, detail: str):
+    # A piece accounts against the clip that was planned, also when `task` is itself a piece of it (a long
+    # clip cut at planning).
+    planned_id = task.planned if clip_id != task.clip_id else task.planned_id
+    return beam.pvalue.TaggedOutput('rejects', Reject(clip_id, STAGE, reason, detail, task.source_id,
+                                                      planned_id=planned_id))
 
   def _task(self, task: ClipTask, tr: Track, piece_id: str, pieces: int, dropped: int, cuts, total: int):
     info = task.media.info
@@ -209,34 +243,27 @@ class TrackFaces(beam.DoFn):
     stats = (('detect_samples', float(total)), ('detect_face_ratio', min(1.0, len(tr.times) / samples_in)),
              ('source_face_px', tr.size()))
     return dataclasses.replace(
-        task, clip_id=piece_id, planned_id=task.clip_id if piece_id != task.clip_id else '',
+        task, clip_id=piece_id, planned_id=task.planned if piece_id != task.clip_id else task.planned_id,
         start=task.start + tr.start, end=task.start + tr.end, window=window, path=path, crop_mode='detect',
-        notes=tuple(notes), face_stats=task.face_stats + stats)
+        notes=tuple(notes), face_stats=task.face_stats + stats, face_box=face_box_in_window(tr, window, path))
 
 
 class DetectAndTrack(beam.PTransform):
-  """ClipTasks without a window -> one ClipTask per face track, with its window (tag `tasks`),
-  `rejects` and `pieces`; the detector runs through RunInference on frames sampled at `detect_fps`."""
+  """ClipTasks without a window -> one ClipTask per face track, with its window (tag `tasks`), and
+  `rejects`. Per clip, one DoFn decodes the frames sampled at `detect_fps` and runs the
+  detector on them in-process (no per-frame element), and tracking follows without a shuffle; an
+  unexpected error in either is an `internal_error` reject of that clip."""
 
-  def __init__(self, detector, crop_scale: float, detect_fps: float, shot_threshold: float,
-               multi_face: str, max_gap_s: float, min_duration: float, crop_follow_s: float = 0.0,
-               written_ids: Iterable[str] = ()):
+  def __init__(self, detector: ModelHandler, crop_scale: float, detect_fps: float, shot_threshold: float,
+               multi_face: str, max_gap_s: float, min_duration: float, crop_follow_s: float = 0.0):
     super().__init__()
-    self.detector = detector
-    self.detect_fps = detect_fps
-    self.shot_threshold = shot_threshold
-    self.tracker = TrackFaces(crop_scale, multi_face, max_gap_s, min_duration, detect_fps, crop_follow_s,
-                              written_ids)
+    self.sampler = SampleFrames(detector, detect_fps, shot_threshold)
+    self.tracker = TrackFaces(crop_scale, multi_face, max_gap_s, min_duration, detect_fps, crop_follow_s)
 
   def expand(self, tasks):
-    sampled = tasks | 'SampleFrames' >> beam.ParDo(SampleFrames(self.detect_fps, self.shot_threshold)).with_outputs(
-        'rejects', 'cuts', main='frames')
-    boxes = (sampled.frames
-             | 'DetectFaces' >> RunInference(KeyedModelHandler(self.detector))
-             | 'FaceBoxes' >> beam.Map(face_boxes))
-    tracked = ({'task': tasks | 'KeyTasks' >> beam.Map(lambda t: (t.clip_id, t)), 'faces': boxes,
-                'cuts': sampled.cuts}
-               | 'GroupDetections' >> beam.CoGroupByKey()
-               | 'TrackFaces' >> beam.ParDo(self.tracker).with_outputs('rejects', 'pieces', main='tasks'))
+    sampled = tasks | 'SampleFrames' >> beam.ParDo(DeadLetter(self.sampler, 'crop')).with_outputs(
+        'rejects', main='samples')
+    tracked = sampled.samples | 'TrackFaces' >> beam.ParDo(DeadLetter(self.tracker, STAGE)).with_outputs(
+        'rejects', main='tasks')
     rejects = (sampled.rejects, tracked.rejects) | 'TrackRejects' >> beam.Flatten()
-    return {'tasks': tracked.tasks, 'rejects': rejects, 'pieces': tracked.pieces}
+    return {'tasks': tracked.tasks, 'rejects': rejects}

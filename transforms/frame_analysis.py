@@ -1,0 +1,145 @@
+"""Per-frame models run inside the render pass, on the output frames as they are produced.
+
+Why: a clip's per-frame results must never become PCollection elements (see model_handlers/in_process.py).
+The render DoFn hands each output frame to every `FrameAnalyzer` it was built with; an analyzer batches
+frames for its model and packs each result into the clip's T-length arrays at once, so a clip costs
+O(frames x small arrays) of memory and no frame is kept beyond its batch.
+
+Today there is one analyzer, `FaceLandmarks`. Another per-frame model (segmentation, face parsing) is a new
+`FrameAnalyzer` whose arrays are merged into the same dict under their own names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+from beam_pipeline.elements import ClipTask
+from model_handlers.in_process import ModelError, SharedModel
+from transforms.features import FaceArrays, face_sharpness
+
+MAX_FACE_JUMP = 1.0  # a candidate more than this far (in face sizes, plus size change) from the reference is not it
+FOLLOW_FRAMES = 12  # the face chosen this many frames ago still guides the choice; older, the track's box does
+
+
+@dataclasses.dataclass
+class PassResult:
+  """What one analyzer found in one clip."""
+  arrays: dict  # name -> (T, ...) array
+  model_errors: int  # frames the model failed on
+  last_error: str = ''
+
+
+class ClipPass:
+  """One analyzer's work on one clip: `add` every output frame in order, then `finish` once."""
+
+  def add(self, index: int, image: np.ndarray) -> None:
+    raise NotImplementedError
+
+  def finish(self, num_frames: int) -> PassResult:
+    raise NotImplementedError
+
+
+class FrameAnalyzer:
+  """A per-frame model for the render pass. Built with the pipeline; `setup` runs in `DoFn.setup`."""
+
+  name = ''
+  batch_size = 1  # frames it hands its model at once (the render pass keeps that many frames in flight)
+
+  def setup(self) -> None:
+    raise NotImplementedError
+
+  def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
+    """A pass over `task`'s (at most `num_frames`) output frames of `size` x `size` pixels."""
+    raise NotImplementedError
+
+
+def _centre_and_size(box: np.ndarray) -> Tuple[np.ndarray, float]:
+  return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]), float(max(box[2] - box[0], box[3] - box[1], 1.0))
+
+
+class FaceChooser:
+  """Which of the landmarker's faces is the tracked face, frame after frame.
+
+  The reference is the face chosen on a recent frame (a face moves little from frame to frame), else the
+  track's box in the crop (`expected`, output pixels). The candidate nearest the reference, in face sizes
+  of centre distance plus the log of the size change, is chosen when within `MAX_FACE_JUMP`; none is
+  chosen otherwise (the tracked face is not found, whatever else is in the crop). Without a track
+  (a given window), the largest face is chosen.
+  """
+
+  def __init__(self, expected: Optional[np.ndarray]):
+    self.expected = expected
+    self.previous: Optional[Tuple[int, np.ndarray]] = None
+
+  def choose(self, index: int, boxes: np.ndarray) -> Optional[int]:
+    if not len(boxes):
+      return None
+    if self.expected is None:
+      return 0  # the landmarker's faces come largest first
+    recent = self.previous is not None and index - self.previous[0] <= FOLLOW_FRAMES
+    centre, size = _centre_and_size(self.previous[1] if recent else self.expected)
+    costs = []
+    for box in boxes:
+      their_centre, their_size = _centre_and_size(box)
+      costs.append(np.linalg.norm(their_centre - centre) / size + abs(np.log(their_size / size)))
+    best = int(np.argmin(costs))
+    if costs[best] > MAX_FACE_JUMP:
+      return None
+    self.previous = (index, boxes[best])
+    return best
+
+
+class _LandmarkPass(ClipPass):
+
+  def __init__(self, model: SharedModel, num_frames: int, expected: Optional[np.ndarray], source_scale: float):
+    self.model = model
+    self.packed = FaceArrays(num_frames)
+    self.chooser = FaceChooser(expected)
+    self.source_scale = source_scale
+    self.pending: List[Tuple[int, np.ndarray]] = []
+    self.errors: List[ModelError] = []
+
+  def add(self, index: int, image: np.ndarray) -> None:
+    self.pending.append((index, image))
+    if len(self.pending) >= self.model.batch_size:
+      self._flush()
+
+  def _flush(self) -> None:
+    results = self.model.infer([image for _, image in self.pending])
+    for (index, image), face in zip(self.pending, results):
+      if isinstance(face, ModelError):
+        self.errors.append(face)
+        continue
+      which = self.chooser.choose(index, face.boxes())
+      if which is not None:
+        # Blur is measured here: only here the frame and its chosen face box meet.
+        self.packed.put(index, face, which, face_sharpness(image, face.boxes()[which], self.source_scale))
+    self.pending = []
+
+  def finish(self, num_frames: int) -> PassResult:
+    if self.pending:
+      self._flush()
+    return PassResult(self.packed.arrays(num_frames), len(self.errors),
+                      self.errors[-1].detail if self.errors else '')
+
+
+class FaceLandmarks(FrameAnalyzer):
+  """MediaPipe FaceLandmarker on every output frame, following the tracked face: landmarks, blendshapes,
+  pose, bbox, iris, lmk68 and sharpness arrays (transforms/features.FaceArrays)."""
+
+  name = 'face_landmarker'
+
+  def __init__(self, handler: ModelHandler):
+    self.model = SharedModel(handler)
+    self.batch_size = self.model.batch_size
+
+  def setup(self) -> None:
+    self.model.setup()
+
+  def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
+    # A tracked face's window fits the frame (no padding), so its output square is the window.
+    expected = None if task.face_box is None else np.asarray(task.face_box, np.float32) * size
+    return _LandmarkPass(self.model, num_frames, expected, source_scale=task.square_side / size)
