@@ -3,10 +3,9 @@ from fractions import Fraction
 
 import av
 import numpy as np
-import pytest
 
 from beam_pipeline.elements import ClipTask, MediaFile
-from transforms.plan import clamp_window, scale_window
+from transforms.plan import fit_window, scale_window
 from transforms.probe import probe
 from transforms.render import render
 
@@ -95,12 +94,15 @@ def test_interlaced_source_is_detected_and_deinterlaced(tmp_path):
   assert produced == 25 and frames[0].shape == (128, 128, 3)
 
 
-def test_crop_window_scaling_and_clamping():
+def test_crop_window_scaling_and_fitting():
   assert scale_window((608, 0, 726, 726), 1080, 720) == (405, 0, 484, 484)
   assert scale_window((10, 20, 30, 40), None, 720) == (10, 20, 30, 40)
-  assert clamp_window((-10, -10, 3000, 3000), 640, 480) == (0, 0, 640, 480)
-  assert clamp_window((600, 400, 100, 101), 640, 480) == (600, 400, 40, 80)
-  assert clamp_window((700, 10, 50, 50), 640, 480) is None
+  # a window larger than the frame: the whole frame, the rest padding where the window hung over it
+  assert fit_window((-10, -10, 3000, 3000), 640, 480) == ((0, 0, 640, 480), (10, 10, 2350, 2510))
+  # over the corner: shifted back in, size kept; a 100x101 window becomes a 101-pixel square
+  assert fit_window((600, 400, 100, 101), 640, 480) == ((539, 379, 101, 101), (0, 0, 0, 0))
+  assert fit_window((1700, 100, 400, 400), 1920, 1080) == ((1520, 100, 400, 400), (0, 0, 0, 0))
+  assert fit_window((700, 10, 50, 50), 640, 480) is None
 
 
 def test_section_download_keeps_source_time(tmp_path):
@@ -108,13 +110,15 @@ def test_section_download_keeps_source_time(tmp_path):
   from beam_pipeline.elements import ClipSpec, Source
   from tests.helpers import media_server
   from transforms.download import DownloadSource
+  from transforms.safety import InputPolicy
   from transforms.plan import PlanClips
   served = tmp_path / 'served'
   served.mkdir()
   write_counter_video(served / 'counter.mp4', frames=150, gop=40)  # keyframes off the section start
   with media_server(str(served)) as url:
     source = Source('ctr', f'{url}/counter.mp4', (ClipSpec('ctr_0', 0, 3.0, 4.0, (0, 0, 320, 240)),))
-    (downloaded,) = list(DownloadSource(str(tmp_path / 'work'), download_method='ytdlp').process(source))
+    (downloaded,) = DownloadSource(str(tmp_path / 'work'), download_method='ytdlp',
+                                   policy=InputPolicy(allow_private_hosts=True)).download(source)
   media = downloaded[1][0]
   assert media.offset > 0  # a section, not the whole file
   (task,) = list(PlanClips().process(downloaded))

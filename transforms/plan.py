@@ -1,11 +1,14 @@
 """Turn a downloaded source into validated `ClipTask`s (or rejects with reasons)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import dataclasses
+import math
+from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, Reject, Source, Window
+from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, Padding, Reject, Source, Window
 
 STAGE = 'plan'
 END_TOLERANCE_S = 1.0  # annotations often overshoot the last frame by a little
@@ -20,26 +23,41 @@ def scale_window(window: Window, reference_height: Optional[int], actual_height:
   return int(round(x * s)), int(round(y * s)), int(round(w * s)), int(round(h * s))
 
 
-def clamp_window(window: Window, width: int, height: int) -> Optional[Window]:
-  """Intersect with the frame, with even sizes for the encoder; None if nothing is left."""
+def _place(start: int, side: int, extent: int) -> Tuple[int, int, int, int]:
+  """(crop start, crop length, padding before, padding after) of a `side`-long span on an axis of `extent`
+  pixels: shifted inside when it fits, else the whole axis with the rest as padding, as near `start` as can be."""
+  if side <= extent:
+    return min(max(start, 0), extent - side), side, 0, 0
+  start = min(max(start, extent - side), 0)
+  return 0, extent, -start, side - extent + start
+
+
+def fit_window(window: Window, width: int, height: int) -> Optional[Tuple[Window, Padding]]:
+  """A window made square (its longer side, same centre) and shifted into the frame, so the 1:1 output never
+  stretches the picture; where the square is larger than the frame, the frame's extent is cropped and the
+  rest is padding. Returns (crop window, (left, top, right, bottom) padding), or None when the window
+  does not overlap the frame at all."""
   x, y, w, h = window
-  x0, y0 = max(0, x), max(0, y)
-  x1, y1 = min(width, x + w), min(height, y + h)
-  w2, h2 = (x1 - x0) // 2 * 2, (y1 - y0) // 2 * 2
-  if w2 < 2 or h2 < 2:
+  if w < 1 or h < 1 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
     return None
-  return x0, y0, w2, h2
+  side = max(w, h)
+  left, crop_w, pad_left, pad_right = _place(x + (w - side) // 2, side, width)
+  top, crop_h, pad_top, pad_bottom = _place(y + (h - side) // 2, side, height)
+  return (left, top, crop_w, crop_h), (pad_left, pad_top, pad_right, pad_bottom)
 
 
 class PlanClips(beam.DoFn):
-  """(Source, [MediaFile]) -> ClipTask per planned clip; tag `rejects` for the ones that cannot be cut."""
+  """(Source, [MediaFile]) -> ClipTask per planned clip (or per piece of a clip longer than `max_clip_s`);
+  tag `rejects` for the ones that cannot be cut."""
 
   def __init__(self, crop_mode: str = 'auto', allow_silent: bool = False, min_duration: float = 1.0,
-               max_duration: float = 0.0):
+               max_duration: float = 0.0, max_clip_s: float = 0.0):
     self.crop_mode = crop_mode
     self.allow_silent = allow_silent
     self.min_duration = min_duration
     self.max_duration = max_duration
+    self.max_clip_s = max_clip_s
+    self.pieces = Metrics.counter(STAGE, 'clips_split')
 
   def process(self, element: Tuple[Source, Sequence[MediaFile]]):
     source, media = element
@@ -49,7 +67,7 @@ class PlanClips(beam.DoFn):
       if isinstance(result, Reject):
         yield beam.pvalue.TaggedOutput('rejects', result)
       else:
-        yield result
+        yield from self._pieces(result)
 
   def _plan(self, source: Source, clip: ClipSpec, media: MediaFile):
     info = media.info
@@ -74,17 +92,46 @@ class PlanClips(beam.DoFn):
       return reject('too_short', f'clip is {end - start:.3f}s, shorter than --min_duration {self.min_duration}s')
     if self.max_duration and end - start > self.max_duration:
       return reject('too_long', f'clip is {end - start:.3f}s, longer than --max_duration_s {self.max_duration}s')
-    window, mode = None, 'detect'
+    window, padding, mode = None, (0, 0, 0, 0), 'detect'
     if clip.crop is not None and self.crop_mode in ('auto', 'fixed'):
       scaled = scale_window(clip.crop, source.height, info.height)
-      window = clamp_window(scaled, info.width, info.height)
-      if window is None:
+      fitted = fit_window(scaled, info.width, info.height)
+      if fitted is None:
         return reject('bad_crop', f'crop window {clip.crop} lies outside the {info.width}x{info.height} frame')
+      window, padding = fitted
       if window != scaled:
-        notes.append(f'crop window {scaled} clamped to {window}')
+        notes.append(f'crop window {scaled} made square and fitted to the {info.width}x{info.height} frame: {window}'
+                     + (f', padded {padding} (left, top, right, bottom)' if any(padding) else ''))
       mode = 'fixed'
     elif self.crop_mode == 'fixed':
-      window, mode = (0, 0, info.width // 2 * 2, info.height // 2 * 2), 'full'
-      notes.append('no crop window given: full frame')
+      (window, padding), mode = fit_window((0, 0, info.width, info.height), info.width, info.height), 'full'
+      notes.append('no crop window given: the full frame' + (
+          f', padded {padding} (left, top, right, bottom) to square' if any(padding) else ''))
     return ClipTask(clip.clip_id, source.source_id, source.url, media, start, end, window, mode,
-                    clip.crop_ratio, tuple(notes))
+                    clip.crop_ratio, tuple(notes), padding=padding)
+
+  def _pieces(self, task: ClipTask):
+    """A clip longer than --max_clip_s as consecutive pieces `<clip>_s<start ms>`, so one clip's frames,
+    audio and per-frame results stay bounded on a worker; every piece accounts against the planned clip.
+
+    Pieces are of equal length; only when that length would be under --min_duration (a --max_clip_s under
+    twice --min_duration) are they --max_clip_s long, and a tail too short to keep is rejected `too_short`.
+    """
+    duration = task.end - task.start
+    if not self.max_clip_s or duration <= self.max_clip_s:
+      yield task
+      return
+    self.pieces.inc()
+    count = math.ceil(duration / self.max_clip_s)
+    length = duration / count if duration / count >= self.min_duration else self.max_clip_s
+    bounds = [round(task.start + k * length, 3) for k in range(count)] + [task.end]
+    for number, (start, end) in enumerate(zip(bounds, bounds[1:]), 1):
+      piece_id = f'{task.clip_id}_s{int(round(start * 1000))}'
+      if end - start < self.min_duration:
+        yield beam.pvalue.TaggedOutput('rejects', Reject(
+            piece_id, STAGE, 'too_short', f'last piece {start:.3f}-{end:.3f}s of {task.clip_id} (cut at --max_clip_s '
+            f'{self.max_clip_s}s) is shorter than --min_duration {self.min_duration}s', task.source_id, task.planned))
+        continue
+      yield dataclasses.replace(task, clip_id=piece_id, planned_id=task.planned, start=start, end=end, notes=(
+          *task.notes, f'piece {number} of {count} of {task.clip_id} ({start:.3f}-{end:.3f}s, --max_clip_s '
+          f'{self.max_clip_s}s)'))

@@ -3,10 +3,18 @@
 Probing reads untrusted bytes, so it is bounded: the frame size is checked
 against `max_pixels` from the stream header before anything is decoded, and a
 deadline is checked between demuxed packets. Each failure has a reason code.
+It runs in a child process (a fresh interpreter, argument list), so a decoder
+that crashes (segfault, abort) on a hostile file costs only that file
+(`decoder_crash`), and a decoder stuck inside one call is killed on time.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from fractions import Fraction
 
@@ -16,6 +24,11 @@ import numpy as np
 from beam_pipeline.elements import ProbeInfo
 
 MIN_SIDE_PX = 16  # smaller frames cannot hold a usable face
+CHILD_START_S = 20.0  # allowance on top of the probe time limit for the child's interpreter to start
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The child imports this module from where the parent did (first on its path only if not on it already).
+_CHILD = ('import sys; root = sys.argv.pop(1); sys.path[:0] = [] if root in sys.path else [root]; '
+          'from transforms.probe import _child; _child(*sys.argv[1:])')
 _IMAGE_FORMATS = ('image2',)  # plus every '*_pipe' image demuxer (png_pipe, jpeg_pipe, ...)
 
 
@@ -53,7 +66,30 @@ def upright_rgb(frame, width: int, height: int, rotation: int) -> np.ndarray:
 
 
 def probe(uri: str, max_pixels: int = 0, timeout_s: float = 60.0) -> ProbeInfo:
-  """Stream facts plus one decoded video frame, so truncated or fake files fail here."""
+  """`probe_here` in a child process: its ProbeErrors come back as ProbeErrors; a child killed by a signal
+  is `decoder_crash`, one still running at the time limit (plus start-up) is killed: `probe_timeout`."""
+  try:
+    child = subprocess.run([sys.executable, '-c', _CHILD, _PACKAGE_ROOT, uri, str(int(max_pixels)), repr(timeout_s)],
+                           stdin=subprocess.DEVNULL, capture_output=True, check=False,
+                           timeout=timeout_s + CHILD_START_S if timeout_s else None)
+  except subprocess.TimeoutExpired as error:
+    raise ProbeError('probe_timeout', f'probing did not finish within {timeout_s:g}s (the decoder was killed)') \
+        from error
+  if child.returncode < 0:
+    name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else 'a signal'
+    raise ProbeError('decoder_crash', f'the decoder crashed on this file ({name}) while probing it')
+  lines = child.stdout.decode(errors='replace').strip().splitlines()
+  if child.returncode != 0 or not lines:
+    raise RuntimeError(f'the probe child failed (exit {child.returncode}): '
+                       f'{child.stderr.decode(errors="replace")[-1000:]}')
+  result = json.loads(lines[-1])
+  if 'reason' in result:
+    raise ProbeError(result['reason'], result['detail'])
+  return ProbeInfo(**result)
+
+
+def probe_here(uri: str, max_pixels: int = 0, timeout_s: float = 60.0) -> ProbeInfo:
+  """Stream facts plus one decoded video frame, so truncated or fake files fail here (in this process)."""
   local = uri[len('file://'):] if uri.startswith('file://') else uri
   if '://' not in local and os.path.isfile(local) and os.path.getsize(local) == 0:
     raise ProbeError('empty_file', 'the file has zero bytes')
@@ -118,3 +154,12 @@ def _duration(container, video) -> float:
   if container.duration:
     return float(Fraction(container.duration, av.time_base))
   return 0.0
+
+
+def _child(uri: str, max_pixels: str, timeout_s: str) -> None:
+  """The child's side: one json line on stdout, the ProbeInfo or the ProbeError's reason and detail."""
+  try:
+    result = dataclasses.asdict(probe_here(uri, int(max_pixels), float(timeout_s)))
+  except ProbeError as error:
+    result = {'reason': error.reason, 'detail': str(error)}
+  print(json.dumps(result), flush=True)

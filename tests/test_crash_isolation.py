@@ -1,0 +1,141 @@
+"""A decoder that crashes the process (segfault) on one hostile file costs only that file: probing runs in a
+child process, and a clip whose render killed its worker is rejected `decoder_crash` when it is retried."""
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, Source
+from tests.helpers import REPO
+from tests.test_clip_geometry import write_disc_video
+from transforms import probe as probe_module
+from transforms.crash_guard import CrashGuard
+from transforms.download import DownloadSource
+from transforms.incremental import PERMANENT_REASONS
+from transforms.probe import ProbeError, probe
+from transforms.render import RenderClips
+
+# Loaded by every Python started with this directory on PYTHONPATH (the probe children of the test): opening
+# a file named crash*.mp4 reads address 0 (a real SIGSEGV); hang*.mp4 blocks as a stuck decoder would.
+HOSTILE_DECODER = '''
+import ctypes, fnmatch, os, time
+import av
+_open = av.open
+
+def _hostile_open(file, *args, **kwargs):
+  name = os.path.basename(file) if isinstance(file, str) else ''
+  if fnmatch.fnmatch(name, 'crash*.mp4'):
+    ctypes.string_at(0)
+  if fnmatch.fnmatch(name, 'hang*.mp4'):
+    time.sleep(600)
+  return _open(file, *args, **kwargs)
+
+av.open = _hostile_open
+'''
+
+
+@pytest.fixture
+def hostile_decoder(tmp_path, monkeypatch):
+  hooks = tmp_path / 'hooks'
+  hooks.mkdir()
+  (hooks / 'sitecustomize.py').write_text(HOSTILE_DECODER)
+  monkeypatch.setenv('PYTHONPATH', str(hooks))
+
+
+@pytest.fixture(scope='module')
+def video(tmp_path_factory):
+  return write_disc_video(tmp_path_factory.mktemp('crash') / 'good.mp4', 320, 240, (160, 120), 40, seconds=2.0)
+
+
+def test_a_decoder_crash_while_probing_rejects_only_that_file(tmp_path, video, hostile_decoder):
+  shutil.copy(video, tmp_path / 'crash_1.mp4')
+  shutil.copy(video, tmp_path / 'fine.mp4')
+  sources = [Source(name, str(tmp_path / f'{name}.mp4'), (ClipSpec(f'{name}_0', 0),)) for name in ('crash_1', 'fine')]
+  with TestPipeline() as p:
+    out = (p | beam.Create(sources)
+           | beam.ParDo(DownloadSource(str(tmp_path / 'work'))).with_outputs('rejects', main='media'))
+    assert_that(out.rejects | beam.Map(lambda r: (r.id, r.stage, r.reason, 'SIGSEGV' in r.detail)),
+                equal_to([('crash_1_0', 'probe', 'decoder_crash', True)]), label='OneCrashReject')
+    assert_that(out.media | beam.Map(lambda found: (found[0].source_id, found[1][0].info.width)),
+                equal_to([('fine', 320)]), label='OneGoodSource')
+  assert 'decoder_crash' not in PERMANENT_REASONS  # a new run tries the file again
+
+
+def test_a_decoder_stuck_in_one_call_is_killed_at_the_time_limit(tmp_path, video, hostile_decoder, monkeypatch):
+  shutil.copy(video, tmp_path / 'hang.mp4')
+  monkeypatch.setattr(probe_module, 'CHILD_START_S', 2.0)
+  began = time.monotonic()
+  with pytest.raises(ProbeError) as error:
+    probe(str(tmp_path / 'hang.mp4'), timeout_s=1.0)
+  assert error.value.reason == 'probe_timeout'
+  assert time.monotonic() - began < 10
+
+
+# ----------------------------------------------------------------------------- render markers
+
+def render_fn(work_dir):
+  return RenderClips(str(work_dir), 64, 25.0, 18, 'ultrafast', run_id='run-1')
+
+
+def clip_task(path, clip_id='good_0', start=0.0, end=1.0):
+  return ClipTask(clip_id, 'good', path, MediaFile(path, probe(path)), start, end, window=(40, 0, 240, 240))
+
+
+def outcomes(outputs):
+  """'rendered' for a rendered clip, the reason for a reject."""
+  return [o.value.reason if getattr(o, 'tag', None) == 'rejects' else type(o).__name__ for o in outputs]
+
+
+def markers(work_dir):
+  folder = work_dir / 'markers' / 'run-1'
+  return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_a_render_leaves_no_marker_whether_it_is_kept_or_rejected(tmp_path, video):
+  fn = render_fn(tmp_path / 'work')
+  fn.setup()
+  assert outcomes(fn.process(clip_task(video))) == ['RenderedClip']
+  assert outcomes(fn.process(clip_task(video, 'late_0', 5.0, 6.0))) == ['no_frames']  # nothing there
+  assert markers(tmp_path / 'work') == []
+
+
+CRASHING_RENDER = '''
+import ctypes, pickle, sys
+import av
+fn, task = pickle.load(open(sys.argv[1], 'rb'))
+av.open = lambda *args, **kwargs: ctypes.string_at(0)  # the decoder segfaults on this clip
+fn.setup()
+list(fn.process(task))
+'''
+
+
+def test_a_clip_whose_render_killed_the_worker_is_rejected_on_retry(tmp_path, video):
+  fn, task = render_fn(tmp_path / 'work'), clip_task(video)
+  with open(tmp_path / 'element.pkl', 'wb') as handle:
+    pickle.dump((fn, task), handle)
+  worker = subprocess.run([sys.executable, '-c', textwrap.dedent(CRASHING_RENDER), str(tmp_path / 'element.pkl')],
+                          cwd=REPO, capture_output=True, timeout=120, check=False)
+  assert worker.returncode < 0, worker.stderr.decode()[-2000:]  # killed by the signal, as a worker would be
+  assert markers(tmp_path / 'work') == ['good_0']
+  fn.setup()
+  for _ in range(2):  # the runner's retry, and a retry of that
+    (output,) = list(fn.process(task))
+    assert (output.tag, output.value.reason, output.value.stage) == ('rejects', 'decoder_crash', 'render')
+  assert markers(tmp_path / 'work') == ['good_0']
+  other_run = RenderClips(str(tmp_path / 'work'), 64, 25.0, 18, 'ultrafast', run_id='run-2')
+  assert outcomes(other_run.process(task)) == ['RenderedClip']  # transient: a new run renders it
+
+
+def test_marker_names_stay_plain_files(tmp_path):
+  guard = CrashGuard(str(tmp_path), 'run-1')
+  assert guard.marker('interview_part1_s0').endswith(os.path.join('run-1', 'interview_part1_s0'))
+  odd = guard.marker('../../etc/passwd')
+  assert os.path.dirname(odd) == os.path.join(str(tmp_path), 'markers', 'run-1') and '..' not in os.path.basename(odd)
