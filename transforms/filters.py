@@ -11,12 +11,13 @@ from typing import List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from scipy import ndimage
 
+from beam_pipeline import report
 from beam_pipeline.elements import Reject, RenderedClip
 from transforms import features
+from transforms.fileio import delete_quietly, write_atomic
 
 STAGE = 'filter'
 
@@ -50,7 +51,7 @@ class Analysis:
   arrays: dict
   face: dict
   scores: dict
-  failed: List[Tuple[str, str]]
+  failed: List[Tuple[str, str, Optional[float], Optional[float]]]  # failures(): code, detail, value, threshold
 
 
 def _robust_max_abs(values: np.ndarray) -> Optional[float]:
@@ -87,64 +88,75 @@ def score_clip(clip: RenderedClip, arrays: dict, face: dict, th: Thresholds) -> 
   }
 
 
-def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str]]:
-  """(reason code, detail) for each filter the scores fail, in a fixed order."""
+def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
+  """(reason code, detail, measured value, threshold) for each filter the scores fail, in a fixed order.
+
+  The value is what the threshold is compared with (report.html sets one against the other).
+  """
   s = scores
+  lag = abs(s['sync_lag_frames']) if s['sync_lag_frames'] is not None else None
   checks = [
-      ('face_ratio_low', s['face_ratio'] < th.min_face_ratio,
+      ('face_ratio_low', s['face_ratio'] < th.min_face_ratio, s['face_ratio'], th.min_face_ratio,
        f'face on {s["face_ratio"]:.0%} of frames < --min_face_ratio {th.min_face_ratio}'),
       ('face_too_small', s['source_face_px'] is not None and s['source_face_px'] < th.min_face_px,
-       f'face {s["source_face_px"]} source px < --min_face_px {th.min_face_px}'),
-      ('low_resolution', s['source_resolution'] < th.min_resolution,
+       s['source_face_px'], th.min_face_px, f'face {s["source_face_px"]} source px < --min_face_px {th.min_face_px}'),
+      ('low_resolution', s['source_resolution'] < th.min_resolution, s['source_resolution'], th.min_resolution,
        f'source short side {s["source_resolution"]} px < --min_resolution {th.min_resolution}'),
-      ('too_short', s['duration'] < th.min_duration, f'{s["duration"]}s < --min_duration {th.min_duration}s'),
-      ('blurry', s['sharpness'] is not None and s['sharpness'] < th.min_sharpness,
+      ('too_short', s['duration'] < th.min_duration, s['duration'], th.min_duration,
+       f'{s["duration"]}s < --min_duration {th.min_duration}s'),
+      ('blurry', s['sharpness'] is not None and s['sharpness'] < th.min_sharpness, s['sharpness'], th.min_sharpness,
        f'face sharpness {s["sharpness"]} < --min_sharpness {th.min_sharpness}'),
-      ('yaw_too_large', s['max_abs_yaw'] is not None and s['max_abs_yaw'] > th.max_yaw,
+      ('yaw_too_large', s['max_abs_yaw'] is not None and s['max_abs_yaw'] > th.max_yaw, s['max_abs_yaw'], th.max_yaw,
        f'|yaw| up to {s["max_abs_yaw"]} deg > --max_yaw {th.max_yaw}'),
-      ('pitch_too_large', s['max_abs_pitch'] is not None and s['max_abs_pitch'] > th.max_pitch,
-       f'|pitch| up to {s["max_abs_pitch"]} deg > --max_pitch {th.max_pitch}'),
+      ('pitch_too_large', s['max_abs_pitch'] is not None and s['max_abs_pitch'] > th.max_pitch, s['max_abs_pitch'],
+       th.max_pitch, f'|pitch| up to {s["max_abs_pitch"]} deg > --max_pitch {th.max_pitch}'),
       ('eye_motion_low', th.eye_motion and (s['eye_motion_var'] or 0.0) <= th.min_eye_motion_var,
+       s['eye_motion_var'], th.min_eye_motion_var,
        f'eye motion variance {s["eye_motion_var"]} <= --min_eye_motion_var {th.min_eye_motion_var}'),
-      ('av_sync_low', s['sync_corr'] is not None and s['sync_corr'] < th.min_sync_corr,
-       f'mouth/audio correlation {s["sync_corr"]} < --min_sync_corr {th.min_sync_corr}'),
-      ('av_sync_offset', th.max_sync_lag > 0 and s['sync_corr'] is not None and abs(s['sync_lag_frames']) >
-       th.max_sync_lag, f'audio lags the mouth by {s["sync_lag_frames"]} frames, more than --max_sync_lag '
-       f'{th.max_sync_lag}'),
+      ('av_sync_low', s['sync_corr'] is not None and s['sync_corr'] < th.min_sync_corr, s['sync_corr'],
+       th.min_sync_corr, f'mouth/audio correlation {s["sync_corr"]} < --min_sync_corr {th.min_sync_corr}'),
+      ('av_sync_offset', th.max_sync_lag > 0 and lag is not None and lag > th.max_sync_lag, lag, th.max_sync_lag,
+       f'audio lags the mouth by {s["sync_lag_frames"]} frames, more than --max_sync_lag {th.max_sync_lag}'),
   ]
-  return [(code, detail) for code, failed, detail in checks if failed]
+  return [(code, detail, None if value is None else float(value), float(threshold))
+          for code, failed, value, threshold, detail in checks if failed]
 
 
 class ScoreAndFilter(beam.DoFn):
-  """(clip_id, {'rendered': [RenderedClip], 'faces': [(frame, FaceResult)]}) -> Analysis, or a `Reject`
-  on tag `rejects` (the rendered mp4 is removed from the work dir then)."""
+  """RenderedClip (its per-frame arrays packed by the render pass) -> Analysis, or a `Reject` on tag
+  `rejects` (the rendered mp4 is removed from the work dir then)."""
 
-  def __init__(self, thresholds: Thresholds):
+  def __init__(self, thresholds: Thresholds, media_dir: Optional[str] = None):
     self.th = thresholds
+    self.media_dir = media_dir  # <output>/report_media: rejected clips' thumbnails go there; None: nowhere
     self.kept = Metrics.counter(STAGE, 'clips_kept')
     self.rejected = Metrics.counter(STAGE, 'clips_rejected')
 
-  def process(self, element):
-    _, grouped = element
-    # No rendered clip: it was rejected while rendering (its reject is already out).
-    for clip in grouped['rendered']:
-      yield self._filter(clip, grouped['faces'])
+  def process(self, clip: RenderedClip):
+    yield self._filter(clip)
 
-  def _filter(self, clip: RenderedClip, faces):
-    task = clip.task
-    arrays = features.frame_arrays(clip.num_frames, faces)
+  def _filter(self, clip: RenderedClip):
+    arrays = clip.arrays
     face = features.face_statistics(arrays, clip)
     if face['face_frames'] == 0:
       return self._reject(clip, 'no_face', f'no face on any of {clip.num_frames} output frames')
     scores = score_clip(clip, arrays, face, self.th)
     failed = failures(scores, self.th)
     if failed and not self.th.score_only:
-      return self._reject(clip, failed[0][0], '; '.join(detail for _, detail in failed))
+      code, _, value, threshold = failed[0]
+      return self._reject(clip, code, '; '.join(detail for _, detail, _, _ in failed), value, threshold)
     self.kept.inc()
     return Analysis(clip, arrays, face, scores, failed)
 
-  def _reject(self, clip: RenderedClip, reason: str, detail: str):
+  def _reject(self, clip: RenderedClip, reason: str, detail: str, value: Optional[float] = None,
+              threshold: Optional[float] = None):
+    """The reject, with the measurement it failed on. Its thumbnail goes where report.html finds it, named
+    from the clip id (a retried bundle overwrites it); the rendered mp4 goes (a retry finds it gone, and
+    nothing here reads it)."""
     self.rejected.inc()
-    FileSystems.delete([clip.mp4_uri])
-    return beam.pvalue.TaggedOutput('rejects', Reject(clip.task.clip_id, STAGE, reason, detail,
-                                                      clip.task.source_id))
+    if self.media_dir and clip.thumbnail:
+      write_atomic(report.reject_thumbnail_uri(self.media_dir, clip.task.clip_id), clip.thumbnail)
+    delete_quietly([clip.mp4_uri])
+    return beam.pvalue.TaggedOutput('rejects', Reject(
+        clip.task.clip_id, STAGE, reason, detail, clip.task.source_id, planned_id=clip.task.planned_id, value=value,
+        threshold=threshold))
