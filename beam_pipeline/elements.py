@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 Window = Tuple[int, int, int, int]  # x, y, w, h in source pixels
+Padding = Tuple[int, int, int, int]  # left, top, right, bottom in source pixels, added around a window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Reject:
   detail: str = ''
   source_id: str = ''
   planned_id: str = ''  # the planned clip this id is a piece of (plan or tracking splits); '' means id
+  value: Optional[float] = None  # a filter reject's measured score (report.html sets it against the threshold)
+  threshold: Optional[float] = None  # the filter setting it failed
 
   @property
   def planned(self) -> str:
@@ -88,12 +91,23 @@ class ClipTask:
   crop_ratio: Optional[float] = None
   notes: Tuple[str, ...] = ()
   face_stats: Tuple[Tuple[str, float], ...] = ()
-  planned_id: str = ''  # the planned clip this one is a piece of (tracking splits); '' means clip_id
+  planned_id: str = ''  # the planned clip this one is a piece of (plan or tracking splits); '' means clip_id
   path: Tuple[Tuple[float, int, int], ...] = ()  # --crop_follow: (clip time, left, top) of the window
+  # The tracked face's median box in its crop window, x0, y0, x1, y1 as fractions of the window side:
+  # the landmarker follows this face, not another one in the crop. None: no track (a given window).
+  face_box: Optional[Tuple[float, float, float, float]] = None
+  padding: Padding = (0, 0, 0, 0)  # black added around `window` where the square did not fit the frame
 
   @property
   def planned(self) -> str:
     return self.planned_id or self.clip_id
+
+  @property
+  def square_side(self) -> int:
+    """Source pixels across the output square (window plus padding): output pixels x side / size = source."""
+    x, y, w, h = self.window
+    left, top, right, bottom = self.padding
+    return max(w + left + right, h + top + bottom)
 
   @property
   def media_start(self) -> float:
@@ -112,7 +126,6 @@ class FaceResult:
   matrices: np.ndarray  # (F, 4, 4) float32 facial transformation matrices
   image_width: int = 0
   image_height: int = 0
-  sharpness: Optional[np.ndarray] = None  # (F,) variance of the Laplacian inside each face's box
 
   @property
   def num_faces(self) -> int:
@@ -140,18 +153,56 @@ class Detection:
 
 
 @dataclasses.dataclass
+class FaceSamples:
+  """A clip's face detections, one element per clip (per-frame results never travel on their own)."""
+  task: ClipTask
+  samples: Tuple[Tuple[float, np.ndarray], ...]  # (clip time, face boxes (F, 4) as fractions of the frame)
+  cuts: Tuple[float, ...]  # hard shot changes, clip seconds
+  model_errors: int = 0  # sampled frames the detector failed on (left out of `samples`)
+
+
+@dataclasses.dataclass
 class RenderedClip:
-  """An encoded clip: the mp4 stays in the work dir; the small 16 kHz wav travels inline."""
+  """An encoded clip with its per-frame analysis packed: the mp4 stays in the work dir; the small 16 kHz
+  wav, the per-frame arrays (T-length, see transforms/frame_analysis.py) and a thumbnail travel inline.
+
+  What was produced is the truth: `task.end` becomes start + num_frames / fps (a source that ran out a
+  little early gives a shorter clip, and its json says so)."""
   task: ClipTask
   mp4_uri: str
   wav: bytes
   num_frames: int
   fps: float
   size: int
+  arrays: dict = dataclasses.field(default_factory=dict)  # name -> (T, ...) ndarray, NaN where not found
+  thumbnail: bytes = b''  # JPEG of the middle output frame, about 256 px, for report.html
+  model_errors: int = 0  # output frames a per-frame model failed on (not counted as frames without a face)
+
+  def __post_init__(self):
+    end = self.task.start + self.num_frames / self.fps
+    if end != self.task.end:
+      notes = self.task.notes
+      if self.task.end - end >= 1.0 / self.fps:
+        notes += (f'the source ran out: the clip ends at {end:.3f}s, not the planned {self.task.end:.3f}s',)
+      self.task = dataclasses.replace(self.task, end=end, notes=notes)
 
 
-@dataclasses.dataclass
-class Sample:
-  """One WebDataset sample: key plus named payloads (bytes, dict or ndarray)."""
+@dataclasses.dataclass(frozen=True)
+class SampleRef:
+  """A sample packed as tar members in the work dir, waiting for its shard: small enough to shuffle.
+
+  `record` is its index line; `consumed` names work-dir media that may go once its shard is published.
+  """
   key: str
-  payload: dict
+  id: str
+  source_id: str
+  fragment_uri: str
+  size: int
+  record: dict
+  consumed: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardBatch:
+  """The samples one shard holds, fixed by the batching step before anything is published."""
+  refs: Tuple[SampleRef, ...]

@@ -40,10 +40,27 @@ class TalkingFaceOptions(PipelineOptions):
                     help='auto: direct http(s) for media file URLs, yt-dlp for web pages.')
     dl.add_argument('--full_downloads', action='store_true',
                     help='With yt-dlp, fetch whole videos instead of only the annotated time ranges.')
-    dl.add_argument('--max_download_mb', type=float, default=4096, help='Size limit per download, in MiB.')
-    dl.add_argument('--download_timeout_s', type=float, default=1800, help='Time limit per download, in seconds.')
+    dl.add_argument('--max_download_mb', type=float, default=4096,
+                    help='Size limit per download, in MiB (yt-dlp section and HLS downloads included: the child is '
+                    'killed once its output grows past it).')
+    dl.add_argument('--download_timeout_s', type=float, default=1800,
+                    help='Time limit for the whole download of one source, in seconds: every retry, yt-dlp\'s '
+                    'metadata pass and every section included (time queued for a download slot is not).')
     dl.add_argument('--download_retries', type=int, default=3,
-                    help='Retries (exponential backoff) for transient download failures.')
+                    help='Retries (exponential backoff, or the server\'s Retry-After on 429/503) for transient '
+                    'download failures.')
+    dl.add_argument('--max_concurrent_downloads', type=int, default=16,
+                    help='Downloads (network attempts) one worker process runs at once; a source waiting out a '
+                    'retry back-off holds none.')
+    dl.add_argument('--max_downloads_per_host', type=int, default=4,
+                    help='Of those, at most this many to one host (host:port) at once.')
+    dl.add_argument('--cookies', default=None,
+                    help='Netscape-format cookies file handed to yt-dlp (--cookies), e.g. for YouTube\'s sign-in '
+                    'checks; on remote runners a gs:// path. Each yt-dlp run gets its own copy; the file is never '
+                    'written.')
+    dl.add_argument('--proxy', default=None,
+                    help='Proxy URL for yt-dlp (--proxy) and direct http(s) downloads; without it the environment\'s '
+                    'proxy variables apply.')
 
     clip = parser.add_argument_group('clips')
     clip.add_argument('--fps', type=float, default=25.0, help='Output frame rate.')
@@ -52,7 +69,8 @@ class TalkingFaceOptions(PipelineOptions):
     clip.add_argument('--x264_preset', default='veryfast', help='x264 speed/size preset of the output mp4.')
     clip.add_argument('--crop_mode', default='auto', choices=('auto', 'fixed', 'detect'),
                       help='auto: the given window where there is one, else detect the face; fixed: given '
-                      'window or the full frame; detect: always detect.')
+                      'window or the full frame (letterboxed to square); detect: always detect. A given window is '
+                      'made square and shifted into the frame; only what cannot fit is padded black.')
     clip.add_argument('--crop_scale', type=float, default=1.8,
                       help='Enlargement of the union of detected face boxes when no crop_ratio is given.')
     clip.add_argument('--detect_fps', type=float, default=5.0,
@@ -63,12 +81,23 @@ class TalkingFaceOptions(PipelineOptions):
                       'tracking (too_short).')
     clip.add_argument('--max_duration_s', type=float, default=0.0,
                       help='Longer clips are rejected (seconds); 0 means no limit.')
+    clip.add_argument('--max_clip_s', type=float, default=300.0,
+                      help='Longer clips (whole videos from a glob or a manifest row without clips) are cut into '
+                      'consecutive pieces of equal length, at most this many seconds each, named <clip>_s<start '
+                      'in ms>, so one clip\'s frames and audio stay bounded on a worker; 0 means no cutting.')
     clip.add_argument('--max_render_s', type=float, default=1800.0,
                       help='Time limit for decoding and encoding one clip, in seconds.')
 
     out = parser.add_argument_group('shards')
     out.add_argument('--shard_max_samples', type=int, default=100, help='Most samples in one tar shard.')
     out.add_argument('--shard_max_mb', type=float, default=1024, help='Largest tar shard, in MiB.')
+    out.add_argument('--shard_writers', type=int, default=1,
+                     help='Samples are batched into shards under this many keys: this many shards fill at once and '
+                     'a run ends with at most this many partly filled shards. Batching only collects small '
+                     'references; the shards themselves are written in parallel on any worker.')
+    out.add_argument('--stale_after_h', type=float, default=24.0,
+                     help='At start, unfinished shard files (a shard index without its tar, *.partial) older than this '
+                     'many hours are removed; younger ones may belong to a job still writing to the same output.')
     out.add_argument('--landmark_batch_size', type=int, default=32,
                      help='Largest batch of frames handed to the face landmarker at once.')
 
@@ -80,27 +109,40 @@ class TalkingFaceOptions(PipelineOptions):
                       help='Time limit for probing one source (opening it and decoding its first frame).')
     safe.add_argument('--allowed_schemes', default='http,https,gs,file',
                       help='Comma-separated URL schemes inputs may use; plain paths count as file.')
+    safe.add_argument('--allow_private_hosts', action='store_true',
+                      help='Let http(s) and yt-dlp URLs reach loopback, private (RFC 1918, CGNAT, IPv6 ULA) and '
+                      'link-local hosts. Off: refused as host_not_allowed. Cloud metadata addresses stay refused.')
+    safe.add_argument('--allowed_buckets', default='',
+                      help='Comma-separated gs:// buckets inputs (videos, manifest URLs, archives) may read, or * for '
+                      'any; others are refused as bucket_not_allowed. Default: the buckets of --output and --input. '
+                      'The work dir\'s bucket is always readable.')
     safe.add_argument('--allowed_roots', default='',
                       help='Comma-separated directories that local and file:// inputs (videos and archives) must '
                       'resolve into, symlinks followed; empty allows any local path. Set it for untrusted manifests.')
+    safe.add_argument('--max_archive_mb', type=float, default=65536,
+                      help='Most MiB unpacked from one input archive (sum of its member videos, in archive order); '
+                      'members past it are rejected as too_large. Each member is also bounded by --max_download_mb.')
     safe.add_argument('--trust_pickle', action='store_true',
                       help='Load <stem>.pkl metadata members of input archives. Off: pickles are never loaded '
                       '(they run code) and are rejected as pickle_refused.')
 
     seen = parser.add_argument_group('progress and report')
     seen.add_argument('--no_progress', action='store_true',
-                      help='Do not print the live progress line (DirectRunner only: sources downloaded, clips '
-                      'done, rejected, ETA).')
+                      help='Do not print the progress line (sources downloaded, clips done and rejected, rate, '
+                      'ETA): live on DirectRunner, from the job\'s Beam metrics every 30 s on remote runners.')
     seen.add_argument('--no_report', action='store_true',
-                      help='Do not write report.html (contact sheet and histograms) into the output at the end.')
+                      help='Do not write report.html (rejects by reason with thumbnails and measured values, kept '
+                      'samples as videos, score plots against the thresholds, a sortable clip table) into the '
+                      'output at the end; `python -m beam_pipeline.report OUTPUT` writes it later.')
     seen.add_argument('--report_samples', type=int, default=16,
-                      help='How many samples report.html shows in its contact sheet.')
+                      help='How many kept samples report.html shows in its contact sheet (the first 4 also as '
+                      'videos with landmarks drawn).')
 
     faces = parser.add_argument_group('face tracking and quality filters')
     faces.add_argument('--multi_face', default='largest', choices=('largest', 'split', 'reject'),
                        help='Several faces on screen: keep only the dominant face track (size x time on screen), '
                        'make each track its own '
-                       'clip (<clip>_f<k>), or reject the clip (multiple_faces).')
+                       'clip (<clip>_f<start in ms>), or reject the clip (multiple_faces).')
     faces.add_argument('--max_gap', type=int, default=12,
                        help='A face missing for more output frames than this ends its track; the clip is split '
                        'there (pieces shorter than --min_duration are rejected as too_short).')
@@ -117,8 +159,9 @@ class TalkingFaceOptions(PipelineOptions):
     faces.add_argument('--min_resolution', type=int, default=0,
                        help='Reject (low_resolution) clips whose source\'s shorter side has fewer pixels; 0: off.')
     faces.add_argument('--min_sharpness', type=float, default=25.0,
-                       help='Reject (blurry) clips whose median variance of the Laplacian over the face box of '
-                       'the output frames is below this.')
+                       help='Reject (blurry) clips whose median variance of the Laplacian over the face box is '
+                       'below this, measured at the face\'s source scale (a crop scaled up from a small source '
+                       'face is scaled back down to its source pixels first).')
     faces.add_argument('--max_yaw', type=float, default=45.0,
                        help='Reject (yaw_too_large) clips whose head yaw exceeds this many degrees (5-frame median).')
     faces.add_argument('--max_pitch', type=float, default=30.0,

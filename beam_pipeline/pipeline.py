@@ -1,101 +1,114 @@
 """The pipeline graph: one readable composition of the stage transforms."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+import dataclasses
+from typing import Dict, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_pipeline import progress
-from beam_pipeline.elements import Reject
 from beam_pipeline.options import TalkingFaceOptions
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
 from transforms.deadletter import DeadLetter
 from transforms.download import DownloadSource
 from transforms.filters import ScoreAndFilter, Thresholds
-from transforms.incremental import CarryRejects
+from transforms.frame_analysis import FaceLandmarks
+from transforms.incremental import CarryRejects, ReadCarriedRejects
 from transforms.manifest import ReadSources
 from transforms.plan import PlanClips
 from transforms.render import RenderClips
+from transforms.resume import SkipDoneClips, SkipDoneTasks
 from transforms.safety import InputPolicy
 from transforms.track import DetectAndTrack
-from transforms.write import AssembleSample, WriteRunSummary, WriteShards
+from transforms.unpack import MIB, UnpackMembers
+from transforms.write import AssembleSample, ReadPublished, WriteRunSummary, WriteShards
 
 
-MAX_TRACKED_FACES = 4  # faces the detector reports per sampled frame, largest first
+MAX_TRACKED_FACES = 4  # faces the detector and the landmarker report per frame, largest first
 
 
 def work_dir_of(opts: TalkingFaceOptions) -> str:
   return opts.work_dir or FileSystems.join(opts.output, '_work')
 
 
-def _key_frame_result(keyed):
-  (clip_id, index), result = keyed
-  return clip_id, (index, result.inference)
+def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Optional[str] = None) -> Dict:
+  """manifest -> skip done -> download -> plan -> (detect, track) -> skip done pieces -> render + landmarks
+  -> score -> shards -> run summary.
 
-
-def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, written_ids: Iterable[str] = (),
-                   progress_dir: Optional[str] = None, carried_rejects: Iterable[Reject] = ()) -> Dict:
-  """manifest -> download -> plan -> (detect) -> render + landmarks -> shards -> run summary.
-
-  With `progress_dir`, counting branches feed the live progress line (beam_pipeline.progress).
-  `carried_rejects` (--incremental) are skipped like written clips and counted again as rejects.
+  What an earlier run settled (published samples; with --incremental, permanent rejects) is read from the
+  output inside the pipeline. Counting branches feed the progress line (Beam counters, and on a local
+  runner the live side channel in `progress_dir`).
   """
   work_dir = work_dir_of(opts)
   detector = FaceDetectorModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
                                       max_faces=MAX_TRACKED_FACES)
-  landmarker = FaceLandmarkerModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size)
-
-  carried_rejects = list(carried_rejects)
-  skip = set(written_ids) | {r.id for r in carried_rejects}
+  landmarker = FaceLandmarkerModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
+                                          max_faces=MAX_TRACKED_FACES)
   policy = InputPolicy.from_options(opts, work_dir)
-  read = p | 'ReadSources' >> ReadSources(opts.input, opts.input_format, skip, work_dir=work_dir, policy=policy,
+  thresholds = Thresholds.from_options(opts)
+
+  earlier = p | 'ReadPublished' >> ReadPublished(opts.output)
+  read = p | 'ReadSources' >> ReadSources(opts.input, opts.input_format, policy=policy,
                                           max_member_mb=opts.max_download_mb)
-  downloaded = read['sources'] | 'Download' >> beam.ParDo(DeadLetter(DownloadSource(
-      work_dir, max_download_mb=opts.max_download_mb, timeout_s=opts.download_timeout_s,
-      retries=opts.download_retries, download_sections=not opts.full_downloads,
-      default_height=opts.download_height, download_method=opts.download_method, policy=policy,
-      max_pixels=opts.max_pixels, probe_timeout_s=opts.probe_timeout_s), 'download')).with_outputs(
-          'rejects', main='media')
+  carried = ((read['planned'], p | 'ReadCarriedRejects' >> ReadCarriedRejects(opts.output, opts.incremental))
+             | 'CarryRejects' >> CarryRejects())
+  done = ((earlier | 'PublishedIds' >> beam.Map(lambda written: written[0]),
+           carried | 'CarriedIds' >> beam.Map(lambda reject: reject.id))
+          | 'DoneIds' >> beam.Flatten())
+
+  unpacked = (read['sources']
+              | 'SkipDone' >> SkipDoneClips(done)
+              | 'UnpackMembers' >> UnpackMembers(work_dir, policy, int(opts.max_download_mb * MIB),
+                                                 int(opts.max_archive_mb * MIB)))
+  downloaded = (unpacked['sources']
+                | 'Download' >> beam.ParDo(DeadLetter(DownloadSource(
+                    work_dir, max_download_mb=opts.max_download_mb, timeout_s=opts.download_timeout_s,
+                    retries=opts.download_retries, download_sections=not opts.full_downloads,
+                    default_height=opts.download_height, download_method=opts.download_method, policy=policy,
+                    max_pixels=opts.max_pixels, probe_timeout_s=opts.probe_timeout_s,
+                    max_concurrent=opts.max_concurrent_downloads, max_per_host=opts.max_downloads_per_host,
+                    cookies=opts.cookies, proxy=opts.proxy), 'download')).with_outputs(
+                        'rejects', main='media'))
   planned = downloaded.media | 'PlanClips' >> beam.ParDo(DeadLetter(PlanClips(
-      opts.crop_mode, opts.allow_silent, opts.min_duration, opts.max_duration_s), 'plan')).with_outputs(
-          'rejects', main='tasks')
-  with_window, needs_detection = planned.tasks | 'ByCropMode' >> beam.Partition(
+      opts.crop_mode, opts.allow_silent, opts.min_duration, opts.max_duration_s, max_clip_s=opts.max_clip_s),
+      'plan')).with_outputs('rejects', main='tasks')
+  # Clips of one source go to different workers from here on.
+  tasks = planned.tasks | 'SpreadClips' >> beam.Reshuffle()
+  with_window, needs_detection = tasks | 'ByCropMode' >> beam.Partition(
       lambda task, _: 0 if task.window is not None else 1, 2)
 
   detected = needs_detection | 'DetectAndTrack' >> DetectAndTrack(
       detector, opts.crop_scale, opts.detect_fps, opts.shot_threshold, opts.multi_face, opts.max_gap / opts.fps,
-      opts.min_duration, opts.crop_follow, written_ids)
+      opts.min_duration, opts.crop_follow)
 
+  # Per-frame models run inside the render pass and their results are packed per clip there: a
+  # RenderedClip carries its arrays, so nothing per frame reaches a shuffle (transforms/frame_analysis.py).
+  analyzers = [FaceLandmarks(landmarker)]
   rendered = ((with_window, detected['tasks'])
               | 'ReadyToRender' >> beam.Flatten()
+              | 'SkipDonePieces' >> SkipDoneTasks(done)
               | 'Render' >> beam.ParDo(DeadLetter(RenderClips(work_dir, opts.size, opts.fps, opts.crf,
-                                                              opts.x264_preset, opts.max_render_s), 'render'))
-              .with_outputs('rendered', 'rejects', main='frames'))
-  faces = (rendered.frames
-           | 'Landmarks' >> RunInference(KeyedModelHandler(landmarker))
-           | 'ByClip' >> beam.Map(_key_frame_result))
-  analysed = ({'rendered': rendered.rendered, 'faces': faces}
-              | 'JoinFaces' >> beam.CoGroupByKey()
-              | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(Thresholds.from_options(opts)), 'filter'))
+                                                              opts.x264_preset, opts.max_render_s, analyzers,
+                                                              run_id=opts.run_id),
+                                                  'render'))
+              .with_outputs('rejects', main='rendered'))
+  analysed = (rendered.rendered
+              | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(
+                  thresholds, FileSystems.join(opts.output, 'report_media')), 'filter'))
               .with_outputs('rejects', main='kept'))
-  records = (analysed.kept
-             | 'AssembleSample' >> beam.ParDo(AssembleSample())
-             | 'WriteShards' >> beam.ParDo(WriteShards(
-                 opts.output, opts.shard_max_samples, opts.shard_max_mb)))
+  samples = analysed.kept | 'AssembleSample' >> beam.ParDo(DeadLetter(AssembleSample(work_dir), 'assemble')) \
+      .with_outputs('rejects', main='refs')
+  written = samples.refs | 'WriteShards' >> WriteShards(opts.output, opts.shard_max_samples, opts.shard_max_mb,
+                                                        opts.shard_writers)
 
-  rejects = ((read['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
-              rendered.rejects, analysed.rejects, read['planned'] | 'CarryRejects' >> CarryRejects(carried_rejects))
+  rejects = ((read['rejects'], unpacked['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
+              rendered.rejects, analysed.rejects, samples.rejects, written['rejects'])
              | 'AllRejects' >> beam.Flatten())
-  summary = (p
-             | 'AfterWrites' >> beam.Create([None])
-             | 'WriteRunSummary' >> beam.ParDo(WriteRunSummary(opts.output),
-                                               beam.pvalue.AsList(read['planned']),
-                                               beam.pvalue.AsList(rejects),
-                                               beam.pvalue.AsList(records),
-                                               pieces=beam.pvalue.AsList(detected['pieces'])))
-  if progress_dir:
+  summary = ({'planned': read['planned'], 'earlier': earlier, 'records': written['records'], 'rejects': rejects,
+              'carried': carried}
+             | 'WriteRunSummary' >> WriteRunSummary(opts.output, dataclasses.asdict(thresholds)))
+  if not opts.no_progress:
     progress.watch({'sources': read['sources'], 'planned': read['planned'], 'downloaded': downloaded.media,
-                    'rendered': rendered.rendered, 'written': records, 'rejected': rejects}, progress_dir)
-  return {'records': records, 'rejects': rejects, 'summary': summary}
+                    'rendered': rendered.rendered, 'written': written['records'], 'rejected': rejects}, progress_dir)
+  return {'records': written['records'], 'rejects': rejects, 'summary': summary}
