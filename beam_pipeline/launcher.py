@@ -29,9 +29,12 @@ def launch(argv: Optional[List[str]] = None) -> PipelineResult:
 
 def main() -> None:
   logging.getLogger().setLevel(logging.INFO)
-  result = launch(sys.argv[1:])
+  argv = sys.argv[1:]
+  result = launch(argv)
   job_id = getattr(result, 'job_id', None)
   print(f'submitted job {job_id()}' if callable(job_id) else f'job state: {result.state}')
+  output = next((arg.split('=', 1)[1] for arg in argv if arg.startswith('--output=')), 'OUTPUT')
+  print(f'when it has finished: python -m beam_pipeline.report {output}  (writes report.html)')
 
 
 if __name__ == '__main__':
