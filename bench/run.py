@@ -244,9 +244,30 @@ def run_pipeline(annotations: str, root: str, name: str, extra: List[str]) -> di
 # ----------------------------------------------------------------------------- floor
 
 def _landmarker():
+  """The landmarker as the render pass calls it: the pipeline's handler settings, in a `SharedModel`
+  (batches of `BATCH`, in the calling thread). A fresh one per measurement, as each pays its own start-up."""
+  from beam_pipeline.pipeline import MAX_TRACKED_FACES
+  from model_handlers.in_process import SharedModel
   from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
-  handler = FaceLandmarkerModelHandler(model_dir=os.environ.get('BEAM_PIPELINE_MODEL_DIR'), max_batch_size=BATCH)
-  return handler, handler.load_model()
+  model = SharedModel(FaceLandmarkerModelHandler(model_dir=os.environ.get('BEAM_PIPELINE_MODEL_DIR'),
+                                                 max_batch_size=BATCH, max_faces=MAX_TRACKED_FACES))
+  model.setup()
+  return model
+
+
+def landmarks_and_sharpness(model, frames: List[np.ndarray], source_scale: float) -> int:
+  """Landmarks of every frame and the sharpness of its largest face, as the render pass measures them.
+
+  Returns the frames the model failed on (`ModelError`), so a broken model cannot pass for a fast one."""
+  from model_handlers.in_process import ModelError
+  from transforms.features import face_sharpness
+  failed = 0
+  for image, face in zip(frames, model.infer(frames)):
+    if isinstance(face, ModelError):
+      failed += 1
+    elif face.num_faces:
+      face_sharpness(image, face.boxes()[0], source_scale)
+  return failed
 
 
 def _seek(container, t0: float) -> None:
@@ -326,10 +347,10 @@ def encode_outputs(frames: List[np.ndarray], audio: np.ndarray, rate: int, path:
 
 def measure_floor(clips: List[Clip], scratch: str) -> dict:
   """Each part of the unavoidable work, measured alone and summed."""
-  handler, model = _landmarker()
+  model = _landmarker()
   load = _load()
   parts = {'decode_s': 0.0, 'landmarks_s': 0.0, 'encode_s': 0.0}
-  decoded = frames_out = 0
+  decoded = frames_out = failed = 0
   for clip in clips:
     began = time.monotonic()
     decoded += decode_only(clip)
@@ -337,13 +358,13 @@ def measure_floor(clips: List[Clip], scratch: str) -> dict:
     frames, audio, rate = output_frames(clip)
     frames_out += len(frames)
     began = time.monotonic()
-    for i in range(0, len(frames), BATCH):
-      list(handler.run_inference(frames[i:i + BATCH], model))
+    failed += landmarks_and_sharpness(model, frames, clip.window[2] / OUT_SIZE)
     parts['landmarks_s'] += time.monotonic() - began
     began = time.monotonic()
     encode_outputs(frames, audio, rate, os.path.join(scratch, clip.clip_id + '.mp4'))
     parts['encode_s'] += time.monotonic() - began
-  model.close()
+  if failed:
+    raise SystemExit(f'floor: the landmarker failed on {failed} of {frames_out} frames')
   parts['total_s'] = sum(parts.values())
   parts.update(source_frames=decoded, output_frames=frames_out, load=(load, _load()))
   return parts
@@ -354,7 +375,9 @@ def measure_floor(clips: List[Clip], scratch: str) -> dict:
 def measure_baseline(clips: List[Clip], scratch: str) -> dict:
   """Seed-script style, one clip after another: ffmpeg cut+crop+resize to a temp mp4, then separate
   passes over that file for frames (jpg, as AD-NeRF's process_video.py), landmarks and audio."""
-  handler, model = _landmarker()
+  from beam_pipeline.elements import FaceResult
+  from transforms.features import face_sharpness
+  model = _landmarker()
   load = _load()
   began = time.monotonic()
   for clip in clips:
@@ -373,13 +396,15 @@ def measure_baseline(clips: List[Clip], scratch: str) -> dict:
     landmarks = []
     for name in names:
       image = cv2.cvtColor(cv2.imread(os.path.join(folder, 'ori_imgs', name)), cv2.COLOR_BGR2RGB)
-      face = next(iter(handler.run_inference([image], model))).inference
-      landmarks.append(face.landmarks[0] if face.num_faces else np.full((478, 3), np.nan, np.float32))
+      face = model.infer([image])[0]  # a ModelError (the model failed on the frame) counts as no face
+      found = isinstance(face, FaceResult) and face.num_faces
+      landmarks.append(face.landmarks[0] if found else np.full((478, 3), np.nan, np.float32))
+      if found:  # the pipeline measures it too (the floor and earlier baselines included it)
+        face_sharpness(image, face.boxes()[0], w / OUT_SIZE)
     np.save(os.path.join(folder, 'landmarks.npy'), np.stack(landmarks))
     subprocess.run([ffmpeg(), '-y', '-loglevel', 'error', '-i', mp4, '-f', 'wav', '-ar', '16000', '-ac', '1',
                     os.path.join(folder, 'aud.wav')], check=True)
   wall = time.monotonic() - began
-  model.close()
   return {'wall_s': wall, 'load': (load, _load())}
 
 
@@ -408,7 +433,7 @@ def table(results: dict) -> str:
   rows = [('workload', f'{w["sources"]} sources ({w["sizes"]}), {w["duration"]:g} s at 30 fps, '
                        f'{w["clips"]} clips of {CLIP_S:g} s -> {OUT_SIZE}px {OUT_FPS:g} fps')]
   if ours:
-    rows += [('ours, DirectRunner in-memory: wall', f'{ours["wall_s"]:.1f} s{_loads(ours)}'),
+    rows += [('ours, FnApiRunner in-memory: wall', f'{ours["wall_s"]:.1f} s{_loads(ours)}'),
              ('ours: clips/s', f'{ours["clips"] / ours["wall_s"]:.3f}'),
              ('ours: output frames/s', f'{ours["frames"] / ours["wall_s"]:.1f}'),
              ('ours: peak RSS (main process)', f'{ours["rss_mb"].get("main", 0)} MiB')]
@@ -444,7 +469,22 @@ def table(results: dict) -> str:
   return '\n'.join(text)
 
 
+KEPT_SECTION = '## Scale simulation'  # written by bench/scale.py; kept from this heading on
+
+
+def kept_sections(path: str) -> str:
+  """What other scripts wrote into `path` (from KEPT_SECTION on), to be written back unchanged."""
+  try:
+    with open(path) as handle:
+      text = handle.read()
+  except FileNotFoundError:
+    return ''
+  at = text.find('\n' + KEPT_SECTION)
+  return text[at + 1:] if at >= 0 else ''
+
+
 def write_results(path: str, results: dict) -> None:
+  """Rewrites this script's part of `path` and keeps the sections other scripts wrote after it."""
   m = results['machine']
   body = [
       '# Benchmark results', '',
@@ -452,13 +492,16 @@ def write_results(path: str, results: dict) -> None:
       f'{m["cores"]} cores. Load average (1/5/15 min) before: {m["load"]}; after: {results["load_after"]}.',
       '', table(results), '',
       'Floor: decoding exactly the clips\' source frames (from the keyframe a seek lands on), the face '
-      'landmarker on every output frame (batches of 32) and encoding the outputs (H.264 crf 18 veryfast + '
+      f'landmarker on every output frame as the render pass calls it (SharedModel, batches of {BATCH}, with '
+      'the face\'s sharpness) and encoding the outputs (H.264 crf 18 veryfast + '
       'AAC + 16 kHz wav), each timed alone in one process, summed. Baseline: the seed scripts\' way, one clip '
       'after another: an ffmpeg subprocess cuts, crops and resizes to a temporary mp4, then separate passes '
       'extract jpg frames, run the landmarker on each jpg and extract the wav. Peak RSS is VmHWM from /proc.',
       '', '```json', json.dumps(results, indent=2, sort_keys=True), '```', '']
-  with open(path, 'w') as handle:
-    handle.write('\n'.join(body))
+  kept = kept_sections(path)
+  with open(path + '.tmp', 'w') as handle:
+    handle.write('\n'.join(body) + ('\n' + kept if kept else ''))
+  os.replace(path + '.tmp', path)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
