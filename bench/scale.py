@@ -492,9 +492,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     write_manifest(one_row, 1, missing_dir)
     results['graph'] = {
         f'empty output, {largest:,} rows': graph_size(manifests[largest], empty),
-        f'empty output, 1 row': graph_size(one_row, empty),
+        'empty output, 1 row': graph_size(one_row, empty),
         f'{written:,} written ids, {largest:,} rows': graph_size(manifests[largest], output),
-        f'empty output, --incremental': graph_size(manifests[largest], empty, ('--incremental',)),
+        'empty output, --incremental': graph_size(manifests[largest], empty, ('--incremental',)),
         f'{written:,} written + {carried:,} rejects, --incremental': graph_size(manifests[largest], output,
                                                                               ('--incremental',)),
     }
