@@ -45,7 +45,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.features import wav_samples
-from transforms.fileio import write_atomic
+from transforms.fileio import iter_jsonl, write_atomic
 from transforms.write import sample_key
 
 REPORT = 'report.html'
@@ -98,28 +98,6 @@ COLUMNS = [metric for metric in METRICS if metric.column]
 
 
 # ----------------------------------------------------------------------------- reading an output
-
-def _lines(uri: str) -> Iterator[bytes]:
-  """The lines of a file, read in chunks (an index of a million clips never sits in memory whole)."""
-  with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-    rest = b''
-    while True:
-      chunk = handle.read(1 << 20)
-      if not chunk:
-        break
-      lines = (rest + chunk).split(b'\n')
-      rest = lines.pop()
-      yield from lines
-    yield rest
-
-
-def iter_jsonl(uri: str) -> Iterator[dict]:
-  if not FileSystems.exists(uri):
-    return
-  for line in _lines(uri):
-    if line.strip():
-      yield json.loads(line)
-
 
 def read_jsonl(uri: str) -> List[dict]:
   return list(iter_jsonl(uri))

@@ -6,9 +6,10 @@ instead of exists -> delete -> rename.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
@@ -51,6 +52,17 @@ def put_file(path: str, uri: str, move: bool = False) -> None:
 def read_bytes(uri: str) -> bytes:
   with FileSystems.open(uri, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
     return handle.read()
+
+
+def iter_jsonl(uri: str) -> Iterator[dict]:
+  """The records of a JSON-lines file, streamed (an index of a million clips never sits in memory whole);
+  nothing when the file does not exist."""
+  if not FileSystems.exists(uri):
+    return
+  with FileSystems.open(uri, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
+    for line in handle:
+      if line.strip():
+        yield json.loads(line)
 
 
 def delete_quietly(uris: Iterable[str]) -> None:

@@ -10,13 +10,13 @@ inside the pipeline, so the job graph does not grow with them.
 """
 from __future__ import annotations
 
-import json
 from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.elements import Reject
+from transforms.fileio import iter_jsonl
 
 REJECTS = 'rejects.jsonl'
 
@@ -35,18 +35,12 @@ PERMANENT_REASONS = frozenset({
 
 def permanent_rejects(path: str) -> Iterator[Reject]:
   """Permanent rejects recorded in a rejects.jsonl (none if there is none), streamed line by line."""
-  if not FileSystems.exists(path):
-    return
-  with FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
-    for line in handle:
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      if record.get('stage') != 'manifest' and record.get('reason') in PERMANENT_REASONS:
-        planned = record.get('planned_id') or record['id']
-        yield Reject(record['id'], record['stage'], record['reason'], record.get('detail', ''),
-                     record.get('source_id', ''), planned if planned != record['id'] else '',
-                     record.get('value'), record.get('threshold'))
+  for record in iter_jsonl(path):
+    if record.get('stage') != 'manifest' and record.get('reason') in PERMANENT_REASONS:
+      planned = record.get('planned_id') or record['id']
+      yield Reject(record['id'], record['stage'], record['reason'], record.get('detail', ''),
+                   record.get('source_id', ''), planned if planned != record['id'] else '',
+                   record.get('value'), record.get('threshold'))
 
 
 class ReadCarriedRejects(beam.PTransform):

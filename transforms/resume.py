@@ -23,20 +23,33 @@ def _clip_entries(source: Source):
     yield clip.clip_id, (header, clip)
 
 
-def _keep_undone(counter):
-  def keep(keyed):
-    _, grouped = keyed
-    if any(True for _ in grouped['done']):
-      counter.inc(sum(1 for _ in grouped['todo']))
-      return
-    yield from grouped['todo']
-  return keep
-
-
 def _rebuild_source(keyed) -> Source:
   _, entries = keyed
   entries = sorted(entries, key=lambda entry: entry[1].index)
   return dataclasses.replace(entries[0][0], clips=tuple(clip for _, clip in entries))
+
+
+class _WithoutDone(beam.PTransform):
+  """(id, value) -> the values whose id is not in `done`, counting the others in `resume/<counter>`."""
+
+  def __init__(self, done: beam.PCollection, counter: str):
+    super().__init__()
+    self.done = done
+    self.counter = counter
+
+  def expand(self, keyed):
+    skipped = Metrics.counter(STAGE, self.counter)
+
+    def undone(joined):
+      _, grouped = joined
+      if any(True for _ in grouped['done']):
+        skipped.inc(sum(1 for _ in grouped['todo']))
+        return
+      yield from grouped['todo']
+
+    return ({'todo': keyed, 'done': self.done | 'KeyDone' >> beam.Map(lambda done_id: (done_id, None))}
+            | 'JoinDone' >> beam.CoGroupByKey()
+            | 'Undone' >> beam.FlatMap(undone))
 
 
 class SkipDoneClips(beam.PTransform):
@@ -47,12 +60,9 @@ class SkipDoneClips(beam.PTransform):
     self.done = done
 
   def expand(self, sources):
-    done = self.done
-    skipped = Metrics.counter(STAGE, 'clips_already_done')
-    return ({'todo': sources | 'ClipEntries' >> beam.FlatMap(_clip_entries),
-             'done': done | 'KeyDoneClips' >> beam.Map(lambda clip_id: (clip_id, None))}
-            | 'JoinDoneClips' >> beam.CoGroupByKey()
-            | 'UndoneClips' >> beam.FlatMap(_keep_undone(skipped))
+    return (sources
+            | 'ClipEntries' >> beam.FlatMap(_clip_entries)
+            | 'UndoneClips' >> _WithoutDone(self.done, 'clips_already_done')
             | 'BySource' >> beam.Map(lambda entry: (entry[0].source_id, entry))
             | 'GroupSourceClips' >> beam.GroupByKey()
             | 'RebuildSource' >> beam.Map(_rebuild_source))
@@ -67,9 +77,6 @@ class SkipDoneTasks(beam.PTransform):
     self.done = done
 
   def expand(self, tasks):
-    done = self.done
-    skipped = Metrics.counter(STAGE, 'pieces_already_done')
-    return ({'todo': tasks | 'KeyTasks' >> beam.Map(lambda task: (task.clip_id, task)),
-             'done': done | 'KeyDonePieces' >> beam.Map(lambda clip_id: (clip_id, None))}
-            | 'JoinDonePieces' >> beam.CoGroupByKey()
-            | 'UndoneTasks' >> beam.FlatMap(_keep_undone(skipped)))
+    return (tasks
+            | 'KeyTasks' >> beam.Map(lambda task: (task.clip_id, task))
+            | 'UndoneTasks' >> _WithoutDone(self.done, 'pieces_already_done'))

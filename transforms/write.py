@@ -24,8 +24,9 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -38,7 +39,7 @@ from apache_beam.transforms.window import GlobalWindow
 
 from beam_pipeline.elements import Reject, SampleRef, ShardBatch
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
-from transforms.fileio import PARTIAL, delete_quietly, put_file, read_bytes, write_atomic
+from transforms.fileio import PARTIAL, delete_quietly, iter_jsonl, put_file, read_bytes, write_atomic
 
 STAGE = 'write'
 SHARDS = 'shards'
@@ -68,19 +69,12 @@ def finished_shard_indexes(output: str) -> List[str]:
   return [path for path in _shard_files(output, '*.jsonl') if path[:-len('.jsonl')] + '.tar' in tars]
 
 
-def index_records(path: str) -> Iterator[dict]:
-  for line in read_bytes(path).decode().splitlines():
-    if line.strip():
-      yield json.loads(line)
-
-
 def clean_unfinished(output: str, older_than_s: float) -> int:
   """Remove temporary files and index files whose shard never finished, when older than `older_than_s`.
 
   A job writing to the same output right now has only fresh ones, so its work in flight is left alone.
   Returns how many were removed.
   """
-  import time
   now = time.time()
   entries = _matches(FileSystems.join(output, SHARDS, '*'))
   tars = {m.path for m in entries if m.path.endswith('.tar')}
@@ -339,7 +333,7 @@ class ReadPublished(beam.PTransform):
             | 'OutputDir' >> beam.Create([self.output])
             | 'IndexFiles' >> beam.FlatMap(finished_shard_indexes)
             | 'SpreadIndexFiles' >> beam.Reshuffle()
-            | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r) for r in index_records(path))))
+            | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r) for r in iter_jsonl(path))))
 
 
 def _events(tag):
