@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from run import machine  # noqa: E402  (bench/run.py, beside this script)
 
 HEADING = '## Scale simulation'
 SAMPLE_EVERY_S = 0.2
@@ -38,15 +38,6 @@ MIB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- machine and memory
-
-def machine() -> dict:
-  try:
-    with open('/proc/cpuinfo') as handle:
-      model = next((l.split(':', 1)[1].strip() for l in handle if l.startswith('model name')), platform.machine())
-  except OSError:
-    model = platform.machine()
-  return {'cpu': model, 'cores': os.cpu_count(), 'load': load()}
-
 
 def load() -> str:
   return ' '.join(f'{v:.1f}' for v in os.getloadavg())
