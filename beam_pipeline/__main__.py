@@ -21,6 +21,8 @@ from beam_pipeline import progress
 from beam_pipeline import native_log
 from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
+from beam_pipeline.recipes import get_recipe
+from beam_pipeline.recipes.base import apply_defaults
 from transforms import write
 from transforms.crash_guard import CrashGuard
 
@@ -97,6 +99,9 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
   """
   options = PipelineOptions(argv)
   opts = options.view_as(TalkingFaceOptions)
+  applied = apply_defaults(get_recipe(opts.recipe), opts, argv if argv is not None else sys.argv[1:])
+  if applied:
+    logging.info('recipe %s sets %s', opts.recipe, ', '.join(f'--{k}={v}' for k, v in sorted(applied.items())))
   if not options.view_as(StandardOptions).runner:
     options.view_as(StandardOptions).runner = LOCAL_RUNNER
   opts.run_id = opts.run_id or new_run_id()

@@ -177,6 +177,7 @@ class RenderedClip:
   arrays: dict = dataclasses.field(default_factory=dict)  # name -> (T, ...) ndarray, NaN where not found
   thumbnail: bytes = b''  # JPEG of the middle output frame, about 256 px, for report.html
   model_errors: int = 0  # output frames a per-frame model failed on (not counted as frames without a face)
+  files: dict = dataclasses.field(default_factory=dict)  # name -> work-dir URI of per-clip frame archives
 
   def __post_init__(self):
     end = self.task.start + self.num_frames / self.fps

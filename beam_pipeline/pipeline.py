@@ -9,6 +9,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import progress
 from beam_pipeline.options import TalkingFaceOptions
+from beam_pipeline.recipes import get_recipe
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
 from transforms.deadletter import DeadLetter
 from transforms.download import DownloadSource
@@ -22,7 +23,7 @@ from transforms.resume import SkipDoneClips, SkipDoneTasks
 from transforms.safety import InputPolicy
 from transforms.track import DetectAndTrack
 from transforms.unpack import MIB, UnpackMembers
-from transforms.write import AssembleSample, ReadPublished, WriteRunSummary, WriteShards
+from transforms.write import ReadPublished, WriteRunSummary
 
 
 MAX_TRACKED_FACES = 4  # faces the detector and the landmarker report per frame, largest first
@@ -34,13 +35,14 @@ def work_dir_of(opts: TalkingFaceOptions) -> str:
 
 def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Optional[str] = None) -> Dict:
   """manifest -> skip done -> download -> plan -> (detect, track) -> skip done pieces -> render + landmarks
-  -> score -> shards -> run summary.
+  (+ the recipe's per-frame analyzers) -> score -> the recipe's writer -> run summary.
 
   What an earlier run settled (published samples; with --incremental, permanent rejects) is read from the
   output inside the pipeline. Counting branches feed the progress line (Beam counters, and on a local
   runner the live side channel in `progress_dir`).
   """
   work_dir = work_dir_of(opts)
+  recipe = get_recipe(opts.recipe)
   detector = FaceDetectorModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
                                       max_faces=MAX_TRACKED_FACES)
   landmarker = FaceLandmarkerModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
@@ -78,13 +80,14 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
   with_window, needs_detection = tasks | 'ByCropMode' >> beam.Partition(
       lambda task, _: 0 if task.window is not None else 1, 2)
 
-  detected = needs_detection | 'DetectAndTrack' >> DetectAndTrack(
+  detected = needs_detection | 'DetectAndTrack' >> (recipe.tracker(opts, detector) or DetectAndTrack(
       detector, opts.crop_scale, opts.detect_fps, opts.shot_threshold, opts.multi_face, opts.max_gap / opts.fps,
-      opts.min_duration, opts.crop_follow)
+      opts.min_duration, opts.crop_follow))
 
   # Per-frame models run inside the render pass and their results are packed per clip there: a
   # RenderedClip carries its arrays, so nothing per frame reaches a shuffle (transforms/frame_analysis.py).
-  analyzers = [FaceLandmarks(landmarker)]
+  # The recipe's per-frame models and frame writers follow the landmarker, on the same decoded frames.
+  analyzers = [FaceLandmarks(landmarker)] + recipe.analyzers(opts, landmarker)
   rendered = ((with_window, detected['tasks'])
               | 'ReadyToRender' >> beam.Flatten()
               | 'SkipDonePieces' >> SkipDoneTasks(done)
@@ -97,13 +100,10 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
               | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(
                   thresholds, FileSystems.join(opts.output, 'report_media')), 'filter'))
               .with_outputs('rejects', main='kept'))
-  samples = analysed.kept | 'AssembleSample' >> beam.ParDo(DeadLetter(AssembleSample(work_dir), 'assemble')) \
-      .with_outputs('rejects', main='refs')
-  written = samples.refs | 'WriteShards' >> WriteShards(opts.output, opts.shard_max_samples, opts.shard_max_mb,
-                                                        opts.shard_writers)
+  written = recipe.write(analysed.kept, opts, work_dir)
 
   rejects = ((read['rejects'], unpacked['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
-              rendered.rejects, analysed.rejects, samples.rejects, written['rejects'])
+              rendered.rejects, analysed.rejects, written['rejects'])
              | 'AllRejects' >> beam.Flatten())
   summary = ({'planned': read['planned'], 'earlier': earlier, 'records': written['records'], 'rejects': rejects,
               'carried': carried}

@@ -48,6 +48,7 @@ class FaceArrays:
     self.landmarks = np.full((num_frames, NUM_LANDMARKS, 3), np.nan, np.float32)
     self.blendshapes = np.full((num_frames, NUM_BLENDSHAPES), np.nan, np.float32)
     self.pose = np.full((num_frames, 3), np.nan, np.float32)
+    self.matrix = np.full((num_frames, 4, 4), np.nan, np.float32)
     self.bbox = np.full((num_frames, 4), np.nan, np.float32)
     self.sharpness = np.full((num_frames,), np.nan, np.float32)
 
@@ -58,6 +59,7 @@ class FaceArrays:
     self.landmarks[index] = face.landmarks[which]
     self.blendshapes[index] = face.blendshapes[which]
     self.pose[index] = pose_from_matrix(face.matrices[which])
+    self.matrix[index] = face.matrices[which]
     self.bbox[index] = face.boxes()[which]
     self.sharpness[index] = sharpness
 
@@ -65,6 +67,7 @@ class FaceArrays:
     """name -> (num_frames, ...) array, with the iris centres and the 68-point subset."""
     landmarks = self.landmarks[:num_frames]
     return {'landmarks': landmarks, 'blendshapes': self.blendshapes[:num_frames], 'pose': self.pose[:num_frames],
+            'matrix': self.matrix[:num_frames],
             'bbox': self.bbox[:num_frames], 'iris': landmarks[:, IRIS_CENTRES, :2].copy(),
             'lmk68': landmarks[:, LMK68, :2].copy(), 'sharpness': self.sharpness[:num_frames]}
 

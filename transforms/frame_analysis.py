@@ -5,8 +5,10 @@ The render DoFn hands each output frame to every `FrameAnalyzer` it was built wi
 frames for its model and packs each result into the clip's T-length arrays at once, so a clip costs
 O(frames x small arrays) of memory and no frame is kept beyond its batch.
 
-Today there is one analyzer, `FaceLandmarks`. Another per-frame model (segmentation, face parsing) is a new
-`FrameAnalyzer` whose arrays are merged into the same dict under their own names.
+Analyzers run in order on each batch of frames: `FaceLandmarks` first, then the ones a recipe adds
+(segmentation, parsing, frame writers). Each `Frame` carries a `found` dict: what earlier analyzers found on
+that frame, for later ones to use (parsing reads the landmarks and the person mask), so every per-frame model
+runs once per frame whichever recipes need its result.
 """
 from __future__ import annotations
 
@@ -25,21 +27,36 @@ FOLLOW_FRAMES = 12  # the face chosen this many frames ago still guides the choi
 
 
 @dataclasses.dataclass
+class Frame:
+  """One output frame in the render pass: its index in the clip, RGB pixels (size x size, uint8), and what
+  the analyzers before this one found on it (`landmarks` (478, 3) output pixels, `matrix` (4, 4),
+  `blendshapes` (52,) for the tracked face, absent where none was found; later analyzers add their own)."""
+  index: int
+  image: np.ndarray
+  found: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class PassResult:
   """What one analyzer found in one clip."""
   arrays: dict  # name -> (T, ...) array
   model_errors: int  # frames the model failed on
   last_error: str = ''
+  files: dict = dataclasses.field(default_factory=dict)  # name -> work-dir URI this pass wrote (frame archives)
 
 
 class ClipPass:
-  """One analyzer's work on one clip: `add` every output frame in order, then `finish` once."""
+  """One analyzer's work on one clip: `add` every batch of output frames in order, then `finish` once."""
 
-  def add(self, index: int, image: np.ndarray) -> None:
+  def add(self, frames: List[Frame]) -> None:
     raise NotImplementedError
 
   def finish(self, num_frames: int) -> PassResult:
     raise NotImplementedError
+
+  def abandon(self) -> None:
+    """Called after every pass, finished or not: drop local leftovers of a pass that did not finish
+    (safe to call after `finish`)."""
 
 
 class FrameAnalyzer:
@@ -99,36 +116,31 @@ class _LandmarkPass(ClipPass):
     self.packed = FaceArrays(num_frames)
     self.chooser = FaceChooser(expected)
     self.source_scale = source_scale
-    self.pending: List[Tuple[int, np.ndarray]] = []
     self.errors: List[ModelError] = []
 
-  def add(self, index: int, image: np.ndarray) -> None:
-    self.pending.append((index, image))
-    if len(self.pending) >= self.model.batch_size:
-      self._flush()
-
-  def _flush(self) -> None:
-    results = self.model.infer([image for _, image in self.pending])
-    for (index, image), face in zip(self.pending, results):
+  def add(self, frames: List[Frame]) -> None:
+    results = self.model.infer([frame.image for frame in frames])
+    for frame, face in zip(frames, results):
       if isinstance(face, ModelError):
         self.errors.append(face)
         continue
-      which = self.chooser.choose(index, face.boxes())
+      which = self.chooser.choose(frame.index, face.boxes())
       if which is not None:
         # Blur is measured here: only here the frame and its chosen face box meet.
-        self.packed.put(index, face, which, face_sharpness(image, face.boxes()[which], self.source_scale))
-    self.pending = []
+        self.packed.put(frame.index, face, which,
+                        face_sharpness(frame.image, face.boxes()[which], self.source_scale))
+        frame.found.update(landmarks=face.landmarks[which], matrix=face.matrices[which],
+                           blendshapes=face.blendshapes[which])
 
   def finish(self, num_frames: int) -> PassResult:
-    if self.pending:
-      self._flush()
     return PassResult(self.packed.arrays(num_frames), len(self.errors),
                       self.errors[-1].detail if self.errors else '')
 
 
 class FaceLandmarks(FrameAnalyzer):
   """MediaPipe FaceLandmarker on every output frame, following the tracked face: landmarks, blendshapes,
-  pose, bbox, iris, lmk68 and sharpness arrays (transforms/features.FaceArrays)."""
+  pose, matrix, bbox, iris, lmk68 and sharpness arrays (transforms/features.FaceArrays), and the tracked
+  face's landmarks, matrix and blendshapes in each frame's `found`."""
 
   name = 'face_landmarker'
 

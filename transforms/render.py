@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import wave
 from fractions import Fraction
-from typing import Deque, Iterator, Optional, Sequence, Tuple
+from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import av
@@ -26,8 +26,8 @@ from apache_beam.metrics import Metrics
 from beam_pipeline.elements import ClipTask, Reject, RenderedClip
 from transforms.crash_guard import CrashGuard, crash_guarded
 from transforms.crop import follow_crop
-from transforms.fileio import put_file
-from transforms.frame_analysis import FrameAnalyzer
+from transforms.fileio import delete_quietly, put_file
+from transforms.frame_analysis import Frame, FrameAnalyzer
 from transforms.prefetch import prefetch
 from transforms.probe import open_media
 
@@ -322,7 +322,9 @@ class RenderClips(beam.DoFn):
     self.analyzers = tuple(analyzers)
     # Frames rendered ahead: room for two model batches, so rendering goes on while a batch is in the model
     # (with one batch of room the two took turns: 11.2 against 9.8 ms a frame, bench in the report).
-    self.prefetch_depth = max([16] + [2 * analyzer.batch_size for analyzer in self.analyzers])
+    # Frames go to the analyzers in batches as large as the largest model batch; twice that is in flight.
+    self.batch_size = max([1] + [analyzer.batch_size for analyzer in self.analyzers])
+    self.prefetch_depth = max(16, 2 * self.batch_size)
     self.frames = Metrics.counter(STAGE, 'frames')
     self.clips = Metrics.counter(STAGE, 'clips')
     self.model_errors = Metrics.counter(STAGE, 'model_error_frames')
@@ -343,11 +345,26 @@ class RenderClips(beam.DoFn):
     return beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
                                                       planned_id=task.planned_id))
 
+  @staticmethod
+  def _analyse(passes, batch: List[Frame]) -> None:
+    """Each analyzer in order on the batch: a later one reads what earlier ones put in `Frame.found`."""
+    for analysis in passes:
+      analysis.add(batch)
+
   def _render(self, task: ClipTask, tmp: str):
+    passes = [analyzer.start(task, int(round((task.end - task.start) * self.fps)), self.size)
+              for analyzer in self.analyzers]
+    try:
+      yield from self._render_with(task, tmp, passes)
+    finally:
+      for analysis in passes:  # drops what a pass that never finished (a reject, an error) kept locally
+        analysis.abandon()
+
+  def _render_with(self, task: ClipTask, tmp: str, passes):
     mp4 = os.path.join(tmp, task.clip_id + '.mp4')
     planned = int(round((task.end - task.start) * self.fps))
-    passes = [analyzer.start(task, planned, self.size) for analyzer in self.analyzers]
     still = None  # the middle output frame (or the last, if the clip ends early), for the thumbnail
+    batch: List[Frame] = []
     with contextlib.closing(prefetch(render(task, mp4, self.size, self.fps, self.crf, self.preset,
                                             self.max_render_s), self.prefetch_depth)) as frames:
       while True:
@@ -361,10 +378,14 @@ class RenderClips(beam.DoFn):
                              str(error))
           return
         self.frames.inc()
-        for analysis in passes:
-          analysis.add(index, image)
+        batch.append(Frame(index, image))
+        if len(batch) >= self.batch_size:
+          self._analyse(passes, batch)
+          batch = []
         if index <= planned // 2:
           still = image
+    if batch:
+      self._analyse(passes, batch)
     if produced == 0:
       yield self._reject(task, 'no_frames', f'no video frames between {task.start:.3f}s and {task.end:.3f}s')
       return
@@ -372,11 +393,13 @@ class RenderClips(beam.DoFn):
       yield self._reject(task, 'source_truncated', f'the source ran out after {produced} of {planned} frames '
                          f'(about {task.start + produced / self.fps:.3f}s of a clip ending at {task.end:.3f}s)')
       return
-    arrays, model_errors = {}, 0
+    arrays, files, model_errors = {}, {}, 0
     for analyzer, analysis in zip(self.analyzers, passes):
       found = analysis.finish(produced)
       self.model_errors.inc(found.model_errors)
+      files.update(found.files)
       if 2 * found.model_errors > produced:
+        delete_quietly(list(files.values()))
         yield self._reject(task, 'model_error', f'{analyzer.name} failed on {found.model_errors} of {produced} '
                            f'frames (last: {found.last_error})')
         return
@@ -386,7 +409,7 @@ class RenderClips(beam.DoFn):
     put_file(mp4, uri, move=True)
     self.clips.inc()
     yield RenderedClip(task=task, mp4_uri=uri, wav=wav, num_frames=produced, fps=self.fps, size=self.size,
-                       arrays=arrays, thumbnail=thumbnail_jpeg(still), model_errors=model_errors)
+                       arrays=arrays, thumbnail=thumbnail_jpeg(still), model_errors=model_errors, files=files)
 
 
 def thumbnail_jpeg(image: np.ndarray, side: int = THUMBNAIL_PX) -> bytes:

@@ -40,6 +40,7 @@ from apache_beam.transforms.window import GlobalWindow
 from beam_pipeline.elements import Reject, SampleRef, ShardBatch
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
 from transforms.fileio import PARTIAL, delete_quietly, iter_jsonl, put_file, read_bytes, write_atomic
+from transforms.writers.folders import unit_indexes
 
 STAGE = 'write'
 SHARDS = 'shards'
@@ -67,6 +68,11 @@ def finished_shard_indexes(output: str) -> List[str]:
   """Index files of shards whose tar exists."""
   tars = set(_shard_files(output, '*.tar'))
   return [path for path in _shard_files(output, '*.jsonl') if path[:-len('.jsonl')] + '.tar' in tars]
+
+
+def published_indexes(output: str) -> List[str]:
+  """Index files of everything published: finished shards and written folder units (transforms/writers)."""
+  return finished_shard_indexes(output) + unit_indexes(output)
 
 
 def clean_unfinished(output: str, older_than_s: float) -> int:
@@ -319,7 +325,8 @@ def _earlier_record(record: dict) -> Tuple[str, str, int]:
 
 
 class ReadPublished(beam.PTransform):
-  """Records of the shards already published in `output` (an earlier run): (id, planned id, frames).
+  """Records of the shards and folder units already published in `output` (an earlier run):
+  (id, planned id, frames).
 
   Read inside the pipeline, index file by index file, so the job graph does not grow with the output.
   """
@@ -331,7 +338,7 @@ class ReadPublished(beam.PTransform):
   def expand(self, pbegin):
     return (pbegin
             | 'OutputDir' >> beam.Create([self.output])
-            | 'IndexFiles' >> beam.FlatMap(finished_shard_indexes)
+            | 'IndexFiles' >> beam.FlatMap(published_indexes)
             | 'SpreadIndexFiles' >> beam.Reshuffle()
             | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r) for r in iter_jsonl(path))))
 
@@ -418,7 +425,8 @@ def reject_line(reject: Reject) -> str:
 
 
 class WriteIndex(beam.DoFn):
-  """Once every shard is published: index.jsonl, streamed from the shard index files (constant memory)."""
+  """Once every shard is published: index.jsonl, streamed from the shard and folder-unit index files
+  (constant memory)."""
 
   def __init__(self, output: str):
     self.output = output
@@ -429,7 +437,7 @@ class WriteIndex(beam.DoFn):
     try:
       lines = 0
       with os.fdopen(fd, 'wb') as out:
-        for path in finished_shard_indexes(self.output):
+        for path in published_indexes(self.output):
           with FileSystems.open(path, mime_type='application/octet-stream',
                                 compression_type='uncompressed') as handle:
             for line in handle:

@@ -1,0 +1,50 @@
+"""What a recipe may change in the shared pipeline, and nothing more."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler
+
+
+class Recipe:
+  """One dataset pipeline on the shared spine.
+
+  - `defaults`: option values this recipe uses unless the user set the flag (e.g. its frame rate).
+  - `analyzers`: per-frame models and frame writers added to the render pass after the face landmarker
+    (transforms/frame_analysis.py); they see each frame once, with what earlier analyzers found on it.
+  - `tracker`: a PTransform that replaces the spine's face detection and tracking (ClipTask -> ClipTasks
+    with their crop windows, under 'tasks', and Rejects under 'rejects'), or None to keep the spine's.
+  - `write`: the kept clips (transforms/filters.Analysis) -> {'records': index record dicts with at least
+    'id', 'planned_id' and 'num_frames', 'rejects': Rejects}. Every kept clip must end in one of the two.
+  """
+
+  name = ''
+  defaults: Dict[str, Any] = {}
+
+  def analyzers(self, opts, landmarker: ModelHandler) -> List:
+    return []
+
+  def tracker(self, opts, detector: ModelHandler) -> Optional[beam.PTransform]:
+    return None
+
+  def write(self, kept: beam.PCollection, opts, work_dir: str) -> Dict[str, beam.PCollection]:
+    raise NotImplementedError
+
+
+def explicit_flags(argv) -> set:
+  """Option names the command line sets (`--fps 30`, `--fps=30`, `--eye_motion`)."""
+  names = set()
+  for token in argv or ():
+    if token.startswith('--'):
+      names.add(token[2:].split('=', 1)[0].replace('-', '_'))
+  return names
+
+
+def apply_defaults(recipe: Recipe, opts, argv) -> Dict[str, Any]:
+  """Set the recipe's defaults on `opts` for the flags the user did not give; returns what was set."""
+  given = explicit_flags(argv)
+  applied = {name: value for name, value in recipe.defaults.items() if name not in given}
+  for name, value in applied.items():
+    setattr(opts, name, value)
+  return applied

@@ -1,0 +1,103 @@
+"""Loading rules every handler of user-supplied weights follows.
+
+Weights are local paths (or gs:// through Beam FileSystems) the user names with a flag; nothing downloads at
+run time. A missing file, a file in the wrong format, or weights of the wrong shape is a `WeightsError` that
+names the flag, raised when the model loads on the worker (and checked early by `require` when the graph is
+built, so a typo fails before any work). Pickled code is refused: torch files load with `weights_only=True`,
+and Python pickles only when the user passed `--trust_pickle`.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Dict, Iterable, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+
+class WeightsError(ValueError):
+  """User-supplied weights are missing or unusable; the message says which flag to fix and how."""
+
+  def __init__(self, flag: str, path: Optional[str], problem: str):
+    self.flag, self.path = flag, path
+    where = f' ({path})' if path else ''
+    super().__init__(f'{flag}{where}: {problem}')
+
+
+def require(path: Optional[str], flag: str, what: str) -> str:
+  """`path` when it names an existing file or folder; else a WeightsError saying what the flag should hold."""
+  if not path:
+    raise WeightsError(flag, None, f'not given; pass the path of {what}')
+  exists = os.path.exists(path) if '://' not in path else FileSystems.exists(path)
+  if not exists:
+    raise WeightsError(flag, path, f'no such file or folder; it should hold {what}')
+  return path
+
+
+def read_weights(path: str, flag: str, what: str) -> bytes:
+  require(path, flag, what)
+  with FileSystems.open(path, mime_type='application/octet-stream') as handle:
+    return handle.read()
+
+
+def load_torch_state(path: str, flag: str, what: str) -> Dict:
+  """A torch state dict (or a dict holding tensors) read with `weights_only=True`: pickled code is refused."""
+  import torch
+  data = read_weights(path, flag, what)
+  try:
+    state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+  except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds here
+    raise WeightsError(flag, path, f'not a torch state dict loadable without pickled code ({what}): '
+                       f'{type(error).__name__}: {str(error)[:200]}') from error
+  if not isinstance(state, dict):
+    raise WeightsError(flag, path, f'holds a {type(state).__name__}, not a state dict ({what})')
+  return state
+
+
+def load_torchscript(path: str, flag: str, what: str, device=None):
+  """A TorchScript archive (torch.jit.save / the official exports): code in TorchScript, not pickle."""
+  import torch
+  data = read_weights(path, flag, what)
+  try:
+    return torch.jit.load(io.BytesIO(data), map_location=device or 'cpu')
+  except Exception as error:  # pylint: disable=broad-except
+    raise WeightsError(flag, path, f'not a TorchScript archive ({what}): {type(error).__name__}: '
+                       f'{str(error)[:200]}') from error
+
+
+def is_torchscript(path: str) -> bool:
+  """TorchScript archives are zip files holding a `code/` folder; plain state dicts hold `data.pkl` only."""
+  import zipfile
+  try:
+    with FileSystems.open(path, mime_type='application/octet-stream') as handle:
+      with zipfile.ZipFile(io.BytesIO(handle.read())) as archive:
+        return any('/code/' in name or name.startswith('code/') for name in archive.namelist())
+  except (zipfile.BadZipFile, OSError):
+    return False
+
+
+def load_into(module, state: Dict, flag: str, path: str, what: str, strip_prefixes: Iterable[str] = ('module.',)):
+  """Load `state` into `module` strictly; missing, unexpected or wrongly shaped keys are a WeightsError."""
+  prefixes = tuple(strip_prefixes)
+  cleaned = {}
+  for key, value in state.items():
+    for prefix in prefixes:
+      if key.startswith(prefix):
+        key = key[len(prefix):]
+    cleaned[key] = value
+  own = module.state_dict()
+  missing = sorted(set(own) - set(cleaned))
+  unexpected = sorted(set(cleaned) - set(own))
+  wrong = sorted(k for k in set(own) & set(cleaned) if tuple(own[k].shape) != tuple(cleaned[k].shape))
+  if missing or unexpected or wrong:
+    parts = []
+    if missing:
+      parts.append(f'{len(missing)} missing keys (e.g. {missing[:3]})')
+    if unexpected:
+      parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
+    if wrong:
+      parts.append(f'{len(wrong)} keys of the wrong shape (e.g. {wrong[0]}: {tuple(cleaned[wrong[0]].shape)} '
+                   f'where {tuple(own[wrong[0]].shape)} is expected)')
+    raise WeightsError(flag, path, f'does not hold {what}: ' + '; '.join(parts))
+  module.load_state_dict(cleaned)
+  return module
