@@ -144,14 +144,14 @@ def run(argv: Optional[List[str]] = None) -> dict:
     print(f'dry run: the {options.view_as(StandardOptions).runner} job was built, nothing ran')
     return {}
   CrashGuard(opts.work_dir, opts.run_id).clear()
-  stats = report(opts.output, opts.incremental)
+  stats = report(opts.output, opts.incremental, opts.recipe)
   if stats and not opts.no_report:
     from beam_pipeline.report import write_report
     print(f'report: {write_report(opts.output, opts.report_samples)}')
   return stats
 
 
-def report(output: str, incremental: bool = False) -> dict:
+def report(output: str, incremental: bool = False, recipe: str = 'hdtf') -> dict:
   path = FileSystems.join(output, 'stats.json')
   if not FileSystems.exists(path):
     return {}  # a remote runner still working (e.g. Dataflow without waiting)
@@ -165,7 +165,9 @@ def report(output: str, incremental: bool = False) -> dict:
         f'{stats["rejected"]} rejected of {stats["planned"]} planned) to {output}')
   for reason, count in stats['rejected_by_reason'].items():
     print(f'  rejected {count} x {reason} (see rejects.jsonl)')
-  print(f'shards: {FileSystems.join(output, write.SHARDS)}/*.tar  index: {FileSystems.join(output, "index.jsonl")}')
+  where = (f'shards: {FileSystems.join(output, write.SHARDS)}/*.tar' if get_recipe(recipe).layout == 'shards'
+           else f'folders: {output} (one per subject or tube, listed in published/)')
+  print(f'{where}  index: {FileSystems.join(output, "index.jsonl")}')
   return stats
 
 

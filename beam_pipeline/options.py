@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-RECIPES = ('hdtf',)
+from beam_pipeline.recipes import NAMES as RECIPES
 
 
 class TalkingFaceOptions(PipelineOptions):
@@ -20,7 +20,12 @@ class TalkingFaceOptions(PipelineOptions):
                     help='Output directory, local or gs://. Default for the demo: ./demo_out.')
     io.add_argument('--work_dir', default=None,
                     help='Where downloads and rendered clips are cached (local or gs://). Default: <output>/_work.')
-    io.add_argument('--recipe', default='hdtf', choices=RECIPES, help='Which dataset pipeline to reproduce.')
+    io.add_argument('--recipe', default='hdtf', choices=RECIPES,
+                    help='Which dataset pipeline to reproduce on the shared stages: hdtf (WebDataset shards of '
+                    'cropped clips), nerf (AD-NeRF per-subject folders), avatar (HRAvatar crop, matting, '
+                    'keypoints, FLAME fit), megactor (shards with DWPose keypoints, styled and face-swapped '
+                    'copies) or mmvox (Multimodal VoxCeleb face tubes, masks, drawings, captions). A recipe '
+                    'changes some defaults (its frame rate, size, filters) unless the flag is given.')
     io.add_argument('--run_id', default=None,
                     help='Names this run\'s temporary files and crash markers in the work dir and output. Set by the '
                     'CLI and the flex-template launcher (UTC time + random suffix); give one only to re-attach to a '
@@ -123,8 +128,13 @@ class TalkingFaceOptions(PipelineOptions):
                       help='Most MiB unpacked from one input archive (sum of its member videos, in archive order); '
                       'members past it are rejected as too_large. Each member is also bounded by --max_download_mb.')
     safe.add_argument('--trust_pickle', action='store_true',
-                      help='Load <stem>.pkl metadata members of input archives. Off: pickles are never loaded '
-                      '(they run code) and are rejected as pickle_refused.')
+                      help='Load <stem>.pkl metadata members of input archives, and accept WebDataset sample tars '
+                      'holding .pyd members (MegActor\'s pickled arrays; only their mp4 members are read, the '
+                      '.pyd never). Off: pickles are never loaded (they run code) and are rejected as '
+                      'pickle_refused, a sample tar with .pyd members as a whole.')
+    safe.add_argument('--max_folder_frames', type=int, default=54000,
+                      help='Frame folders (a zip or tar of folders of numbered images, VFHQ layout, read at --fps) '
+                      'with more images are rejected (too_many_frames).')
 
     seen = parser.add_argument_group('progress and report')
     seen.add_argument('--no_progress', action='store_true',
@@ -183,3 +193,87 @@ class TalkingFaceOptions(PipelineOptions):
                        help='Compute and write every score but reject on none of them (the filters a clip fails are '
                        'listed in its json under `failed`). Clips with no face and too-short pieces still have no '
                        'sample to write and stay rejected.')
+
+    parsing = parser.add_argument_group('face parsing')
+    parsing.add_argument('--parsing_weights', default=None,
+                         help='BiSeNet face-parsing weights (face-parsing.PyTorch\'s 79999_iter.pth state dict, or a '
+                         'TorchScript export of that network), local or gs://; loaded without pickled code. Unset: '
+                         'the offline parsing (MediaPipe face-mesh polygons for the face classes, MediaPipe person '
+                         'segmentation for hair, neck and cloth).')
+
+    nerf = parser.add_argument_group('nerf recipe')
+    nerf.add_argument('--audio_features', default='mel', choices=('mel', 'hubert'),
+                      help='Audio features in audio_<kind>.npy, (frames, 16, D) windows centred on each frame: mel '
+                      '(80-bin log-mel at 50 Hz, no weights) or hubert (last hidden state of --hubert_model, 50 Hz, '
+                      'as RAD-NeRF / ER-NeRF).')
+    nerf.add_argument('--hubert_model', default=None,
+                      help='Local HuBERT folder saved with transformers\' save_pretrained (config.json + '
+                      'model.safetensors), e.g. facebook/hubert-large-ls960-ft; needed by --audio_features=hubert. '
+                      'Never downloaded.')
+    nerf.add_argument('--depth', default=None,
+                      help='Per-frame depth/<i>.npy from user weights: a folder holding DaGAN\'s encoder.pth and '
+                      'depth.pth, or a TorchScript file mapping an image to a depth map. Unset: no depth.')
+    nerf.add_argument('--val_every', type=int, default=11,
+                      help='Every this many-th frame of a subject (frames 10, 21, 32, ... by default) goes to '
+                      'transforms_val.json, the rest to transforms_train.json; 0 puts every frame in train.')
+    nerf.add_argument('--focal', type=float, default=None,
+                      help='Focal length in output pixels written with the camera poses; default: the frame width '
+                      '(AD-NeRF\'s f = w). The poses\' depth is scaled to match it.')
+
+    avatar = parser.add_argument_group('avatar recipe')
+    avatar.add_argument('--bbox_scale', type=float, default=2.2,
+                        help='HRAvatar crop: the box around the first frame\'s 68 landmarks is this many times their '
+                        'larger extent (centred on the middle of the x-extent and at 0.8 ymin + 0.2 ymax).')
+    avatar.add_argument('--mask_clothes', action='store_true',
+                        help='Avatar alpha leaves out the face-parsing cloth class too (HRAvatar\'s mask_clothes), '
+                        'not only the background.')
+    avatar.add_argument('--matting_weights', default=None,
+                        help='RobustVideoMatting TorchScript export (rvm_mobilenetv3_fp32.torchscript or '
+                        'rvm_resnet50_fp32.torchscript from the RVM releases), local or gs://, for the avatar matte, '
+                        'run as a video model per clip. Unset: the MediaPipe person segmentation.')
+
+    mmvox = parser.add_argument_group('mmvox recipe')
+    mmvox.add_argument('--min_frames', type=int, default=64,
+                       help='Face tubes with fewer output frames are rejected (tube_too_short); video-preprocessing\'s '
+                       '--min_frames.')
+    mmvox.add_argument('--min_tube_px', type=int, default=256,
+                       help='Face tubes whose box (the union of the tube\'s face boxes) has a longer side under this '
+                       'many source pixels are rejected (tube_too_small); video-preprocessing\'s --min_size.')
+    mmvox.add_argument('--tube_format', default='png', choices=('png', 'mp4'),
+                       help='png: video/<id>/<NNNNNNN>.png frames (what MMVID\'s loader reads); mp4: video/<id>.mp4.')
+    mmvox.add_argument('--attributes', default=None,
+                       help='CelebA attributes per tube, planned clip or source id (local or gs://): CelebA\'s '
+                       'list_attr_celeba.txt layout, a CSV with a header of the key and the 40 attribute names, or '
+                       'MMVID\'s "<key>,<active attribute>,..." lines. Unset: Smiling, Mouth_Slightly_Open (and '
+                       'Eyeglasses with --parsing_weights) are inferred from the video and the rest left unknown.')
+
+    megactor = parser.add_argument_group('megactor recipe')
+    megactor.add_argument('--dwpose_detector', default=None,
+                          help='DWPose\'s person detector yolox_l.onnx (local or gs://), with --dwpose_model: fills '
+                          'all 134 DWPose points with onnxruntime (CUDA provider when installed). Unset: only the 68 '
+                          'face points (24-91), from the face landmarker.')
+    megactor.add_argument('--dwpose_model', default=None,
+                          help='DWPose\'s whole-body pose model dw-ll_ucoco_384.onnx (local or gs://); needs '
+                          '--dwpose_detector.')
+    megactor.add_argument('--style', default='opencv', choices=('opencv', 'sdxl_turbo'),
+                          help='mp4_styled: opencv (an edge-preserving cartoon filter, blended with the previous '
+                          'styled frame where the picture did not move; CPU) or sdxl_turbo (SDXL-Turbo img2img of '
+                          'each frame at 512x512, strength 0.5, 2 steps, one seed per clip; needs --sdxl_model, '
+                          'meant for a GPU).')
+    megactor.add_argument('--sdxl_model', default=None,
+                          help='Local diffusers folder of SDXL-Turbo (stabilityai/sdxl-turbo: model_index.json, unet/, '
+                          'vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/) for --style=sdxl_turbo. Never '
+                          'downloaded.')
+    megactor.add_argument('--style_prompt', default=None,
+                          help='Prompt for --style=sdxl_turbo; default: MegActor\'s anime-portrait prompt.')
+    megactor.add_argument('--faceswap_cmd', default=None,
+                          help='Face-swap command for swapped.mp4, as an argument list (split like a shell would, '
+                          'but run without one) with placeholders {source}, {target} and {output}, e.g. "python3 '
+                          'facefusion.py headless-run --source-paths {source} --target-path {target} --output-path '
+                          '{output}". Unset: no swapped.mp4 (the json says so).')
+    megactor.add_argument('--source_images', default=None,
+                          help='Comma-separated image files, folders or globs (local) of faces to swap in; each clip '
+                          'gets one, chosen from its id (the same on every run).')
+    megactor.add_argument('--faceswap_timeout_s', type=float, default=600.0,
+                          help='Time limit for one clip\'s face swap; past it the command\'s process group is killed '
+                          'and the clip rejected (faceswap_timeout).')

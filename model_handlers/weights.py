@@ -69,10 +69,11 @@ def is_torchscript(path: str) -> bool:
   """TorchScript archives are zip files holding a `code/` folder; plain state dicts hold `data.pkl` only."""
   import zipfile
   try:
-    with FileSystems.open(path, mime_type='application/octet-stream') as handle:
-      with zipfile.ZipFile(io.BytesIO(handle.read())) as archive:
+    # Only the zip directory at the end is read (the streams FileSystems opens are seekable).
+    with FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
+      with zipfile.ZipFile(handle) as archive:
         return any('/code/' in name or name.startswith('code/') for name in archive.namelist())
-  except (zipfile.BadZipFile, OSError):
+  except (zipfile.BadZipFile, OSError, ValueError):
     return False
 
 

@@ -20,6 +20,7 @@ class Recipe:
   """
 
   name = ''
+  layout = 'shards'  # what `write` makes: 'shards' (WebDataset tars) or 'folders' (transforms/writers/folders.py)
   defaults: Dict[str, Any] = {}
 
   def analyzers(self, opts, landmarker: ModelHandler) -> List:
