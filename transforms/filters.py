@@ -151,12 +151,12 @@ class ScoreAndFilter(beam.DoFn):
   def _reject(self, clip: RenderedClip, reason: str, detail: str, value: Optional[float] = None,
               threshold: Optional[float] = None):
     """The reject, with the measurement it failed on. Its thumbnail goes where report.html finds it, named
-    from the clip id (a retried bundle overwrites it); the rendered mp4 goes (a retry finds it gone, and
-    nothing here reads it)."""
+    from the clip id (a retried bundle overwrites it); the rendered mp4 and the clip's frame archives go (a
+    retry finds them gone, and nothing here reads them)."""
     self.rejected.inc()
     if self.media_dir and clip.thumbnail:
       write_atomic(report.reject_thumbnail_uri(self.media_dir, clip.task.clip_id), clip.thumbnail)
-    delete_quietly([clip.mp4_uri])
+    delete_quietly([clip.mp4_uri, *clip.files.values()])
     return beam.pvalue.TaggedOutput('rejects', Reject(
         clip.task.clip_id, STAGE, reason, detail, clip.task.source_id, planned_id=clip.task.planned_id, value=value,
         threshold=threshold))

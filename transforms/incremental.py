@@ -30,6 +30,10 @@ PERMANENT_REASONS = frozenset({
     'bad_crop', 'clip_past_end', 'no_audio', 'too_short', 'too_long',
     # crop / render / analyse: what the frames hold
     'no_face', 'no_frames',
+    # frame folders (transforms/sources/frames.py): the images themselves
+    'bad_frame', 'mixed_frame_sizes',
+    # mmvox face tubes (transforms/tubes.py): the tube's frames against video-preprocessing's rules
+    'tube_too_short', 'tube_too_small', 'tube_out_of_frame',
 })
 
 
