@@ -231,6 +231,9 @@ class TalkingFaceOptions(PipelineOptions):
                         help='RobustVideoMatting TorchScript export (rvm_mobilenetv3_fp32.torchscript or '
                         'rvm_resnet50_fp32.torchscript from the RVM releases), local or gs://, for the avatar matte, '
                         'run as a video model per clip. Unset: the MediaPipe person segmentation.')
+    avatar.add_argument('--flame_iterations', type=int, default=1000,
+                        help='Adam steps of the per-subject FLAME fit (the first fifth rigid: rotation and '
+                        'translation only); 1000 as IMAvatar\'s optimize.py.')
 
     mmvox = parser.add_argument_group('mmvox recipe')
     mmvox.add_argument('--min_frames', type=int, default=64,

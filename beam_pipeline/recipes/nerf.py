@@ -1,0 +1,40 @@
+"""`nerf`: AD-NeRF / RAD-NeRF / ER-NeRF per-subject folders (their `process_video.py`, tasks 1-9).
+
+On the spine: the face parsing analyzers (person segmentation + parsing), then `NerfFrames` (each frame's
+jpg and parsing into a per-clip archive, and the clip's partial background), optionally depth; the writer
+lays out one folder per source video (transforms/writers/nerf.py).
+
+Defaults: a wider crop than HDTF's (3.0 x the face box instead of 1.8) so that neck and shoulders are in
+frame, as in the head-and-shoulders videos these models train on (the head about a third of the frame);
+one face per subject (`--multi_face=largest`); 25 fps, the rate AD-NeRF's audio windows assume.
+"""
+from __future__ import annotations
+
+from beam_pipeline.recipes.base import Recipe
+
+
+class Nerf(Recipe):
+  name = 'nerf'
+  layout = 'folders'
+  defaults = {'crop_scale': 3.0, 'multi_face': 'largest', 'fps': 25.0}
+
+  def analyzers(self, opts, landmarker):
+    from beam_pipeline.pipeline import work_dir_of
+    from transforms.parsing import parsing_analyzers
+    from transforms.writers.nerf import NerfFrames
+    analyzers = parsing_analyzers(opts) + [NerfFrames(work_dir_of(opts), opts.fps)]
+    if opts.depth:
+      from transforms.depth_analysis import DepthMaps
+      analyzers.append(DepthMaps.from_options(opts, work_dir_of(opts)))
+    return analyzers
+
+  def write(self, kept, opts, work_dir: str):
+    from transforms.writers.nerf import WriteNerfSubjects
+    if opts.audio_features == 'hubert':
+      from model_handlers.audio_features import check_hubert_dir
+      check_hubert_dir(opts.hubert_model)  # a wrong path fails here, before any work
+    return kept | 'NerfWriter' >> WriteNerfSubjects(opts.output, work_dir, opts.audio_features, opts.focal,
+                                                    opts.val_every, opts.hubert_model)
+
+
+RECIPE = Nerf()

@@ -1,0 +1,268 @@
+"""The `nerf` recipe: AD-NeRF's per-frame formats (pure helpers) and one subject folder end to end."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import wave
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.helpers import read_jsonl
+from transforms import nerf_frames as nf
+
+
+def _person(size: int, centre_x: int, radius: int = 8) -> np.ndarray:
+  """A label map with a round 'head' (skin) at `centre_x` over a 'torso' (cloth) block."""
+  labels = np.zeros((size, size), np.uint8)
+  yy, xx = np.mgrid[0:size, 0:size]
+  labels[(yy - size // 3) ** 2 + (xx - centre_x) ** 2 <= radius ** 2] = 1
+  labels[size // 3 + radius:, max(0, centre_x - radius):centre_x + radius] = 16
+  return labels
+
+
+def test_lms_text_is_adnerf_savetxt_format():
+  points = np.arange(136, dtype=np.float64).reshape(68, 2) / 3
+  text = nf.lms_text(points).decode()
+  lines = text.splitlines()
+  assert len(lines) == 68 and lines[1] == '0.666667 1.000000'
+  np.testing.assert_allclose(nf.read_lms(text.encode()), points, atol=1e-6)
+
+
+def test_background_merges_in_any_order_as_one_pass():
+  size, rng = 48, np.random.default_rng(0)
+  frames = []
+  for i, centre in enumerate([10, 14, 18, 22, 26, 30, 34, 38]):
+    labels = _person(size, centre)
+    frames.append((rng.integers(0, 255, (size, size, 3), dtype=np.uint8), labels, i * 0.04))
+  one_pass = nf.Background.empty(size)
+  for image, labels, t in frames:
+    one_pass.add(image, nf.foreground_distance(labels), t)
+  parts = []
+  for chunk in (frames[5:], frames[:2], frames[2:5]):  # clips arrive in any order
+    part = nf.Background.empty(size)
+    for image, labels, t in chunk:
+      part.add(image, nf.foreground_distance(labels), t)
+    parts.append(part)
+  merged = nf.Background.empty(size)
+  for part in (parts[1], parts[2], parts[0]):
+    merged.merge(part)
+  np.testing.assert_array_equal(merged.colour, one_pass.colour)
+  np.testing.assert_array_equal(merged.time, one_pass.time)
+  # As np.argmax over the stacked distances: the first frame where the pixel is farthest from the person.
+  distances = np.stack([nf.foreground_distance(labels) for _, labels, _ in frames])
+  first_max = np.argmax(distances, 0)
+  expected = np.stack([image for image, _, _ in frames])[first_max, np.arange(size)[:, None], np.arange(size)]
+  np.testing.assert_array_equal(one_pass.colour, expected)
+
+
+def test_background_image_fills_never_free_pixels_from_nearest():
+  size = 32
+  image = np.full((size, size, 3), 200, np.uint8)
+  labels = np.zeros((size, size), np.uint8)
+  labels[:, :10] = 1  # the left third is always the person
+  image[:, 10:] = (0, 100, 0)
+  background = nf.Background.empty(size)
+  background.add(image, nf.foreground_distance(labels), 0.0)
+  bc = background.image()
+  # Columns farther than 5 px from the person keep their colour; nearer ones take the nearest such column's.
+  assert (bc[:, 16:] == (0, 100, 0)).all() and (bc[:, :16] == (0, 100, 0)).all()
+
+
+def test_gt_and_torso_images():
+  size = 512  # AD-NeRF's frame size, where its fill lengths hold as they are
+  labels = _person(size, 256, radius=80)  # head rows 90-250, torso below from row 250
+  labels[250:266, 232:280] = 14  # a neck between head and torso
+  image = np.full((size, size, 3), 90, np.uint8)
+  bc = np.full((size, size, 3), 7, np.uint8)
+  gt = nf.gt_image(image, labels, bc)
+  assert (gt[labels == 0] == 7).all() and (gt[labels > 0] == 90).all()
+  torso = nf.torso_image(gt, labels, bc)
+  assert torso.shape == (size, size, 4)
+  alpha = torso[..., 3]
+  assert (alpha[labels == 16] == 255).all() and (alpha[labels == 14] == 255).all()
+  # The head is gone, except where the torso's top (8 rows) and the neck's (52 rows) are carried up under it.
+  rows, cols = np.mgrid[0:size, 0:size]
+  head_away_from_fills = (labels == 1) & ((rows < 195) | ((rows < 240) & ((cols < 232) | (cols >= 280))))
+  assert head_away_from_fills.any() and (alpha[head_away_from_fills] == 0).all()
+  assert (alpha[200:250, 236:276] == 255).all()  # neck filled upwards, darkening row by row
+  assert torso[205, 256, 0] < torso[245, 256, 0] <= 90
+
+
+def test_split_ids_every_nth_to_val():
+  split = nf.split_ids(range(50), 11)
+  assert split['val'] == [10, 21, 32, 43] and len(split['train']) == 46
+  assert nf.split_ids(range(5), 0) == {'train': [0, 1, 2, 3, 4], 'val': []}
+
+
+def test_camera_pose_inverts_face_pose_and_keeps_projection():
+  size = 256
+  yaw = np.radians(20)
+  face = np.eye(4)
+  face[:3, :3] = [[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]]
+  face[:3, 3] = (3.0, -2.0, -40.0)  # cm, in front of MediaPipe's camera (which looks down -z)
+  focal = float(size)
+  pose = nf.camera_pose(face, size, focal)
+  np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-9)
+  # The head's origin projects through (focal, centre) where MediaPipe's camera saw it.
+  head_in_camera = np.linalg.inv(pose) @ np.array([0, 0, 0, 1.0])
+  u = size / 2 + focal * head_in_camera[0] / -head_in_camera[2]
+  expected_u = size / 2 + nf.mediapipe_focal(size) * 3.0 / 40.0
+  assert u == pytest.approx(expected_u)
+  assert pose[2, 3] > 0  # the camera sits in front of the face (+z in the head's frame)
+
+
+def test_frame_aligned_pcm_keeps_frames_on_their_samples():
+  pcm = np.ones(16000, np.float32)
+  assert len(nf.frame_aligned_pcm(pcm, 0, 30, 25.0, 16000)) == 19200  # padded
+  assert len(nf.frame_aligned_pcm(pcm, 3, 10, 30.0, 16000)) == 5333  # round(13 * 533.3) - round(3 * 533.3)
+
+
+def test_a_published_subject_is_not_rewritten(tmp_path):
+  """A retried bundle finds its subject published and gives the same records; a clip the published subject
+  lacks is rejected (adding it would renumber published frames). The clips' work files go either way."""
+  from apache_beam.pvalue import TaggedOutput
+  from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+  from transforms.writers.folders import publish_unit
+  from transforms.writers.nerf import NerfClip, WriteSubject
+  media = MediaFile('talker.mp4', ProbeInfo(2.0, 64, 64, 25.0, True, False, 'h264'))
+  leftovers = []
+
+  def clip(index: int) -> NerfClip:
+    leftovers.append(tmp_path / f'work{index}')
+    leftovers[-1].write_bytes(b'media')
+    task = ClipTask(f'talker_{index}', 'talker', 'talker.mp4', media, float(index), index + 1.0)
+    return NerfClip(task, 25, 25.0, 64, '', '', '', (str(leftovers[-1]),), {})
+
+  output = str(tmp_path / 'out')
+  publish_unit(output, 'talker', [{'id': 'talker_0', 'planned_id': 'talker_0', 'num_frames': 25}])
+  results = list(WriteSubject(output, 'mel', None, 11).process(('talker', {'clips': [clip(1), clip(0)],
+                                                                           'bc': [b'']})))
+  assert [r['id'] for r in results if isinstance(r, dict)] == ['talker_0']
+  assert [(r.value.id, r.value.reason) for r in results if isinstance(r, TaggedOutput)] == [
+      ('talker_1', 'subject_exists')]
+  assert not any(path.exists() for path in leftovers)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def nerf_run(tmp_path_factory):
+  """Two clips of one generated talking video through `--recipe=nerf` at 128 px, with a TorchScript depth
+  model: one subject folder."""
+  import torch
+  from beam_pipeline.demo import VideoSpec, write_video
+  from tests.helpers import run_cli
+
+  class GreyDepth(torch.nn.Module):
+    def forward(self, images):
+      return images.mean(1, keepdim=True)
+
+  root = tmp_path_factory.mktemp('nerf')
+  depth = str(root / 'depth.pt')
+  torch.jit.script(GreyDepth()).save(depth)
+  video = str(root / 'talker.mp4')
+  write_video(video, VideoSpec(duration=2.6, fps=25.0, seed=4))
+  manifest = root / 'videos.jsonl'
+  manifest.write_text(json.dumps({'id': 'talker', 'url': video, 'clips': [[1.2, 2.4], [0.0, 1.2]]}) + '\n')
+  output, work = root / 'out', root / 'work'
+  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=nerf', '--size=128',
+          f'--depth={depth}', '--no_report', '--no_progress')
+  return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work)}
+
+
+def _files(folder: str, sub: str, ext: str) -> list:
+  return sorted(glob.glob(os.path.join(folder, sub, '*.' + ext)), key=lambda p: int(os.path.basename(p).split('.')[0]))
+
+
+def test_subject_folder_has_every_file(nerf_run):
+  folder, n = nerf_run['folder'], 60  # 2 x 1.2 s at 25 fps
+  for sub, ext in (('ori_imgs', 'jpg'), ('ori_imgs', 'lms'), ('parsing', 'png'), ('gt_imgs', 'jpg'),
+                   ('torso_imgs', 'png')):
+    assert [int(os.path.basename(p).split('.')[0]) for p in _files(folder, sub, ext)] == list(range(n)), (sub, ext)
+  assert cv2.imread(os.path.join(folder, 'ori_imgs', '0.jpg')).shape == (128, 128, 3)
+  assert cv2.imread(os.path.join(folder, 'torso_imgs', '0.png'), cv2.IMREAD_UNCHANGED).shape == (128, 128, 4)
+  labels = cv2.imread(os.path.join(folder, 'parsing', '0.png'), cv2.IMREAD_UNCHANGED)
+  assert labels.shape == (128, 128) and labels.max() < 19
+  assert nf.read_lms(open(os.path.join(folder, 'ori_imgs', '0.lms'), 'rb').read()).shape == (68, 2)
+  assert cv2.imread(os.path.join(folder, 'bc.jpg')).shape == (128, 128, 3)
+  depths = _files(folder, 'depth', 'npy')
+  assert len(depths) == n
+  depth, image = np.load(depths[7]), cv2.imread(os.path.join(folder, 'ori_imgs', '7.jpg'))
+  assert depth.shape == (128, 128) and depth.dtype == np.float16
+  assert abs(float(depth.mean()) - image.mean() / 255) < 0.02  # frame 7's own map (the model: mean grey)
+  with wave.open(os.path.join(folder, 'audio.wav')) as audio:
+    assert (audio.getframerate(), audio.getnchannels()) == (16000, 1)
+    assert audio.getnframes() == n * 16000 // 25
+  assert np.load(os.path.join(folder, 'audio_mel.npy')).shape == (n, 16, 80)
+  mesh = json.load(open(os.path.join(folder, 'face_mesh.json')))['frames']
+  assert len(mesh) == n and all(np.shape(f['landmarks']) == (478, 3) for f in mesh)
+  poses = json.load(open(os.path.join(folder, 'face_poses.json')))['frames']
+  cameras = json.load(open(os.path.join(folder, 'camera_poses.json')))
+  assert len(poses) == len(cameras['frames']) == n and cameras['focal_len'] == 128.0
+  for face, camera in zip(poses, cameras['frames']):
+    assert np.shape(face['matrix']) == np.shape(camera['transform_matrix']) == (4, 4)
+  train = json.load(open(os.path.join(folder, 'transforms_train.json')))
+  val = json.load(open(os.path.join(folder, 'transforms_val.json')))
+  assert (train['focal_len'], train['cx'], train['cy']) == (128.0, 64.0, 64.0)
+  assert sorted(f['img_id'] for f in train['frames'] + val['frames']) == list(range(n))
+  assert [f['img_id'] for f in val['frames']] == [10, 21, 32, 43, 54]
+  assert all(f['aud_id'] == f['img_id'] and len(f['face_rect']) == 4 for f in train['frames'])
+
+
+def test_clips_numbered_in_time_order_and_accounted(nerf_run):
+  records = read_jsonl(os.path.join(nerf_run['output'], 'index.jsonl'))
+  assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', [30, 60]), ('talker_1', [0, 30])]
+  assert {r['folder'] for r in records} == {'talker'}
+  stats = json.load(open(os.path.join(nerf_run['output'], 'stats.json')))
+  assert stats['written'] == 2 and stats['balanced']
+  assert not glob.glob(os.path.join(nerf_run['work'], 'frames', '*'))  # the clips' archives are gone
+  assert not glob.glob(os.path.join(nerf_run['work'], 'clips', '*.mp4'))
+
+
+def test_parsing_follows_the_face(nerf_run):
+  folder = nerf_run['folder']
+  for i in (0, 25, 45):
+    labels = cv2.imread(os.path.join(folder, 'parsing', f'{i}.png'), cv2.IMREAD_UNCHANGED)
+    lms = nf.read_lms(open(os.path.join(folder, 'ori_imgs', f'{i}.lms'), 'rb').read())
+    ys, xs = np.nonzero((labels == 12) | (labels == 13))
+    mouth = lms[48:60]
+    assert len(ys)
+    inside = ((xs >= mouth[:, 0].min() - 2) & (xs <= mouth[:, 0].max() + 2) &
+              (ys >= mouth[:, 1].min() - 2) & (ys <= mouth[:, 1].max() + 2))
+    assert inside.mean() > 0.95, (i, inside.mean())
+    hair_ys, _ = np.nonzero(labels == 17)
+    assert len(hair_ys) and np.median(hair_ys) < lms[17:27, 1].mean(), i
+
+
+def test_background_holds_no_face(nerf_run):
+  """At the face's mean position (covered by the face on every frame), bc.jpg holds background filled in from
+  nearby, not skin: its colour is far from the skin's, which itself barely changes from frame to frame."""
+  folder = nerf_run['folder']
+  bc = cv2.imread(os.path.join(folder, 'bc.jpg')).astype(np.float64)
+  centres, skins = [], []
+  for i in range(0, 60, 5):
+    lms = nf.read_lms(open(os.path.join(folder, 'ori_imgs', f'{i}.lms'), 'rb').read())
+    centres.append(lms[[30, 36, 45]].mean(0))  # nose tip and eye corners: the middle of the face
+    image = cv2.imread(os.path.join(folder, 'ori_imgs', f'{i}.jpg')).astype(np.float64)
+    labels = cv2.imread(os.path.join(folder, 'parsing', f'{i}.png'), cv2.IMREAD_UNCHANGED)
+    skins.append(np.median(image[labels == 1], 0))
+  x, y = np.round(np.mean(centres, 0)).astype(int)
+  skin = np.median(skins, 0)
+  spread = max(np.linalg.norm(colour - skin) for colour in skins)
+  there = bc[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(0)
+  assert np.linalg.norm(there - skin) > max(40.0, 4 * spread), (there, skin, spread)
+
+
+def test_dataset_loads_a_batch(nerf_run):
+  from torch.utils.data import DataLoader
+  from beam_pipeline.nerf_dataset import NerfSubjectDataset
+  train = NerfSubjectDataset(nerf_run['folder'], 'train')
+  assert len(train) + len(NerfSubjectDataset(nerf_run['folder'], 'val')) == 60
+  batch = next(iter(DataLoader(train, batch_size=4, shuffle=False)))
+  assert batch['image'].shape == (4, 3, 128, 128) and batch['torso'].shape == (4, 4, 128, 128)
+  assert batch['pose'].shape == (4, 4, 4) and batch['audio'].shape == (4, 16, 80)
+  assert batch['parsing'].shape == (4, 128, 128) and batch['index'].tolist() == [0, 1, 2, 3]
+  assert float(batch['image'].max()) <= 1.0 and train.focal == 128.0
