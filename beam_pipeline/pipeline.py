@@ -21,6 +21,7 @@ from transforms.plan import PlanClips
 from transforms.render import RenderClips
 from transforms.resume import SkipDoneClips, SkipDoneTasks
 from transforms.safety import InputPolicy
+from transforms.sources.frames import FrameFolderOptions
 from transforms.track import DetectAndTrack
 from transforms.unpack import MIB, UnpackMembers
 from transforms.write import ReadPublished, WriteRunSummary
@@ -52,7 +53,8 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
 
   earlier = p | 'ReadPublished' >> ReadPublished(opts.output)
   read = p | 'ReadSources' >> ReadSources(opts.input, opts.input_format, policy=policy,
-                                          max_member_mb=opts.max_download_mb)
+                                          max_member_mb=opts.max_download_mb,
+                                          frames=FrameFolderOptions.from_options(opts))
   carried = ((read['planned'], p | 'ReadCarriedRejects' >> ReadCarriedRejects(opts.output, opts.incremental))
              | 'CarryRejects' >> CarryRejects())
   done = ((earlier | 'PublishedIds' >> beam.Map(lambda written: written[0]),

@@ -26,6 +26,8 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.elements import ClipSpec, Reject, Source
 from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of, \
   unsafe_id_reason
+from transforms.sources.frames import FrameFolderOptions, FrameFolders, ListedFolder
+from transforms.sources.megactor_tars import SampleTar
 from transforms.unpack import MEMBER_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, Unpacker, \
   is_member_url, unpack_in_process
 
@@ -383,11 +385,14 @@ class _ArchiveContext:
   video's url (transforms.unpack.ArchiveMember) says where it sits and that it
   unpacks to `work_dir/archives/<archive id>/<member id><ext>`; `UnpackMembers`
   unpacks it after the shuffle. A compressed tar is read once here, in order.
+  Folders of numbered images become one source each (transforms/sources/frames.py); a WebDataset
+  sample tar gives one source per sample's `mp4` (transforms/sources/megactor_tars.py).
   """
 
-  def __init__(self, policy: InputPolicy, max_member_bytes: int):
+  def __init__(self, policy: InputPolicy, max_member_bytes: int, frames: Optional[FrameFolderOptions] = None):
     self.policy = policy
     self.max_member_bytes = max_member_bytes
+    self.frames = frames or FrameFolderOptions()  # frame folders: transforms/sources/frames.py
 
   def expand(self, url: str, prefix: str, defaults: dict) -> Iterator[Union[Source, Reject]]:
     archive_id = sanitize_id(prefix.rstrip('_') or _archive_stem(url))
@@ -424,10 +429,14 @@ class _ArchiveContext:
       clips = [c for c in items[1:] if isinstance(c, ClipSpec)]
       yield from (r for r in items[1:] if isinstance(r, Reject))
       if clips:
-        member = ArchiveMember(archive=url, name=listed.name, size=listed.size, before=before,
-                               file=f'{archive_id}/{member_id}{os.path.splitext(safe)[1].lower()}', **listed.where)
+        if isinstance(listed, ListedFolder):  # frame folder: encoded to a video after the shuffle (sources/frames.py)
+          media_url = listed.url(url, before, f'{archive_id}/{member_id}.mkv', self.frames)
+        else:
+          media_url = ArchiveMember(archive=url, name=listed.name, size=listed.size, before=before,
+                                    file=f'{archive_id}/{member_id}{os.path.splitext(safe)[1].lower()}',
+                                    **listed.where).url
         before += listed.size
-        yield Source(member_id, member.url, tuple(clips), items[0][1] or None)
+        yield Source(member_id, media_url, tuple(clips), items[0][1] or None)
 
   def _classify(self, path: str, prefix: str, archive_id: str):
     """(members listed, member rejects, {stem: sidecar record}, [(safe name, member id, _Listed)] of videos).
@@ -438,8 +447,12 @@ class _ArchiveContext:
     sidecars: Dict[str, dict] = {}
     videos = []
     count = 0
+    # Input layouts beyond member videos (transforms/sources/): frame folders and WebDataset sample tars.
+    frames, samples = FrameFolders(self.frames, self.max_member_bytes), SampleTar(VIDEO_EXTENSIONS)
     for count, listed in enumerate(self._members(path), 1):
       safe = safe_member_name(listed.name)
+      if safe is not None and (frames.take(safe, listed) or samples.take(safe, listed)):
+        continue
       member_ref = sanitize_id(prefix + (safe or listed.name))  # rejects name the member, extension and all
       if safe is None or not listed.regular:
         why = 'is not a regular file' if safe is not None else 'is absolute or climbs out of the archive'
@@ -465,6 +478,17 @@ class _ArchiveContext:
           sidecars[os.path.splitext(safe)[0]] = self._sidecar(listed, head, pickled=not is_json)
         except ManifestError as error:
           rejects.append(Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id))
+    if samples.is_sample_tar(videos):
+      videos, sidecars, refused = samples.restrict(videos, sidecars, self.policy.trust_pickle, path, archive_id)
+      rejects.extend(refused)
+    elif not self.policy.trust_pickle:
+      rejects.extend(Reject(sanitize_id(prefix + name), STAGE, 'pickle_refused', f'member {name} is a pickle; it is '
+                            'never loaded without --trust_pickle', archive_id) for name in samples.pickled)
+    for found in frames.listed(prefix, archive_id, sanitize_id):
+      if isinstance(found, Reject):
+        rejects.append(found)
+      else:
+        videos.append(found)
     return count, rejects, sidecars, videos
 
   @staticmethod
@@ -538,10 +562,12 @@ def detect_format(spec: str) -> str:
 
 
 def list_input(spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
-               max_member_mb: float = 4096) -> Iterator[Union[Source, Reject]]:
-  """Sources and rejects of an input, lazily. Archives are listed, not unpacked: see `read_input`."""
+               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None
+               ) -> Iterator[Union[Source, Reject]]:
+  """Sources and rejects of an input, lazily. Archives are listed, not unpacked: see `read_input`.
+  `frames` fixes the frame rate and limits of frame folders (transforms/sources/frames.py)."""
   fmt = detect_format(spec) if input_format == 'auto' else input_format
-  context = _ArchiveContext(policy, int(max_member_mb * MIB))
+  context = _ArchiveContext(policy, int(max_member_mb * MIB), frames)
   if fmt == 'hdtf':
     return parse_hdtf(spec)
   if fmt == 'manifest':
@@ -549,18 +575,22 @@ def list_input(spec: str, input_format: str = 'auto', policy: InputPolicy = Inpu
   if fmt == 'glob':
     return parse_glob(spec)
   if fmt == 'archive':
+    if any(ch in spec for ch in '*?['):  # a glob of archives, e.g. a packed dataset's tars to re-process
+      paths = sorted(m.path for m in FileSystems.match([spec])[0].metadata_list)
+      return (item for path in paths for item in context.expand(path, '', {}))
     return context.expand(spec, '', {})
   raise ValueError(f'unknown input format {input_format!r}')
 
 
 def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = None,
-               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096, max_archive_mb: float = 65536
-               ) -> Iterator[Union[Source, Reject]]:
-  """`list_input`, with archive members unpacked in this process into `work_dir` when one is given.
+               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096, max_archive_mb: float = 65536,
+               frames: Optional[FrameFolderOptions] = None) -> Iterator[Union[Source, Reject]]:
+  """`list_input`, with archive members unpacked (frame folders encoded) in this process into `work_dir`
+  when one is given.
 
   For tools and tests; the pipeline lists in its parse step and unpacks after a shuffle (`ReadSources`).
   """
-  items = list_input(spec, input_format, policy, max_member_mb)
+  items = list_input(spec, input_format, policy, max_member_mb, frames)
   if not work_dir:
     return items
   return unpack_in_process(items, Unpacker(work_dir, policy, int(max_member_mb * MIB), int(max_archive_mb * MIB)))
@@ -577,11 +607,11 @@ class ReadSources(beam.PTransform):
   """
 
   def __init__(self, spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
-               max_member_mb: float = 4096):
+               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None):
     super().__init__()
     self.spec = spec
     self.input_format = input_format
-    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb}
+    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb, 'frames': frames}
 
   def expand(self, pbegin):
     parsed = (

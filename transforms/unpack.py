@@ -39,6 +39,7 @@ from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, s
 
 STAGE = 'unpack'
 MEMBER_SCHEME = 'archive-member'
+FRAME_SCHEME = 'frame-folder'  # a folder of numbered images, encoded here too (transforms/sources/frames.py)
 TAR, TAR_STREAM, ZIP = 'tar', 'tar-stream', 'zip'
 CHUNK = 1 << 20
 MIB = 1024 * 1024
@@ -87,8 +88,13 @@ class ArchiveMember:
 
 
 def is_member_url(url: str) -> bool:
-  """By prefix: any text can be asked (a malformed URL makes urlsplit raise)."""
-  return str(url).strip().lower().startswith(MEMBER_SCHEME + ':')
+  """By prefix: any text can be asked (a malformed URL makes urlsplit raise). Frame folders count: both
+  schemes are the listing's own, never an input's."""
+  return str(url).strip().lower().startswith((MEMBER_SCHEME + ':', FRAME_SCHEME + ':'))
+
+
+def is_frame_url(url: str) -> bool:
+  return str(url).strip().lower().startswith(FRAME_SCHEME + ':')
 
 
 def _size_of(uri: str) -> Optional[int]:
@@ -275,11 +281,16 @@ def _rejects(source: Source, reason: str, detail: str) -> Iterator[Reject]:
 
 
 def unpack_in_process(items: Iterable[Union[Source, Reject]], unpacker: Unpacker) -> Iterator[Union[Source, Reject]]:
-  """Archive members of `items` unpacked here, compressed tars one pass each (tools and tests; no pipeline)."""
+  """Archive members of `items` unpacked here, compressed tars one pass each, frame folders encoded (tools and
+  tests; no pipeline)."""
+  from transforms.sources.frames import FolderEncoder  # it builds on this module
+  encoder = FolderEncoder(unpacker.work_dir, unpacker.policy, unpacker.max_total_bytes)
   streamed: Dict[str, List[Source]] = {}
   for item in items:
     if not isinstance(item, Source) or not is_member_url(item.url):
       yield item
+    elif is_frame_url(item.url):
+      yield from encoder.encode(item)
     elif _kind(item) == TAR_STREAM:
       streamed.setdefault(ArchiveMember.from_url(item.url).archive, []).append(item)
     else:
@@ -323,7 +334,8 @@ class UnpackMembers(beam.PTransform):
   """Sources -> {'sources': ready to download, 'rejects': Rejects}; only archive-member urls change.
 
   Place it after the skip of written clips (nothing written is unpacked) and after a
-  reshuffle (members spread over workers). Other Sources pass through untouched.
+  reshuffle (members spread over workers). Frame folders are encoded to videos
+  (transforms/sources/frames.py). Other Sources pass through untouched.
   """
 
   def __init__(self, work_dir: str, policy: InputPolicy = InputPolicy(), max_member_bytes: int = 4096 * MIB,
@@ -332,14 +344,19 @@ class UnpackMembers(beam.PTransform):
     self.unpacker = Unpacker(work_dir, policy, max_member_bytes, max_total_bytes)
 
   def expand(self, sources):
-    other, seekable, streamed = sources | 'ByArchiveKind' >> beam.Partition(
-        lambda s, _: 0 if not is_member_url(s.url) else 2 if _kind(s) == TAR_STREAM else 1, 3)
+    from transforms.sources.frames import EncodeFrameFolders, FolderEncoder  # it builds on this module
+    other, seekable, streamed, folders = sources | 'ByArchiveKind' >> beam.Partition(
+        lambda s, _: 0 if not is_member_url(s.url) else 3 if is_frame_url(s.url) else 2 if _kind(s) == TAR_STREAM
+        else 1, 4)
     members = seekable | 'UnpackMember' >> beam.ParDo(DeadLetter(_UnpackMember(self.unpacker), STAGE)).with_outputs(
         'rejects', main='sources')
+    encoder = FolderEncoder(self.unpacker.work_dir, self.unpacker.policy, self.unpacker.max_total_bytes)
+    encoded = folders | 'EncodeFrameFolders' >> beam.ParDo(DeadLetter(EncodeFrameFolders(encoder), STAGE)) \
+        .with_outputs('rejects', main='sources')
     archives = (streamed
                 | 'KeyByArchive' >> beam.Map(lambda s: (ArchiveMember.from_url(s.url).archive, s))
                 | 'ByArchive' >> beam.GroupByKey()
                 | 'UnpackArchive' >> beam.ParDo(_UnpackArchive(self.unpacker)).with_outputs('rejects', main='sources'))
     spread = archives.sources | 'SpreadArchiveMembers' >> beam.Reshuffle()  # one pass yields them all on one worker
-    return {'sources': (other, members.sources, spread) | 'Unpacked' >> beam.Flatten(),
-            'rejects': (members.rejects, archives.rejects) | 'UnpackRejects' >> beam.Flatten()}
+    return {'sources': (other, members.sources, spread, encoded.sources) | 'Unpacked' >> beam.Flatten(),
+            'rejects': (members.rejects, archives.rejects, encoded.rejects) | 'UnpackRejects' >> beam.Flatten()}

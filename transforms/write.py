@@ -158,19 +158,27 @@ class AssembleSample(beam.DoFn):
     self.work_dir = work_dir
     self.assembled = Metrics.counter(STAGE, 'samples_assembled')
 
+  def extra_members(self, analysis, meta: dict) -> Tuple[Dict[str, object], Tuple[str, ...]]:
+    """A recipe's hook: members it adds to the sample (it may add fields to `meta`, the json and index
+    record), and the work-dir files they came from (deleted once the shard is published). None here."""
+    return {}, ()
+
   def process(self, analysis):
     clip, arrays = analysis.clip, analysis.arrays
     meta = sample_json(analysis)
+    extra, consumed = self.extra_members(analysis, meta)
     payload = {
         'mp4': read_bytes(clip.mp4_uri), 'wav': clip.wav, 'json': meta,
         'landmarks.npy': arrays['landmarks'], 'bbox.npy': arrays['bbox'], 'pose.npy': arrays['pose'],
         'blendshapes.npy': arrays['blendshapes'], 'iris.npy': arrays['iris'], 'lmk68.npy': arrays['lmk68'],
+        **extra,
     }
     data = tar_members(meta['key'], payload)
     uri = FileSystems.join(self.work_dir, FRAGMENTS, meta['key'] + '.tar')
     write_atomic(uri, data)
     self.assembled.inc()
-    yield SampleRef(meta['key'], meta['id'], clip.task.source_id, uri, len(data), meta, (clip.mp4_uri,))
+    yield SampleRef(meta['key'], meta['id'], clip.task.source_id, uri, len(data), meta,
+                    (clip.mp4_uri,) + tuple(consumed))
 
 
 class _Total(beam.CombineFn):

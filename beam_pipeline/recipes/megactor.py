@@ -1,0 +1,41 @@
+"""`megactor`: MegActor's VFHQ / CelebV packing as WebDataset shards (transforms/writers/megactor.py).
+
+Inputs: a zip of frame folders (VFHQ layout, read at --fps: transforms/sources/frames.py), videos, or tars
+of this format to re-process (transforms/sources/megactor_tars.py). The spine renders and filters the clips
+(MegActor's eye-motion curation on by default); DWPose runs in the render pass when its ONNX files are
+given; the kept clips get their styled and face-swapped copies and go to the shard writer.
+"""
+from __future__ import annotations
+
+import apache_beam as beam
+
+from beam_pipeline.recipes.base import Recipe
+from beam_pipeline.recipes.hdtf import write_shards
+from model_handlers.dwpose import DWPoseHandler
+from model_handlers.stylize import make_styler
+from transforms.deadletter import DeadLetter
+from transforms.faceswap import FaceSwap
+from transforms.writers.megactor import AssembleMegactorSample, DWPoseKeypoints, MakeCopies
+
+
+class Megactor(Recipe):
+  name = 'megactor'
+  # 30 fps as MegActor's packer; frame folders and many VFHQ clips have no audio; its eye-motion curation.
+  defaults = {'fps': 30.0, 'eye_motion': True, 'allow_silent': True}
+
+  def analyzers(self, opts, landmarker):
+    if not (opts.dwpose_detector or opts.dwpose_model):
+      return []
+    return [DWPoseKeypoints(DWPoseHandler(opts.dwpose_detector, opts.dwpose_model))]
+
+  def write(self, kept, opts, work_dir: str):
+    styler = make_styler(opts.style, opts.sdxl_model, opts.style_prompt)
+    faceswap = FaceSwap.from_options(opts) if opts.faceswap_cmd else None
+    copies = kept | 'MegactorCopies' >> beam.ParDo(DeadLetter(MakeCopies(
+        work_dir, styler, faceswap, opts.crf, opts.x264_preset), 'megactor')).with_outputs('rejects', main='kept')
+    written = write_shards(copies.kept, opts, work_dir, AssembleMegactorSample(work_dir, opts.style, faceswap))
+    rejects = (copies.rejects, written['rejects']) | 'MegactorRejects' >> beam.Flatten()
+    return {'records': written['records'], 'rejects': rejects}
+
+
+RECIPE = Megactor()

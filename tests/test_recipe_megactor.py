@@ -1,0 +1,180 @@
+"""`--recipe=megactor` end to end through the CLI: VFHQ-style frame folders in, MegActor's samples out."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import sys
+import tarfile
+
+import apache_beam as beam
+import numpy as np
+import pytest
+
+from beam_pipeline.demo import VideoSpec, write_video
+from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
+from model_handlers.stylize import OpenCVStyler
+from transforms.faceswap import FaceSwap
+from transforms.filters import Analysis
+from transforms.writers.megactor import MakeCopies, copy_uri
+from tests.helpers import load_npy, read_jsonl, read_shards, run_cli
+from tests.test_dwpose import constant_graph, detector_output, expected_region, simcc_for
+from tests.test_frame_sources import _add, _Marker, astronaut_frames, png, write_frame_zip
+
+FACE = slice(24, 92)
+# The generated astronaut's eyes do not move: MegActor's eye-motion filter (on in this recipe) would reject it.
+COMMON = ('--recipe=megactor', '--size=256', '--min_eye_motion_var=0', '--no_progress', '--no_report')
+
+
+@pytest.fixture(scope='module')
+def megactor_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('megactor')
+  archive = write_frame_zip(str(root / 'group124.zip'), {'Clip+abc+P0': astronaut_frames(60),
+                                                         'Clip+def+P1': astronaut_frames(48, seed=1)})
+  output = root / 'out'
+  run_cli(f'--input={archive}', f'--output={output}', *COMMON)
+  return {'root': root, 'output': str(output), 'samples': read_shards(str(output))}
+
+
+def test_samples_hold_megactor_members(megactor_run):
+  samples = megactor_run['samples']
+  assert sorted(s['__key__'] for s in samples) == ['Clip_abc_P0_0', 'Clip_def_P1_0']
+  stats = json.load(open(os.path.join(megactor_run['output'], 'stats.json')))
+  assert stats['balanced'] and stats['written'] == 2
+  for sample in samples:
+    meta = sample['json']
+    frames = meta['num_frames']
+    assert meta['fps'] == 30.0 and frames == {'Clip_abc_P0_0': 60, 'Clip_def_P1_0': 48}[sample['__key__']]
+    assert {'mp4', 'mp4_styled', 'dwpose_result.npy', 'dwpose_score.npy', 'faces_bbox.npy'} <= set(sample)
+    assert not any(name.endswith('.pyd') for name in sample)
+    assert 'swapped.mp4' not in sample and meta['swapped'] is None and 'faceswap_cmd' in meta['swapped_why']
+    assert meta['keypoints']['source'] == 'face_landmarker'
+    points, scores = load_npy(sample['dwpose_result.npy']), load_npy(sample['dwpose_score.npy'])
+    boxes = load_npy(sample['faces_bbox.npy'])
+    assert points.shape == (frames, 134, 2) and scores.shape == (frames, 134) and boxes.shape == (frames, 4)
+    assert points.dtype == scores.dtype == boxes.dtype == np.float32
+    seen = scores[:, FACE].min(1) > 0
+    assert seen.mean() > 0.9 and not scores[:, :24].any() and not scores[:, 92:].any()
+    face = points[seen, FACE]
+    low, high = boxes[seen, None, :2], boxes[seen, None, 2:]
+    assert (face >= low - 1e-3).all() and (face <= high + 1e-3).all()  # face points inside the face box
+    assert (boxes[seen, 2:] - boxes[seen, :2] > 20).all()
+    assert sample['mp4_styled'][4:8] == b'ftyp' and sample['mp4_styled'] != sample['mp4']
+  tars = glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar'))
+  assert tars and not any(name.endswith('.pyd') for tar in tars for name in tarfile.open(tar).getnames())
+
+
+def test_reprocessing_the_tars_gives_the_same_keypoints(megactor_run, tmp_path):
+  tars = sorted(glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar')))
+  output = tmp_path / 'again'
+  run_cli(f'--input={tars[0]}', f'--output={output}', *COMMON)
+  first = {s['json']['id']: s for s in megactor_run['samples']}
+  again = read_shards(str(output))
+  assert sorted(s['json']['source_id'] for s in again) == sorted(first)  # sample key -> source id
+  for sample in again:
+    before = first[sample['json']['source_id']]
+    assert sample['json']['crop']['window'] == [0, 0, 256, 256]  # the full frame: not cropped twice
+    old, new = load_npy(before['dwpose_result.npy']), load_npy(sample['dwpose_result.npy'])
+    assert new.shape == old.shape
+    both = (load_npy(before['dwpose_score.npy'])[:, FACE].min(1) > 0) & \
+        (load_npy(sample['dwpose_score.npy'])[:, FACE].min(1) > 0)
+    assert both.mean() > 0.9
+    assert np.median(np.abs(new[both, FACE] - old[both, FACE])) < 1.0  # pixels, after one more H.264 pass
+
+
+def test_a_tar_with_pyd_members_is_refused_and_never_unpickled(megactor_run, tmp_path):
+  tar_path = sorted(glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar')))[0]
+  marker = tmp_path / 'unpickled'
+  packed = tmp_path / 'group124_dwpose.tar'
+  keys = set()
+  with tarfile.open(tar_path) as source, tarfile.open(packed, 'w') as target:  # as MegActor's 2.generate_dwpose
+    for member in source.getmembers():
+      if member.name.endswith(('.mp4', '.json')):
+        target.addfile(member, source.extractfile(member))
+        keys.add(member.name.split('.', 1)[0])
+    _add(target, f'{min(keys)}.dwpose_result.pyd', pickle.dumps(_Marker(str(marker))))
+  output = tmp_path / 'refused'
+  run_cli(f'--input={packed}', f'--output={output}', *COMMON)
+  (reject,) = read_jsonl(str(output / 'rejects.jsonl'))
+  assert (reject['id'], reject['reason']) == ('group124_dwpose', 'pickle_refused')
+  assert read_shards(str(output)) == []
+  assert not marker.exists()
+  trusted = tmp_path / 'trusted'
+  run_cli(f'--input={packed}', f'--output={trusted}', '--trust_pickle', *COMMON)
+  assert sorted(s['json']['source_id'] for s in read_shards(str(trusted))) == sorted(keys)
+  assert not marker.exists()  # accepted, yet still not loaded
+
+
+FACESWAP_SCRIPT = '''
+import argparse, shutil
+parser = argparse.ArgumentParser()
+parser.add_argument('--source')
+parser.add_argument('--target')
+parser.add_argument('--output')
+parser.add_argument('--fail', action='store_true')
+args = parser.parse_args()
+if args.fail:
+  raise SystemExit('no face found in ' + args.source)
+shutil.copyfile(args.target, args.output)
+'''
+
+
+def dwpose_graphs(folder):
+  """Official-shaped DWPose ONNX graphs (tests/test_dwpose.py) whose pose output plants 133 points."""
+  rng = np.random.default_rng(5)
+  box = np.array([280 - 120, 260 - 180, 280 + 120, 260 + 180]) / 2.5  # the detector's person in a 256 px frame
+  centre, scale = expected_region(box)
+  simcc_x, simcc_y, _, _ = simcc_for(rng.uniform(box[:2], box[2:], (133, 2)), centre, scale, rng)
+  detector = constant_graph(folder / 'yolox_l.onnx', 'images', [1, 3, 640, 640], {'output': detector_output()[None]})
+  pose = constant_graph(folder / 'dw-ll_ucoco_384.onnx', 'input', [1, 3, 384, 288],
+                        {'simcc_x': simcc_x, 'simcc_y': simcc_y})
+  return detector, pose
+
+
+def test_dwpose_and_faceswap_through_the_cli(tmp_path):
+  archive = write_frame_zip(str(tmp_path / 'group9.zip'), {'Clip+xyz+P0': astronaut_frames(36, seed=2)})
+  detector, pose = dwpose_graphs(tmp_path)
+  script = tmp_path / 'swap.py'
+  script.write_text(FACESWAP_SCRIPT)
+  faces = tmp_path / 'faces'
+  faces.mkdir()
+  (faces / 'face1.png').write_bytes(png(astronaut_frames(1)[0]))
+  output = tmp_path / 'out'
+  run_cli(f'--input={archive}', f'--output={output}', *COMMON, f'--dwpose_detector={detector}',
+          f'--dwpose_model={pose}', f'--faceswap_cmd={sys.executable} {script} --source {{source}} '
+          '--target {target} --output {output}', f'--source_images={faces}')
+  (sample,) = read_shards(str(output))
+  meta = sample['json']
+  assert meta['keypoints']['source'] == 'dwpose'
+  assert meta['swapped'] == {'member': 'swapped.mp4', 'source_image': 'face1.png'}
+  assert sample['swapped.mp4'] == sample['mp4']  # the script copies its target
+  points, scores = load_npy(sample['dwpose_result.npy']), load_npy(sample['dwpose_score.npy'])
+  boxes = load_npy(sample['faces_bbox.npy'])
+  assert points.shape == (36, 134, 2) and scores.shape == (36, 134) and boxes.shape == (36, 4)
+  assert (scores[:, :24] > 0).any() and (scores[:, 92:] > 0).any()  # body and hands too, not only the face
+  visible = scores[:, FACE] > 0.3
+  assert visible.any()
+  face = points[:, FACE]
+  assert all(((face[t, visible[t]] >= boxes[t, :2] - 1e-3) & (face[t, visible[t]] <= boxes[t, 2:] + 1e-3)).all()
+             for t in range(36))
+
+
+def test_a_failing_face_swap_rejects_the_clip_and_removes_its_files(tmp_path):
+  work = tmp_path / 'work'
+  mp4 = write_video(str(work / 'clips' / 'c_0.mp4'), VideoSpec(duration=0.5, width=128, height=128, audio=False))
+  info = ProbeInfo(0.5, 128, 128, 30.0, False, False, 'h264')
+  task = ClipTask('c_0', 'c', mp4, MediaFile(mp4, info), 0.0, 0.5, (0, 0, 128, 128))
+  clip = RenderedClip(task, mp4, b'', 15, 30.0, 128)
+  script = tmp_path / 'swap.py'
+  script.write_text(FACESWAP_SCRIPT)
+  (tmp_path / 'face.png').write_bytes(png(astronaut_frames(1)[0]))
+  swap = FaceSwap(f'{sys.executable} {script} --fail --source {{source}} --target {{target}} --output {{output}}',
+                  str(tmp_path / 'face.png'), timeout_s=30)
+  copies = MakeCopies(str(work), OpenCVStyler(), swap)
+  copies.setup()
+  (out,) = copies.process(Analysis(clip, {}, {}, {}, []))
+  assert isinstance(out, beam.pvalue.TaggedOutput) and out.tag == 'rejects'
+  assert (out.value.id, out.value.stage, out.value.reason) == ('c_0', 'megactor', 'faceswap_failed')
+  assert 'no face found' in out.value.detail
+  assert not os.path.exists(mp4) and not os.path.exists(copy_uri(str(work), 'c_0', 'mp4_styled'))

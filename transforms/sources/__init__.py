@@ -1,0 +1,1 @@
+"""Input layouts beyond plain videos: frame-folder archives and WebDataset sample tars."""
