@@ -131,7 +131,8 @@ class TalkingFaceOptions(PipelineOptions):
                       help='Load <stem>.pkl metadata members of input archives, and accept WebDataset sample tars '
                       'holding .pyd members (MegActor\'s pickled arrays; only their mp4 members are read, the '
                       '.pyd never). Off: pickles are never loaded (they run code) and are rejected as '
-                      'pickle_refused, a sample tar with .pyd members as a whole.')
+                      'pickle_refused, a sample tar with .pyd members as a whole. Also lets a pickled '
+                      '--flame_model / --flame_landmarks load, through an unpickler that rebuilds arrays only.')
     safe.add_argument('--max_folder_frames', type=int, default=54000,
                       help='Frame folders (a zip or tar of folders of numbered images, VFHQ layout, read at --fps) '
                       'with more images are rejected (too_many_frames).')
@@ -234,6 +235,27 @@ class TalkingFaceOptions(PipelineOptions):
     avatar.add_argument('--flame_iterations', type=int, default=1000,
                         help='Adam steps of the per-subject FLAME fit (the first fifth rigid: rotation and '
                         'translation only); 1000 as IMAvatar\'s optimize.py.')
+    avatar.add_argument('--flame_model', default=None,
+                        help='Your licensed FLAME model, local or gs://: the official generic_model.pkl (FLAME 2020 or '
+                        '2023; a pickle, read only with --trust_pickle and then only its arrays) or the pickle-free '
+                        '.npz `python -m model_handlers.flame convert` makes from it. Unset: no FLAME fit.')
+    avatar.add_argument('--flame_landmarks', default=None,
+                        help='The FLAME landmark embedding when the --flame_model file does not bundle it: DECA\'s '
+                        'landmark_embedding.npy (static 51 + yaw-dependent contour 17; a pickle: --trust_pickle), '
+                        'FLAME\'s flame_static_embedding.pkl (51 points, no contour), or an .npz with DECA\'s keys.')
+    avatar.add_argument('--shape_from', default=None,
+                        help='A subject folder of an earlier avatar run (local or gs://): its flame_params.npz shape '
+                        'is used as is for every subject of this run instead of fitting one (IMAvatar\'s '
+                        '--shape_from).')
+    avatar.add_argument('--fx', type=float, default=None,
+                        help='FLAME fit camera focal length in x, output pixels; default 1500 x --size / 512 '
+                        '(IMAvatar\'s 1500 at 512).')
+    avatar.add_argument('--fy', type=float, default=None,
+                        help='FLAME fit camera focal length in y, output pixels; default as --fx.')
+    avatar.add_argument('--cx', type=float, default=None,
+                        help='FLAME fit camera principal point x, output pixels; default --size / 2.')
+    avatar.add_argument('--cy', type=float, default=None,
+                        help='FLAME fit camera principal point y, output pixels; default --size / 2.')
 
     mmvox = parser.add_argument_group('mmvox recipe')
     mmvox.add_argument('--min_frames', type=int, default=64,

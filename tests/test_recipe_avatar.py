@@ -1,0 +1,213 @@
+"""The `avatar` recipe: HRAvatar's crop geometry, and one subject folder end to end through the CLI."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.helpers import read_jsonl
+from transforms.avatar_crop import box_in_square, hravatar_box, hravatar_window
+from transforms.writers.avatar import iris_json, keypoint_json
+
+
+def _face(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+  """68 points spanning the box (x0, y0)-(x1, y1)."""
+  rng = np.random.default_rng(0)
+  points = np.stack([rng.uniform(x0, x1, 68), rng.uniform(y0, y1, 68)], 1)
+  points[0], points[1] = (x0, y0), (x1, y1)
+  return points
+
+
+def test_box_is_hravatars():
+  points = _face(200, 100, 300, 220)  # 100 wide, 120 high
+  left, top, side = hravatar_box(points, 2.2)
+  assert side == 264  # 2.2 x 2 x the larger half-extent (60)
+  assert left + side // 2 == 250  # the middle of the x-extent
+  assert top + side // 2 == 124  # 0.8 ymin + 0.2 ymax: nearer the brows than the chin
+  assert hravatar_box(_face(0, 0, 101, 33), 1.0)[2] == 100  # even sides (101 -> 100)
+
+
+def test_window_clamped_not_shifted():
+  window, padding = hravatar_window(_face(200, 100, 300, 220), 2.2, 640, 480)
+  _, top, _ = hravatar_box(_face(200, 100, 300, 220), 2.2)
+  # The box pokes 8 px above the frame: clamped there, not shifted, and padded back to a square around it.
+  assert top == -8
+  assert window == (118, 0, 264, 256) and padding == (0, 4, 0, 4)
+
+
+def test_window_clamped_at_frame_edges_keeps_even_sides_and_pads_square():
+  points = _face(560, 380, 640, 480)  # a face in the bottom-right corner
+  window, padding = hravatar_window(points, 2.2, 640, 480)
+  x, y, w, h = window
+  assert x + w <= 640 and y + h <= 480 and w % 2 == 0 and h % 2 == 0
+  left, top, right, bottom = padding
+  assert w + left + right == h + top + bottom  # square once padded
+  assert left == right and top == bottom  # padded around its centre, as HRAvatar's squarefiy
+  assert hravatar_window(_face(700, 500, 800, 600), 1.0, 640, 480) is None  # misses the frame
+
+
+def test_face_box_is_relative_to_the_padded_square():
+  points = _face(200, 100, 300, 220)
+  window, padding = hravatar_window(points, 2.2, 640, 480)
+  x0, y0, x1, y1 = box_in_square(points, window, padding)
+  side = 264  # the square's origin is (118, -4): the window's corner less the 4 px of padding on top
+  assert (x0, x1) == (round(82 / side, 4), round(182 / side, 4))
+  assert (y0, y1) == (round(104 / side, 4), round(224 / side, 4))
+
+
+def test_keypoint_and_iris_json_layout():
+  lmk68 = np.arange(2 * 68 * 2, dtype=np.float32).reshape(2, 68, 2)
+  lmk68[1, 3, 0] = np.nan  # no face on the second frame
+  iris = np.array([[[10, 11], [20, 21]], [[np.nan, np.nan], [0, 0]]], np.float32)
+  names = ['00000.png', '00001.png']
+  keypoints = json.loads(keypoint_json(names, lmk68))
+  assert np.shape(keypoints['00000.png']) == (68, 2) and keypoints['00001.png'] is None
+  # IMAvatar's iris.py order: the image-right iris first, as a flat [x, y, x, y].
+  assert json.loads(iris_json(names, iris)) == {'00000.png': [20.0, 21.0, 10.0, 11.0], '00001.png': None}
+
+
+def _task(clip_id: str):
+  from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+  info = ProbeInfo(duration=1.0, width=64, height=64, fps=25.0, has_audio=True, interlaced=False, video_codec='h264')
+  return ClipTask(clip_id, 'subject', 'file://clip.mp4', MediaFile('clip.mp4', info), 0.0, 1.0)
+
+
+def _frames_with_parsing(count: int, person: float = 1.0):
+  """Frames whose parsing is background on the left half, skin top right and cloth bottom right."""
+  from transforms.frame_analysis import Frame
+  rng = np.random.default_rng(7)
+  parsing = np.zeros((32, 32), np.uint8)
+  parsing[:16, 16:], parsing[16:, 16:] = 1, 16
+  return [Frame(k, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                {'parsing': parsing, 'person': np.full((32, 32), person, np.float32)}) for k in range(count)]
+
+
+def _archive_alphas(uri: str):
+  from transforms.frame_store import read_frame_archive
+  found = []
+  for name, data in read_frame_archive(uri):
+    rgba = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    found.append((name, rgba[..., 3].astype(np.float32) / 255, rgba[..., 2::-1]))
+  return found
+
+
+@pytest.mark.parametrize('drop_cloth', [False, True])
+def test_avatar_frames_alpha_is_person_matte_times_parsing_foreground(tmp_path, drop_cloth):
+  from transforms.avatar import ARCHIVE, AvatarFrames
+  analyzer = AvatarFrames(str(tmp_path), None, drop_cloth)
+  analyzer.setup()
+  frames = _frames_with_parsing(3, person=0.6)
+  clip = analyzer.start(_task('seg'), 3, 32)
+  clip.add(frames)
+  result = clip.finish(3)
+  written = _archive_alphas(result.files[ARCHIVE])
+  assert [name for name, _, _ in written] == ['image/00000.png', 'image/00001.png', 'image/00002.png']
+  for frame, (_, alpha, rgb) in zip(frames, written):
+    assert (alpha[:, :16] == 0).all() and np.allclose(alpha[:16, 16:], 0.6, atol=1 / 255)
+    assert np.allclose(alpha[16:, 16:], 0 if drop_cloth else 0.6, atol=1 / 255)
+    np.testing.assert_allclose(rgb, np.rint(frame.image * alpha[..., None]), atol=1)  # premultiplied
+  np.testing.assert_allclose(result.arrays['alpha_coverage'], 0.6 * (0.25 if drop_cloth else 0.5), atol=1e-2)
+
+
+def test_avatar_frames_carry_the_matting_state_through_the_clip(tmp_path):
+  torch = pytest.importorskip('torch')
+  from model_handlers.matting import MattingModelHandler
+  from tests.test_matting import STEP, CountingMatte
+  from transforms.avatar import ARCHIVE, AvatarFrames
+  weights = tmp_path / 'rvm_mobilenetv3_fp32.torchscript'
+  torch.jit.script(CountingMatte()).save(str(weights))
+  analyzer = AvatarFrames(str(tmp_path), MattingModelHandler(str(weights), device='cpu'), drop_cloth=True)
+  analyzer.setup()
+  frames = _frames_with_parsing(7, person=0.0)  # the segmentation's mask is not used when RVM runs
+  clip = analyzer.start(_task('rvm'), 7, 32)
+  clip.add(frames[:5])
+  clip.add(frames[5:])
+  written = _archive_alphas(clip.finish(7).files[ARCHIVE])
+  for k, (frame, (_, alpha, _)) in enumerate(zip(frames, written)):
+    matte = np.clip(frame.image[..., 0] / 255 * STEP * (k + 1), 0, 1)
+    np.testing.assert_allclose(alpha[:16, 16:], matte[:16, 16:], atol=1 / 255 + 1e-6)
+    assert (alpha[:, :16] == 0).all() and (alpha[16:] == 0).all()
+
+
+def test_an_abandoned_pass_leaves_no_archive(tmp_path):
+  from transforms.avatar import AvatarFrames
+  clip = AvatarFrames(str(tmp_path), None).start(_task('gone'), 2, 32)
+  clip.add(_frames_with_parsing(2))
+  clip.abandon()
+  assert not glob.glob(str(tmp_path / 'frames' / '*'))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def avatar_run(tmp_path_factory):
+  """Two clips of one generated talking video through `--recipe=avatar` at HRAvatar's 512 px, with a FLAME fit
+  (a small synthetic model in the converter's .npz layout, few steps). The head moves little, as in the videos
+  HRAvatar crops with one box: it stays inside that box."""
+  from beam_pipeline.demo import VideoSpec, write_video
+  from tests import flame_synthetic
+  from tests.helpers import run_cli
+  root = tmp_path_factory.mktemp('avatar')
+  flame = flame_synthetic.write_npz(root / 'flame.npz', *flame_synthetic.build())
+  video = str(root / 'talker.mp4')
+  write_video(video, VideoSpec(duration=2.4, fps=25.0, seed=5, motion_px=8.0))  # HRAvatar: a steady head
+  manifest = root / 'videos.jsonl'
+  manifest.write_text(json.dumps({'id': 'talker', 'url': video, 'clips': [[1.2, 2.4], [0.0, 1.2]]}) + '\n')
+  output, work = root / 'out', root / 'work'
+  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=avatar', '--no_report',
+          '--no_progress', f'--flame_model={flame}', '--flame_iterations=40')
+  return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work)}
+
+
+def test_subject_folder_holds_rgba_frames_keypoints_and_irises(avatar_run):
+  folder, count = avatar_run['folder'], 60  # 2 x 1.2 s at 25 fps
+  frames = sorted(glob.glob(os.path.join(folder, 'image', '*.png')))
+  assert [os.path.basename(p) for p in frames] == [f'{i:05d}.png' for i in range(count)]
+  keypoints = json.load(open(os.path.join(folder, 'keypoint.json')))
+  irises = json.load(open(os.path.join(folder, 'iris.json')))
+  assert sorted(keypoints) == sorted(irises) == [os.path.basename(p) for p in frames]
+  assert all(np.shape(points) == (68, 2) for points in keypoints.values())
+  assert all(np.shape(centres) == (4,) for centres in irises.values())
+  for name in ('00000.png', '00030.png', '00059.png'):
+    rgba = cv2.imread(os.path.join(folder, 'image', name), cv2.IMREAD_UNCHANGED)
+    assert rgba.shape == (512, 512, 4) and rgba.dtype == np.uint8
+    alpha = rgba[..., 3].astype(np.float32) / 255
+    points = np.array(keypoints[name])
+    (x0, y0), (x1, y1) = points.min(0).astype(int), points.max(0).astype(int)
+    assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512, name
+    assert alpha[y0:y1, x0:x1].mean() > 0.9, name  # the face is in the matte
+    for corner in (alpha[:24, :24], alpha[:24, -24:]):  # background above the shoulders
+      assert corner.max() == 0, name
+    # Premultiplied: no colour where alpha is 0, and colour never brighter than alpha allows.
+    assert (rgba[..., :3][alpha == 0] == 0).all()
+    assert (rgba[..., :3].max(axis=2) <= rgba[..., 3]).all()
+    iris = np.array(irises[name]).reshape(2, 2)
+    assert iris[0, 0] > iris[1, 0]  # the image-right iris first
+    assert (x0 <= iris[:, 0]).all() and (iris[:, 0] <= x1).all() and (y0 <= iris[:, 1]).all()
+
+
+def test_one_record_per_clip_and_media_cleaned(avatar_run):
+  records = read_jsonl(os.path.join(avatar_run['output'], 'index.jsonl'))
+  assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', ['00030.png', '00059.png']),
+                                                              ('talker_1', ['00000.png', '00029.png'])]
+  assert {r['folder'] for r in records} == {'talker'} and {r['crop']['mode'] for r in records} == {'first_frame'}
+  stats = json.load(open(os.path.join(avatar_run['output'], 'stats.json')))
+  assert stats['written'] == 2 and stats['balanced']
+  assert not glob.glob(os.path.join(avatar_run['work'], 'frames', '*'))
+  assert not glob.glob(os.path.join(avatar_run['work'], 'clips', '*.mp4'))
+
+
+def test_flame_fit_of_the_subject(avatar_run):
+  folder = avatar_run['folder']
+  with np.load(os.path.join(folder, 'flame_params.npz')) as params:
+    assert params['expr'].shape[0] == params['translation'].shape[0] == params['rotation'].shape[0] == 60
+    assert params['shape'].ndim == 1 and params['translation'].shape == (60, 3)
+    assert np.isfinite(params['error_after_px']).all()
+  errors = json.load(open(os.path.join(folder, 'flame_error.json')))
+  assert sorted(errors['frames']) == [f'{i:05d}.png' for i in range(60)]
+  assert errors['mean_after_px'] < errors['mean_before_px']  # the fit moved the model towards the keypoints
+  assert errors['intrinsics'] == {'fx': 1500.0, 'fy': 1500.0, 'cx': 256.0, 'cy': 256.0}
