@@ -6,11 +6,19 @@ import json
 import numpy as np
 import pytest
 
+from beam_pipeline.recipes import NAMES, get_recipe
 from beam_pipeline.recipes.base import Recipe, apply_defaults, explicit_flags
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 from transforms.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.writers.folders import is_published, publish_unit
 from transforms.write import published_indexes
+
+
+def test_every_recipe_is_registered():
+  for name in NAMES:
+    assert get_recipe(name).name == name
+  with pytest.raises(ValueError, match='unknown recipe'):
+    get_recipe('nope')
 
 
 def test_recipe_defaults_yield_to_the_command_line():
