@@ -11,7 +11,7 @@ import json
 import math
 import os
 from fractions import Fraction
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import av
 import cv2

@@ -101,10 +101,13 @@ def _mp_image(image: np.ndarray):
   return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
 
 
-class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
-  """Shared plumbing: model resolution, batching, per-frame face counters."""
+class MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
+  """Shared plumbing of the MediaPipe Tasks handlers (faces here, person segmentation in
+  model_handlers/mediapipe_segmentation.py): model resolution, batching, a task pool, per-frame counters of
+  frames with and without what the model looks for (`counted`)."""
 
   model_name = ''
+  counted = 'face'
 
   def __init__(self, model_dir: Optional[str] = None, min_confidence: float = 0.5, max_faces: int = 1,
                min_batch_size: int = 1, max_batch_size: int = 32, metrics_namespace: str = 'faces'):
@@ -114,8 +117,8 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
     self._max_faces = max_faces
     self._batch_kwargs = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
     self._namespace = metrics_namespace
-    self._with_face = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_with_face')
-    self._without_face = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_without_face')
+    self._with = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_with_{self.counted}')
+    self._without = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_without_{self.counted}')
     self._errors = Metrics.counter(metrics_namespace, f'{self.model_name}_frame_errors')
 
   def _create(self, model_path: str):
@@ -123,6 +126,9 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
 
   def _infer(self, task, image: np.ndarray):
     raise NotImplementedError
+
+  def _found(self, result) -> bool:
+    return bool(result.num_faces)
 
   def _failed(self, image: np.ndarray, error: Exception) -> ModelError:
     """One bad frame must not fail its batch (and every clip in it); it is a model error, not "no face"."""
@@ -139,7 +145,7 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
                     inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
     for result in model.map(self._infer, batch, self._failed):
       if not isinstance(result, ModelError):
-        (self._with_face if result.num_faces else self._without_face).inc()
+        (self._with if self._found(result) else self._without).inc()
       # The frame is not kept in the result: only the caller holds frames, and only while it needs them.
       yield PredictionResult(example=None, inference=result, model_id=self.model_name)
 
@@ -153,7 +159,7 @@ class _MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
     return self._batch_kwargs
 
 
-class FaceDetectorModelHandler(_MediaPipeHandler):
+class FaceDetectorModelHandler(MediaPipeHandler):
   """RGB frame -> `Detection` (BlazeFace full-range: small faces in wide shots), largest first."""
 
   model_name = 'face_detector_full_range'
@@ -174,7 +180,7 @@ class FaceDetectorModelHandler(_MediaPipeHandler):
     return Detection(boxes[order], scores[order], image.shape[1], image.shape[0])
 
 
-class FaceLandmarkerModelHandler(_MediaPipeHandler):
+class FaceLandmarkerModelHandler(MediaPipeHandler):
   """RGB frame -> `FaceResult`: 478 landmarks, 52 blendshapes, head pose matrix of up to `max_faces`
   faces, largest first."""
 

@@ -7,32 +7,23 @@ needs soft edges, and each consumer thresholds as it needs.
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
-from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from model_handlers import registry
-from model_handlers.in_process import ModelError
-from model_handlers.mediapipe_face import TaskPool, _mp_image
+from model_handlers.mediapipe_face import MediaPipeHandler, _mp_image
 
 
-class PersonSegmenterModelHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
+class PersonSegmenterModelHandler(MediaPipeHandler):
   """RGB uint8 (H, W, 3) frame -> float32 (H, W) person probability in [0, 1] at the frame's size."""
 
   model_name = 'selfie_segmenter'
+  counted = 'person'
 
   def __init__(self, model_dir: Optional[str] = None, min_batch_size: int = 1, max_batch_size: int = 32,
                metrics_namespace: str = 'segmentation'):
-    super().__init__()
-    self._model_dir = model_dir
-    self._batch_kwargs = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
-    self._namespace = metrics_namespace
-    self._with_person = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_with_person')
-    self._without_person = Metrics.counter(metrics_namespace, f'{self.model_name}_frames_without_person')
-    self._errors = Metrics.counter(metrics_namespace, f'{self.model_name}_frame_errors')
+    super().__init__(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                     metrics_namespace=metrics_namespace)
 
   def _create(self, model_path: str):
     from mediapipe.tasks.python import BaseOptions, vision
@@ -50,28 +41,5 @@ class PersonSegmenterModelHandler(ModelHandler[np.ndarray, PredictionResult, Tas
       raise ValueError(f'segmenter returned a {person.shape} mask for a {image.shape[:2]} frame')
     return np.clip(person, 0.0, 1.0)
 
-  def _failed(self, image: np.ndarray, error: Exception) -> ModelError:
-    self._errors.inc()
-    logging.warning('%s failed on a frame of shape %s', self.model_name, getattr(image, 'shape', None),
-                    exc_info=True)
-    return ModelError(self.model_name, f'{type(error).__name__}: {error}'[:300])
-
-  def load_model(self) -> TaskPool:
-    path = registry.resolve(self.model_name, self._model_dir)
-    return TaskPool(lambda: self._create(path))
-
-  def run_inference(self, batch: Sequence[np.ndarray], model: TaskPool,
-                    inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    for result in model.map(self._infer, batch, self._failed):
-      if not isinstance(result, ModelError):
-        (self._with_person if float(result.max(initial=0.0)) > 0.5 else self._without_person).inc()
-      yield PredictionResult(example=None, inference=result, model_id=self.model_name)
-
-  def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-    return sum(image.nbytes for image in batch)
-
-  def get_metrics_namespace(self) -> str:
-    return self._namespace
-
-  def batch_elements_kwargs(self) -> Dict[str, Any]:
-    return self._batch_kwargs
+  def _found(self, result) -> bool:
+    return float(result.max(initial=0.0)) > 0.5

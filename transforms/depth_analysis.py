@@ -9,14 +9,13 @@ member (and counts as a model error).
 from __future__ import annotations
 
 import io
-from typing import List
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from beam_pipeline.elements import ClipTask
-from model_handlers.in_process import ModelError, SharedModel
-from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
+from model_handlers.in_process import SharedModel
+from transforms.frame_analysis import ClipPass, Frame, ModelAnalyzer, ModelPass, PassResult
 from transforms.frame_store import FrameArchive, archive_uri
 
 ARCHIVE = 'depth'  # archive name and PassResult.files key
@@ -29,36 +28,29 @@ def npy_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class _DepthPass(ClipPass):
+class _DepthPass(ModelPass):
 
   def __init__(self, model: SharedModel, archive: FrameArchive):
-    self.model = model
+    super().__init__(model)
     self.archive = archive
-    self.errors: List[ModelError] = []
 
-  def add(self, frames: List[Frame]) -> None:
-    for frame, depth in zip(frames, self.model.infer([frame.image for frame in frames])):
-      if isinstance(depth, ModelError):
-        self.errors.append(depth)
-        continue
-      self.archive.add(f'{frame.index}.npy', npy_bytes(np.asarray(depth, np.float32).astype(DTYPE)))
+  def take(self, frame: Frame, depth) -> None:
+    self.archive.add(f'{frame.index}.npy', npy_bytes(np.asarray(depth, np.float32).astype(DTYPE)))
 
   def finish(self, num_frames: int) -> PassResult:
-    return PassResult({}, len(self.errors), self.errors[-1].detail if self.errors else '',
-                      files={ARCHIVE: self.archive.close()})
+    return self.result(files={ARCHIVE: self.archive.close()})
 
   def abandon(self) -> None:
     self.archive.discard()
 
 
-class DepthMaps(FrameAnalyzer):
+class DepthMaps(ModelAnalyzer):
   """Depth of every output frame into the clip's `depth` frame archive (`<i>.npy`, float16 H x W)."""
 
   name = 'depth'
 
   def __init__(self, handler: ModelHandler, work_dir: str):
-    self.model = SharedModel(handler)
-    self.batch_size = self.model.batch_size
+    super().__init__(handler)
     self.work_dir = work_dir
 
   @classmethod
@@ -66,9 +58,6 @@ class DepthMaps(FrameAnalyzer):
     """The analyzer for `--depth`; a missing or wrong path fails here, when the graph is built."""
     from model_handlers.depth import DepthHandler, check_depth_weights
     return cls(DepthHandler(check_depth_weights(opts.depth)), work_dir)
-
-  def setup(self) -> None:
-    self.model.setup()
 
   def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
     return _DepthPass(self.model, FrameArchive(archive_uri(self.work_dir, task.clip_id, ARCHIVE)))

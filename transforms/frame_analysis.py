@@ -73,6 +73,41 @@ class FrameAnalyzer:
     raise NotImplementedError
 
 
+class ModelPass(ClipPass):
+  """A pass that runs one shared per-frame model on each batch: a frame the model failed on is counted (the
+  clip's model errors), every other result goes to `take`."""
+
+  def __init__(self, model: SharedModel):
+    self.model = model
+    self.errors: List[ModelError] = []
+
+  def add(self, frames: List[Frame]) -> None:
+    for frame, result in zip(frames, self.model.infer([frame.image for frame in frames])):
+      if isinstance(result, ModelError):
+        self.errors.append(result)
+      else:
+        self.take(frame, result)
+
+  def take(self, frame: Frame, result) -> None:
+    raise NotImplementedError
+
+  def result(self, arrays: Optional[dict] = None, files: Optional[dict] = None) -> PassResult:
+    return PassResult(arrays or {}, len(self.errors), self.errors[-1].detail if self.errors else '',
+                      files=files or {})
+
+
+class ModelAnalyzer(FrameAnalyzer):
+  """An analyzer around one ModelHandler, loaded once per worker process (SharedModel) in `setup`; frames
+  reach it in batches of the handler's size."""
+
+  def __init__(self, handler: ModelHandler):
+    self.model = SharedModel(handler)
+    self.batch_size = self.model.batch_size
+
+  def setup(self) -> None:
+    self.model.setup()
+
+
 def _centre_and_size(box: np.ndarray) -> Tuple[np.ndarray, float]:
   return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]), float(max(box[2] - box[0], box[3] - box[1], 1.0))
 
@@ -109,47 +144,32 @@ class FaceChooser:
     return best
 
 
-class _LandmarkPass(ClipPass):
+class _LandmarkPass(ModelPass):
 
   def __init__(self, model: SharedModel, num_frames: int, expected: Optional[np.ndarray], source_scale: float):
-    self.model = model
+    super().__init__(model)
     self.packed = FaceArrays(num_frames)
     self.chooser = FaceChooser(expected)
     self.source_scale = source_scale
-    self.errors: List[ModelError] = []
 
-  def add(self, frames: List[Frame]) -> None:
-    results = self.model.infer([frame.image for frame in frames])
-    for frame, face in zip(frames, results):
-      if isinstance(face, ModelError):
-        self.errors.append(face)
-        continue
-      which = self.chooser.choose(frame.index, face.boxes())
-      if which is not None:
-        # Blur is measured here: only here the frame and its chosen face box meet.
-        self.packed.put(frame.index, face, which,
-                        face_sharpness(frame.image, face.boxes()[which], self.source_scale))
-        frame.found.update(landmarks=face.landmarks[which], matrix=face.matrices[which],
-                           blendshapes=face.blendshapes[which])
+  def take(self, frame: Frame, face) -> None:
+    which = self.chooser.choose(frame.index, face.boxes())
+    if which is not None:
+      # Blur is measured here: only here the frame and its chosen face box meet.
+      self.packed.put(frame.index, face, which, face_sharpness(frame.image, face.boxes()[which], self.source_scale))
+      frame.found.update(landmarks=face.landmarks[which], matrix=face.matrices[which],
+                         blendshapes=face.blendshapes[which])
 
   def finish(self, num_frames: int) -> PassResult:
-    return PassResult(self.packed.arrays(num_frames), len(self.errors),
-                      self.errors[-1].detail if self.errors else '')
+    return self.result(self.packed.arrays(num_frames))
 
 
-class FaceLandmarks(FrameAnalyzer):
+class FaceLandmarks(ModelAnalyzer):
   """MediaPipe FaceLandmarker on every output frame, following the tracked face: landmarks, blendshapes,
   pose, matrix, bbox, iris, lmk68 and sharpness arrays (transforms/features.FaceArrays), and the tracked
   face's landmarks, matrix and blendshapes in each frame's `found`."""
 
   name = 'face_landmarker'
-
-  def __init__(self, handler: ModelHandler):
-    self.model = SharedModel(handler)
-    self.batch_size = self.model.batch_size
-
-  def setup(self) -> None:
-    self.model.setup()
 
   def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
     # A tracked face's window fits the frame (no padding), so its output square is the window.

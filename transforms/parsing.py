@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-from model_handlers.in_process import ModelError, SharedModel
-from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
+from model_handlers.in_process import SharedModel
+from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, ModelAnalyzer, ModelPass, PassResult
 
 NUM_CLASSES = 19
 BACKGROUND, SKIN, LEFT_BROW, RIGHT_BROW, LEFT_EYE, RIGHT_EYE, GLASSES, LEFT_EAR, RIGHT_EAR, EARRING = range(10)
@@ -143,23 +143,18 @@ def foreground(parsing: np.ndarray, drop_cloth: bool = False) -> np.ndarray:
   return keep & (parsing != CLOTH) if drop_cloth else keep
 
 
-class _ModelPass(ClipPass):
-  """Runs a per-frame model on each batch and stores its result in `found[key]`; failures are counted."""
+class _FoundPass(ModelPass):
+  """A per-frame model's result stored in each frame's `found[key]`."""
 
-  def __init__(self, model: SharedModel, key: str):
-    self.model = model
+  def __init__(self, model, key: str):
+    super().__init__(model)
     self.key = key
-    self.errors: List[ModelError] = []
 
-  def add(self, frames: List[Frame]) -> None:
-    for frame, result in zip(frames, self.model.infer([frame.image for frame in frames])):
-      if isinstance(result, ModelError):
-        self.errors.append(result)
-      else:
-        frame.found[self.key] = result
+  def take(self, frame: Frame, result) -> None:
+    frame.found[self.key] = result
 
   def finish(self, num_frames: int) -> PassResult:
-    return PassResult({}, len(self.errors), self.errors[-1].detail if self.errors else '')
+    return self.result()
 
 
 class _LandmarkParsingPass(ClipPass):
@@ -174,21 +169,14 @@ class _LandmarkParsingPass(ClipPass):
     return PassResult({}, 0)
 
 
-class PersonSegmentation(FrameAnalyzer):
+class PersonSegmentation(ModelAnalyzer):
   """MediaPipe selfie segmentation on every output frame: `found['person']`, float32 (H, W) in [0, 1]
   (absent on a frame the model failed on; such frames count as the clip's model errors)."""
 
   name = 'selfie_segmenter'
 
-  def __init__(self, handler):
-    self.model = SharedModel(handler)
-    self.batch_size = self.model.batch_size
-
-  def setup(self) -> None:
-    self.model.setup()
-
   def start(self, task, num_frames: int, size: int) -> ClipPass:
-    return _ModelPass(self.model, 'person')
+    return _FoundPass(self.model, 'person')
 
 
 class FaceParsing(FrameAnalyzer):
@@ -207,7 +195,7 @@ class FaceParsing(FrameAnalyzer):
       self.model.setup()
 
   def start(self, task, num_frames: int, size: int) -> ClipPass:
-    return _ModelPass(self.model, 'parsing') if self.model else _LandmarkParsingPass()
+    return _FoundPass(self.model, 'parsing') if self.model else _LandmarkParsingPass()
 
 
 def parsing_analyzers(opts) -> List[FrameAnalyzer]:
