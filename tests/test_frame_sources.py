@@ -1,6 +1,7 @@
 """Frame folders (VFHQ layout) and WebDataset sample tars as inputs (transforms/sources/)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,8 +19,8 @@ from beam_pipeline.elements import Reject, Source
 from transforms.manifest import list_input, read_input
 from transforms.probe import probe_here
 from transforms.safety import InputPolicy
-from transforms.sources.frames import FrameFolder, FrameFolderOptions
-from transforms.unpack import is_member_url
+from transforms.sources.frames import FolderEncoder, FrameFolder, FrameFolderOptions
+from transforms.unpack import is_frame_url, is_member_url
 
 FPS = 30.0
 
@@ -138,7 +139,8 @@ def test_frame_folder_urls_are_checked(tmp_path, frames):
   archive = write_frame_zip(str(tmp_path / 'x.zip'), {'a': frames[:3]})
   (source,) = list_input(archive)
   folder = FrameFolder.from_url(source.url)
-  assert folder.file == 'x/a.mkv' and len(folder.frames) == 3 and folder.fps == FPS
+  assert folder.file == 'x/a.mkv' and folder.frames.count == 3 and len(folder.frames.load()) == 3
+  assert folder.fps == FPS
   tampered = source.url.replace('file=x%2Fa.mkv', 'file=..%2Fa.mkv')
   with pytest.raises(ValueError):
     FrameFolder.from_url(tampered)
@@ -146,6 +148,57 @@ def test_frame_folder_urls_are_checked(tmp_path, frames):
   manifest.write_text(json.dumps({'id': 'x', 'url': source.url}) + '\n')
   (refused,) = list_input(str(manifest))
   assert refused.reason == 'bad_url'  # an input cannot name the listing's own urls
+
+
+def test_frame_lists_go_to_a_listing_file_not_the_url(tmp_path, frames):
+  listings = tmp_path / 'work' / 'frame_listings'
+  options = FrameFolderOptions(listing_dir=str(listings))
+  many = write_frame_zip(str(tmp_path / 'many.zip'), {'long': [b'\0'] * 3000, 'short': [b'\0'] * 3})
+  long_source, short_source = list_input(many, frames=options)
+  assert len(long_source.url) < 1000 and abs(len(long_source.url) - len(short_source.url)) < 50
+  (listing,) = listings.iterdir()  # one file per archive, named by its content
+  assert listing.name == hashlib.sha256(listing.read_bytes()).hexdigest() + '.jsonl'
+  assert [len(json.loads(line)) for line in listing.read_text().splitlines()] == [3000, 3]
+  stamp = listing.stat().st_mtime_ns
+  again = list(list_input(many, frames=options))  # a retried listing: same urls, the file is not rewritten
+  assert [s.url for s in again] == [long_source.url, short_source.url] and listing.stat().st_mtime_ns == stamp
+  assert [f.name for f in FrameFolder.from_url(long_source.url).frames.load()][-1] == 'long/02999.png'
+
+  archive = write_frame_zip(str(tmp_path / 'clips.zip'), {'a': frames[:6]})
+  (source,) = read_input(archive, work_dir=str(tmp_path / 'work'), frames=options)
+  assert all(np.array_equal(got, want) for got, want in zip(decoded(source.url), frames[:6]))
+
+
+def test_a_changed_or_lost_listing_file_is_not_read_as_frames(tmp_path, frames):
+  listings = tmp_path / 'frame_listings'
+  archive = write_frame_zip(str(tmp_path / 'clips.zip'), {'a': frames[:4]})
+  (source,) = list_input(archive, frames=FrameFolderOptions(listing_dir=str(listings)))
+  encoder = FolderEncoder(str(tmp_path / 'work'))
+  (listing,) = listings.iterdir()
+  listing.write_bytes(listing.read_bytes().replace(b'a/00003.png', b'a/00002.png'))
+  (reject,) = encoder.encode(source)
+  assert reject.reason == 'bad_url' and 'not the one listed' in reject.detail
+  listing.unlink()
+  with pytest.raises(OSError):  # not the input's fault: raised, so the dead letter marks it transient
+    list(encoder.encode(source))
+
+
+def test_lone_images_and_images_beside_videos_are_not_frame_folders(tmp_path, frames):
+  video = b'\0' * 64  # listing reads no video member
+  with zipfile.ZipFile(tmp_path / 'videos.zip', 'w') as archive:
+    archive.writestr('talks/a.mp4', video)
+    archive.writestr('talks/a_thumb1.jpg', png(frames[0]))  # beside a video: a poster
+    archive.writestr('talks/a_thumb2.jpg', png(frames[1]))
+    archive.writestr('thumb1.jpg', png(frames[0]))  # a lone image in an archive of videos
+    for index in range(3):
+      archive.writestr(f'Clip+x/{index:05d}.png', png(frames[index]))  # a frame folder beside the videos
+  items = list(list_input(str(tmp_path / 'videos.zip')))
+  assert [(type(i).__name__, i.source_id) for i in items] == [('Source', 'talks_a'), ('Source', 'Clip_x')]
+  assert is_frame_url(items[1].url) and not is_frame_url(items[0].url)
+  with zipfile.ZipFile(tmp_path / 'images.zip', 'w') as archive:
+    archive.writestr('Clip+y/00000.png', png(frames[0]))  # an archive of images only: a clip too short
+  (reject,) = list_input(str(tmp_path / 'images.zip'))
+  assert (reject.id, reject.reason) == ('Clip_y', 'too_few_frames')
 
 
 # ----------------------------------------------------------------------------- WebDataset sample tars

@@ -14,6 +14,7 @@ import pytest
 
 from beam_pipeline.demo import VideoSpec, write_video
 from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
+from model_handlers.dwpose import to_openpose
 from model_handlers.stylize import OpenCVStyler
 from transforms.faceswap import FaceSwap
 from transforms.filters import Analysis
@@ -23,8 +24,9 @@ from tests.test_dwpose import constant_graph, detector_output, expected_region, 
 from tests.test_frame_sources import _add, _Marker, astronaut_frames, png, write_frame_zip
 
 FACE = slice(24, 92)
+BASE = ('--recipe=megactor', '--size=256', '--no_progress', '--no_report')
 # The generated astronaut's eyes do not move: MegActor's eye-motion filter (on in this recipe) would reject it.
-COMMON = ('--recipe=megactor', '--size=256', '--min_eye_motion_var=0', '--no_progress', '--no_report')
+COMMON = BASE + ('--min_eye_motion_var=0',)
 
 
 @pytest.fixture(scope='module')
@@ -61,6 +63,8 @@ def test_samples_hold_megactor_members(megactor_run):
     assert (face >= low - 1e-3).all() and (face <= high + 1e-3).all()  # face points inside the face box
     assert (boxes[seen, 2:] - boxes[seen, :2] > 20).all()
     assert sample['mp4_styled'][4:8] == b'ftyp' and sample['mp4_styled'] != sample['mp4']
+  (listing,) = glob.glob(os.path.join(megactor_run['output'], '_work', 'frame_listings', '*.jsonl'))
+  assert [len(json.loads(line)) for line in open(listing)] == [60, 48]  # the frame lists, out of the source urls
   tars = glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar'))
   assert tars and not any(name.endswith('.pyd') for tar in tars for name in tarfile.open(tar).getnames())
 
@@ -83,27 +87,46 @@ def test_reprocessing_the_tars_gives_the_same_keypoints(megactor_run, tmp_path):
     assert np.median(np.abs(new[both, FACE] - old[both, FACE])) < 1.0  # pixels, after one more H.264 pass
 
 
-def test_a_tar_with_pyd_members_is_refused_and_never_unpickled(megactor_run, tmp_path):
+@pytest.fixture(scope='module')
+def pyd_runs(megactor_run):
+  """A produced shard rewritten as MegActor's 2.generate_dwpose leaves it (a `.pyd` pickle beside the mp4), run
+  once as is and once with --trust_pickle; the trusted run keeps the recipe's eye-motion filter (no
+  --min_eye_motion_var=0)."""
+  root = megactor_run['root']
   tar_path = sorted(glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar')))[0]
-  marker = tmp_path / 'unpickled'
-  packed = tmp_path / 'group124_dwpose.tar'
+  marker = root / 'unpickled'
+  packed = root / 'group124_dwpose.tar'
   keys = set()
-  with tarfile.open(tar_path) as source, tarfile.open(packed, 'w') as target:  # as MegActor's 2.generate_dwpose
+  with tarfile.open(tar_path) as source, tarfile.open(packed, 'w') as target:
     for member in source.getmembers():
       if member.name.endswith(('.mp4', '.json')):
         target.addfile(member, source.extractfile(member))
         keys.add(member.name.split('.', 1)[0])
     _add(target, f'{min(keys)}.dwpose_result.pyd', pickle.dumps(_Marker(str(marker))))
-  output = tmp_path / 'refused'
-  run_cli(f'--input={packed}', f'--output={output}', *COMMON)
-  (reject,) = read_jsonl(str(output / 'rejects.jsonl'))
+  refused, trusted = root / 'refused', root / 'trusted'
+  run_cli(f'--input={packed}', f'--output={refused}', *COMMON)
+  run_cli(f'--input={packed}', f'--output={trusted}', '--trust_pickle', *BASE)
+  return {'refused': refused, 'trusted': trusted, 'keys': keys, 'marker': marker}
+
+
+def test_a_tar_with_pyd_members_is_refused_and_never_unpickled(pyd_runs):
+  (reject,) = read_jsonl(str(pyd_runs['refused'] / 'rejects.jsonl'))
   assert (reject['id'], reject['reason']) == ('group124_dwpose', 'pickle_refused')
-  assert read_shards(str(output)) == []
-  assert not marker.exists()
-  trusted = tmp_path / 'trusted'
-  run_cli(f'--input={packed}', f'--output={trusted}', '--trust_pickle', *COMMON)
-  assert sorted(s['json']['source_id'] for s in read_shards(str(trusted))) == sorted(keys)
-  assert not marker.exists()  # accepted, yet still not loaded
+  assert read_shards(str(pyd_runs['refused'])) == []
+  # With --trust_pickle the tar is read: each sample's mp4 is rendered and scored (the filter below rejects
+  # them), and the pickle is still never loaded.
+  rejects = read_jsonl(str(pyd_runs['trusted'] / 'rejects.jsonl'))
+  assert sorted(r['source_id'] for r in rejects) == sorted(pyd_runs['keys'])
+  assert not pyd_runs['marker'].exists()
+
+
+def test_the_eye_motion_filter_is_on_by_default(pyd_runs):
+  """Without --min_eye_motion_var=0 the generated astronaut, whose eyes never move, fails MegActor's curation."""
+  rejects = read_jsonl(str(pyd_runs['trusted'] / 'rejects.jsonl'))
+  assert sorted(r['id'] for r in rejects) == sorted(f'{key}_0' for key in pyd_runs['keys'])
+  assert {(r['stage'], r['reason'], r['threshold']) for r in rejects} == {('filter', 'eye_motion_low', 2.0)}
+  assert all(r['value'] is not None and r['value'] <= 2.0 for r in rejects)
+  assert read_shards(str(pyd_runs['trusted'])) == []
 
 
 FACESWAP_SCRIPT = '''
@@ -121,20 +144,24 @@ shutil.copyfile(args.target, args.output)
 
 
 def dwpose_graphs(folder):
-  """Official-shaped DWPose ONNX graphs (tests/test_dwpose.py) whose pose output plants 133 points."""
+  """Official-shaped DWPose ONNX graphs (tests/test_dwpose.py): the detector finds one person in a 256 px frame
+  (letterboxed x2.5), the pose model puts each of its 133 points at a chosen pixel inside that person's box.
+  Also returns the (134, 2) points and (134,) scores the ONNX path must give on every frame."""
   rng = np.random.default_rng(5)
-  box = np.array([280 - 120, 260 - 180, 280 + 120, 260 + 180]) / 2.5  # the detector's person in a 256 px frame
+  box = np.array([280 - 120, 260 - 180, 280 + 120, 260 + 180]) / 2.5
   centre, scale = expected_region(box)
-  simcc_x, simcc_y, _, _ = simcc_for(rng.uniform(box[:2], box[2:], (133, 2)), centre, scale, rng)
+  simcc_x, simcc_y, decoded, peaks = simcc_for(rng.uniform(box[:2], box[2:], (133, 2)), centre, scale, rng)
   detector = constant_graph(folder / 'yolox_l.onnx', 'images', [1, 3, 640, 640], {'output': detector_output()[None]})
   pose = constant_graph(folder / 'dw-ll_ucoco_384.onnx', 'input', [1, 3, 384, 288],
                         {'simcc_x': simcc_x, 'simcc_y': simcc_y})
-  return detector, pose
+  points, scores = to_openpose(decoded, peaks)
+  return detector, pose, points, scores
 
 
-def test_dwpose_and_faceswap_through_the_cli(tmp_path):
-  archive = write_frame_zip(str(tmp_path / 'group9.zip'), {'Clip+xyz+P0': astronaut_frames(36, seed=2)})
-  detector, pose = dwpose_graphs(tmp_path)
+def test_dwpose_onnx_and_faceswap_through_the_cli(tmp_path):
+  archive = write_frame_zip(str(tmp_path / 'group9.zip'), {'Clip+xyz+P0': astronaut_frames(32, seed=2),
+                                                           'Clip+uvw+P1': astronaut_frames(32, seed=3)})
+  detector, pose, planted_points, planted_scores = dwpose_graphs(tmp_path)
   script = tmp_path / 'swap.py'
   script.write_text(FACESWAP_SCRIPT)
   faces = tmp_path / 'faces'
@@ -144,20 +171,24 @@ def test_dwpose_and_faceswap_through_the_cli(tmp_path):
   run_cli(f'--input={archive}', f'--output={output}', *COMMON, f'--dwpose_detector={detector}',
           f'--dwpose_model={pose}', f'--faceswap_cmd={sys.executable} {script} --source {{source}} '
           '--target {target} --output {output}', f'--source_images={faces}')
-  (sample,) = read_shards(str(output))
-  meta = sample['json']
-  assert meta['keypoints']['source'] == 'dwpose'
-  assert meta['swapped'] == {'member': 'swapped.mp4', 'source_image': 'face1.png'}
-  assert sample['swapped.mp4'] == sample['mp4']  # the script copies its target
-  points, scores = load_npy(sample['dwpose_result.npy']), load_npy(sample['dwpose_score.npy'])
-  boxes = load_npy(sample['faces_bbox.npy'])
-  assert points.shape == (36, 134, 2) and scores.shape == (36, 134) and boxes.shape == (36, 4)
-  assert (scores[:, :24] > 0).any() and (scores[:, 92:] > 0).any()  # body and hands too, not only the face
-  visible = scores[:, FACE] > 0.3
-  assert visible.any()
-  face = points[:, FACE]
-  assert all(((face[t, visible[t]] >= boxes[t, :2] - 1e-3) & (face[t, visible[t]] <= boxes[t, 2:] + 1e-3)).all()
-             for t in range(36))
+  samples = read_shards(str(output))
+  assert sorted(s['__key__'] for s in samples) == ['Clip_uvw_P1_0', 'Clip_xyz_P0_0']
+  assert (planted_scores > 0.3).all() and (np.abs(planted_points) > 1).all()  # every point planted, none at 0
+  for sample in samples:
+    meta = sample['json']
+    assert meta['keypoints']['source'] == 'dwpose'
+    assert meta['swapped'] == {'member': 'swapped.mp4', 'source_image': 'face1.png'}
+    assert sample['swapped.mp4'] == sample['mp4']  # the script copies its target
+    points, scores = load_npy(sample['dwpose_result.npy']), load_npy(sample['dwpose_score.npy'])
+    boxes = load_npy(sample['faces_bbox.npy'])
+    assert points.shape == (32, 134, 2) and scores.shape == (32, 134) and boxes.shape == (32, 4)
+    # Every frame went through both ONNX graphs: all 134 points (body, feet, face, hands) where planted.
+    np.testing.assert_allclose(points, np.broadcast_to(planted_points, points.shape), atol=1e-3)
+    np.testing.assert_allclose(scores, np.broadcast_to(planted_scores, scores.shape), atol=1e-6)
+    face = points[:, FACE]
+    np.testing.assert_allclose(boxes, np.concatenate([face.min(1), face.max(1)], 1), atol=1e-4)
+    assert (face >= boxes[:, None, :2] - 1e-3).all() and (face <= boxes[:, None, 2:] + 1e-3).all()
+    assert (boxes[:, 2:] - boxes[:, :2] > 10).all() and (boxes >= 0).all() and (boxes <= 256).all()
 
 
 def test_a_failing_face_swap_rejects_the_clip_and_removes_its_files(tmp_path):

@@ -1,12 +1,22 @@
 """Frame folders (VFHQ layout: one folder of numbered images per clip) as video sources.
 
-The listing (transforms.manifest) hands every numbered image of a zip or uncompressed tar to
-`FrameFolders`; each folder becomes one source whose url (`frame-folder:?...`) names the archive, the
-folder and where each frame sits, in play order. After the shuffle, `encode_folder` (run by
-transforms.unpack.UnpackMembers) streams the frames one at a time from the archive into a lossless
-video in the work dir (`archives/<archive id>/<folder id>.mkv`, H.264 RGB at crf 0) at the frame
-rate the listing fixed (--fps), so the rest of the pipeline sees an ordinary video. Frames of odd
-width or height lose their last column or row (H.264 wants even sides, as MegActor's packer does).
+The listing (transforms.manifest) shows every member of a zip or uncompressed tar to `FrameFolders`,
+which keeps the numbered images. A folder of them that holds no video and at least two images becomes
+one source. Images beside a video, and a lone image in an archive that holds videos, are thumbnails or
+posters: ordinary members, ignored as before (rejected only as any member is: link, encrypted, too
+large). A lone image in an archive of images only is a folder too short to be a clip (`too_few_frames`).
+
+A folder's frame list (where each frame sits in the archive, in play order) does not travel in its
+source: the listing writes the lists of an archive's folders, one JSON line each, to one file in the
+work dir (`frame_listings/<sha256 of the content>.jsonl`: a retried listing rewrites the same bytes
+under the same name), and the source url (`frame-folder:?...`) names the archive, the folder, and the
+byte range and sha256 of its line, a few hundred bytes however many frames the folder has. (Listed in
+one process with no work dir, e.g. `read_input`, the line rides in the url: nothing crosses a shuffle.)
+After the shuffle, `encode_folder` (run by transforms.unpack.UnpackMembers) reads the line back, checks
+it, and streams the frames one at a time from the archive into a lossless video in the work dir
+(`archives/<archive id>/<folder id>.mkv`, H.264 RGB at crf 0) at the frame rate the listing fixed
+(--fps), so the rest of the pipeline sees an ordinary video. Frames of odd width or height lose their
+last column or row (H.264 wants even sides, as MegActor's packer does).
 
 Bounds: each image by --max_download_mb and --max_pixels (checked from its header, before it is
 decoded), a folder's frames by --max_download_mb in all and by --max_folder_frames, the archive by
@@ -17,6 +27,7 @@ does not decode), `mixed_frame_sizes`, `too_few_frames`, `too_many_frames`, `too
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -25,7 +36,7 @@ import tempfile
 import time
 import urllib.parse
 from fractions import Fraction
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 import apache_beam as beam
 import av
@@ -35,18 +46,21 @@ from apache_beam.metrics import Metrics
 from PIL import Image
 
 from beam_pipeline.elements import Reject, Source
-from transforms.fileio import put_file
+from transforms.fileio import put_file, write_atomic
 from transforms.safety import InputPolicy, UnsafeInput, safe_member_name
 from transforms.unpack import FRAME_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, _open, \
   _zip_member
 
 STAGE = 'unpack'  # frames are read and encoded where archive members are unpacked
+LISTINGS = 'frame_listings'  # work-dir folder of the listing files
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 MIN_FRAMES = 2  # one image is a still, not a clip
 MIN_SIDE_PX = 16  # as transforms.probe: smaller frames cannot hold a usable face
 _NUMBERED = re.compile(r'^(?P<stem>.*?)(?P<number>\d+)$')
-_INT_FIELDS = ('before', 'size', 'max_pixels')
+_SHA256 = re.compile(r'^[0-9a-f]{64}$')
+_INT_FIELDS = ('before', 'size', 'max_pixels', 'list_count', 'list_at', 'list_length')
 _FLOAT_FIELDS = ('fps', 'timeout_s')
+_STR_FIELDS = ('archive', 'kind', 'folder', 'file', 'list_digest', 'list_uri', 'list_inline')
 
 
 class FrameError(Exception):
@@ -64,10 +78,13 @@ class FrameFolderOptions:
   max_frames: int = 54000  # 30 minutes at 30 fps
   max_pixels: int = 4096 * 4096  # 0: no limit
   timeout_s: float = 1800.0
+  listing_dir: str = ''  # where frame lists are written; '' carries them in the url (one process, no shuffle)
 
   @classmethod
   def from_options(cls, opts) -> 'FrameFolderOptions':
-    return cls(float(opts.fps), int(opts.max_folder_frames), int(opts.max_pixels or 0), float(opts.max_render_s))
+    from beam_pipeline.pipeline import work_dir_of  # that module builds on this one
+    return cls(float(opts.fps), int(opts.max_folder_frames), int(opts.max_pixels or 0), float(opts.max_render_s),
+               FileSystems.join(work_dir_of(opts), LISTINGS))
 
 
 class Frame(NamedTuple):
@@ -79,6 +96,39 @@ class Frame(NamedTuple):
   compressed_size: int = 0
   crc: int = 0
   flags: int = 0
+
+
+def frames_line(frames: Tuple[Frame, ...]) -> bytes:
+  """A folder's frames as one ASCII JSON line (odd bytes of tar names survive as \\udcXX escapes)."""
+  return json.dumps([list(frame) for frame in frames], separators=(',', ':')).encode('ascii')
+
+
+class FrameList(NamedTuple):
+  """Where a folder's frame list is: a byte range of a listing file in the work dir, or the line itself
+  (`inline`, listed with no work dir). `digest`, the line's sha256, checks what is read back."""
+  count: int
+  digest: str
+  uri: str = ''
+  at: int = 0
+  length: int = 0
+  inline: str = ''
+
+  def load(self) -> Tuple[Frame, ...]:
+    """The frames; ValueError when what is read back is not the line listed. A listing file that is gone
+    raises OSError (BeamIOError): not the input's fault, so it becomes a transient internal_error."""
+    if self.uri:
+      with FileSystems.open(self.uri, mime_type='application/octet-stream',
+                            compression_type='uncompressed') as handle:
+        handle.seek(self.at)
+        line = handle.read(self.length)
+    else:
+      line = self.inline.encode('ascii', 'replace')
+    if hashlib.sha256(line).hexdigest() != self.digest:
+      raise ValueError(f'the frame list read back from {self.uri or "the url"} is not the one listed')
+    frames = tuple(Frame(str(f[0]), *(int(v) for v in f[1:])) for f in json.loads(line))
+    if len(frames) != self.count:
+      raise ValueError(f'the frame list holds {len(frames)} frames, the url says {self.count}')
+    return frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +143,12 @@ class FrameFolder:
   size: int  # listed bytes of its frames
   max_pixels: int
   timeout_s: float
-  frames: Tuple[Frame, ...]
+  frames: FrameList
 
   @property
   def url(self) -> str:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != 'frames'}
-    fields['frames'] = json.dumps([list(frame) for frame in self.frames], separators=(',', ':'))
+    fields.update({f'list_{name}': value for name, value in self.frames._asdict().items()})
     return f'{FRAME_SCHEME}:?{urllib.parse.urlencode(fields, errors="surrogateescape")}'
 
   @classmethod
@@ -107,18 +157,22 @@ class FrameFolder:
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True,
                                   errors='surrogateescape')
     try:
-      values = {name: query[name][0] for name in ('archive', 'kind', 'folder', 'file')}
+      values = {name: query[name][0] for name in _STR_FIELDS}
       values.update({name: int(query[name][0]) for name in _INT_FIELDS})
       values.update({name: float(query[name][0]) for name in _FLOAT_FIELDS})
-      values['frames'] = tuple(Frame(str(f[0]), *(int(v) for v in f[1:])) for f in json.loads(query['frames'][0]))
     except (KeyError, TypeError, ValueError, IndexError) as error:
       raise ValueError(f'malformed frame folder url: {error}') from error
-    folder = cls(**values)
+    frames = FrameList(*(values.pop(f'list_{name}') for name in FrameList._fields))
+    folder = cls(frames=frames, **values)
     parent, _, name = folder.file.partition('/')
-    if folder.kind not in (ZIP, TAR) or not folder.frames or not folder.fps > 0 or not name or '/' in name \
+    if folder.kind not in (ZIP, TAR) or not folder.fps > 0 or not name or '/' in name \
         or safe_member_name(folder.file) != folder.file or parent.startswith('.') or name.startswith('.'):
-      raise ValueError(f'frame folder url names kind {folder.kind!r}, file {folder.file!r}, {len(folder.frames)} '
-                       f'frames, fps {folder.fps}')
+      raise ValueError(f'frame folder url names kind {folder.kind!r}, file {folder.file!r}, fps {folder.fps}')
+    if frames.count < MIN_FRAMES or not _SHA256.match(frames.digest) or bool(frames.uri) == bool(frames.inline) \
+        or frames.at < 0 or frames.length < 0:
+      raise ValueError(f'frame folder url names a frame list of {frames.count} frames, digest {frames.digest[:64]!r}, '
+                       f'{"a listing file" if frames.uri else "no listing file"}, {"an" if frames.inline else "no"} '
+                       f'inline list')
     return folder
 
   def member(self, frame: Frame) -> ArchiveMember:
@@ -140,7 +194,7 @@ class ListedFolder(NamedTuple):
   """A folder as the archive listing plans it (beside the listed member videos)."""
   name: str
   size: int
-  frames: Tuple[Frame, ...]
+  frames: FrameList
   kind: str
 
   def url(self, archive: str, before: int, file: str, options: FrameFolderOptions) -> str:
@@ -148,56 +202,100 @@ class ListedFolder(NamedTuple):
                        options.timeout_s, self.frames).url
 
 
+class _Image(NamedTuple):
+  """A numbered image as listed, in play order by its first field."""
+  order: Tuple[str, int, str]  # (stem, number, safe name)
+  frame: Frame
+  kind: str
+  problem: Optional[Tuple[str, str]]  # (reason, detail) that would reject it as any member, or None
+
+
 class FrameFolders:
-  """Collects the numbered images of one archive listing, folder by folder."""
+  """Collects the numbered images of one archive listing, folder by folder, and which folders hold videos."""
 
   def __init__(self, options: FrameFolderOptions, max_member_bytes: int):
+    from transforms.manifest import VIDEO_EXTENSIONS  # that module builds on this one
+    self.video_extensions = VIDEO_EXTENSIONS
     self.options = options
     self.max_member_bytes = max_member_bytes
-    self.frames: Dict[str, List[Tuple[Tuple[str, int, str], Frame, str]]] = {}
-    self.problems: Dict[str, Tuple[str, str]] = {}
+    self.images: Dict[str, List[_Image]] = {}
+    self.video_folders: Set[str] = set()
 
   def take(self, safe: str, listed) -> bool:
-    """True when `safe` is a numbered image: it is this collector's (a manifest._Listed member)."""
+    """True when `safe` (a manifest._Listed member) is a numbered image: this collector's, to be planned as a
+    frame or handed back as an ordinary member by `listed`. A video is only noted (its folder holds no frames)."""
     parsed = numbered_image(safe)
     if parsed is None:
+      if safe.lower().endswith(self.video_extensions):
+        self.video_folders.add(os.path.dirname(safe))
       return False
     folder, stem, number = parsed
     where = dict(listed.where)
     kind = where.pop('kind')
+    problem = None
     if not listed.regular:
-      self.problems.setdefault(folder, ('unsafe_member', f'frame {safe} is not a regular file'))
+      problem = ('unsafe_member', f'member {safe} is not a regular file')
     elif listed.encrypted:
-      self.problems.setdefault(folder, ('bad_archive', f'frame {safe} is encrypted'))
+      problem = ('bad_archive', f'member {safe} is encrypted')
     elif listed.size > self.max_member_bytes:
-      self.problems.setdefault(folder, ('too_large', f'frame {safe} is {listed.size} bytes, over --max_download_mb'))
-    elif kind == TAR_STREAM:
-      self.problems.setdefault(folder, ('bad_archive', 'frame folders are read from zips and uncompressed tars '
-                                        'only (a compressed tar cannot seek to a frame)'))
+      problem = ('too_large', f'member {safe} is {listed.size} bytes, over --max_download_mb')
     frame = Frame(listed.name, where.get('offset', 0), listed.size, where.get('method', 0),
                   where.get('compressed_size', 0), where.get('crc', 0), where.get('flags', 0))
-    self.frames.setdefault(folder, []).append(((stem, number, safe), frame, kind))
+    self.images.setdefault(folder, []).append(_Image((stem, number, safe), frame, kind, problem))
     return True
 
   def listed(self, prefix: str, archive_id: str, sanitize) -> Iterator[Union[Reject, Tuple[str, str, ListedFolder]]]:
-    """Rejects of folders that cannot be clips, and (folder, folder id, ListedFolder) of the others."""
-    for folder in sorted(self.frames):
+    """Rejects, and (folder, folder id, ListedFolder) of the frame folders, their frame lists written to the
+    listing file (or kept inline without a listing dir)."""
+    planned = []
+    for folder in sorted(self.images):
+      images = sorted(self.images[folder])
+      if folder in self.video_folders or (len(images) < MIN_FRAMES and self.video_folders):
+        # Thumbnails, posters: ordinary members, which the manifest rejects for these problems only.
+        yield from (Reject(sanitize(prefix + image.order[2]), 'manifest', *image.problem, archive_id)
+                    for image in images if image.problem)
+        continue
       folder_id = sanitize(prefix + folder if folder else prefix.rstrip('_') or archive_id)
-      entries = sorted(self.frames[folder])
-      problem = self.problems.get(folder)
-      size = sum(frame.size for _, frame, _ in entries)
-      if problem is None and len(entries) < MIN_FRAMES:
-        problem = ('too_few_frames', f'folder {folder or "(root)"} holds {len(entries)} numbered image; a clip needs '
+      problem = next((image.problem for image in images if image.problem), None)
+      size = sum(image.frame.size for image in images)
+      if problem is None and images[0].kind == TAR_STREAM:
+        problem = ('bad_archive', 'frame folders are read from zips and uncompressed tars only (a compressed tar '
+                   'cannot seek to a frame)')
+      elif problem is None and len(images) < MIN_FRAMES:
+        problem = ('too_few_frames', f'folder {folder or "(root)"} holds {len(images)} numbered image; a clip needs '
                    f'at least {MIN_FRAMES}')
-      elif problem is None and len(entries) > self.options.max_frames:
-        problem = ('too_many_frames', f'folder {folder or "(root)"} holds {len(entries)} images, over '
+      elif problem is None and len(images) > self.options.max_frames:
+        problem = ('too_many_frames', f'folder {folder or "(root)"} holds {len(images)} images, over '
                    f'--max_folder_frames {self.options.max_frames}')
       elif problem is None and size > self.max_member_bytes:
         problem = ('too_large', f'folder {folder or "(root)"} holds {size} bytes of images, over --max_download_mb')
       if problem is not None:
         yield Reject(folder_id, 'manifest', problem[0], problem[1][:300], archive_id)
         continue
-      yield folder, folder_id, ListedFolder(folder, size, tuple(frame for _, frame, _ in entries), entries[0][2])
+      planned.append((folder, folder_id, size, images))
+    lists = self._frame_lists([tuple(image.frame for image in images) for _, _, _, images in planned])
+    for (folder, folder_id, size, images), frames in zip(planned, lists):
+      yield folder, folder_id, ListedFolder(folder, size, frames, images[0].kind)
+
+  def _frame_lists(self, folders: List[Tuple[Frame, ...]]) -> List[FrameList]:
+    """Each folder's FrameList; with a listing dir, all lines go to one file named by its content, published
+    atomically (a retried listing finds it, or rewrites the same bytes)."""
+    lines = [frames_line(frames) for frames in folders]
+    digests = [hashlib.sha256(line).hexdigest() for line in lines]
+    if not self.options.listing_dir:
+      return [FrameList(len(frames), digest, inline=line.decode('ascii'))
+              for frames, line, digest in zip(folders, lines, digests)]
+    if not lines:
+      return []
+    content = b''.join(line + b'\n' for line in lines)
+    uri = FileSystems.join(self.options.listing_dir, hashlib.sha256(content).hexdigest() + '.jsonl')
+    if not FileSystems.exists(uri):
+      write_atomic(uri, content)
+    lists, at = [], 0
+    for frames, line, digest in zip(folders, lines, digests):
+      lists.append(FrameList(len(frames), digest, uri, at, len(line)))
+      at += len(line) + 1
+    return lists
 
 
 # ----------------------------------------------------------------------------- encoding (after the shuffle)
@@ -272,8 +370,10 @@ class _LosslessWriter:
         pass
 
 
-def encode_folder(folder: FrameFolder, target: str, policy: InputPolicy, max_total_bytes: int) -> None:
-  """Stream the folder's frames from its archive into a lossless video published at `target`.
+def encode_folder(folder: FrameFolder, frames: Tuple[Frame, ...], target: str, policy: InputPolicy,
+                  max_total_bytes: int) -> None:
+  """Stream the folder's frames (its FrameList, loaded) from its archive into a lossless video published at
+  `target`.
 
   One frame is in memory at a time. Raises FrameError (bad, mixed-size or too many pixels frames,
   time limit), UnsafeInput, or an UNPACK_ERRORS member for a corrupt archive.
@@ -292,9 +392,9 @@ def encode_folder(folder: FrameFolder, target: str, policy: InputPolicy, max_tot
   try:
     shape = None
     with _open(folder.archive, policy) as handle:
-      for frame in folder.frames:
+      for frame in frames:
         if deadline is not None and time.monotonic() > deadline:
-          raise FrameError('encode_timeout', f'folder {folder.folder}: {writer.count} of {len(folder.frames)} frames '
+          raise FrameError('encode_timeout', f'folder {folder.folder}: {writer.count} of {len(frames)} frames '
                            f'encoded within --max_render_s {folder.timeout_s:g}s')
         image = decode_frame(_read_frame(handle, folder, frame), frame.name, folder.max_pixels)
         if shape is None:
@@ -338,7 +438,12 @@ class FolderEncoder:
       yield dataclasses.replace(source, url=target)
       return
     try:
-      encode_folder(folder, target, self.policy, self.max_total_bytes)
+      frames = folder.frames.load()  # a lost listing file raises: not the input's fault
+    except ValueError as error:
+      yield from _rejects(source, 'bad_url', f'folder {folder.folder}: {error}')
+      return
+    try:
+      encode_folder(folder, frames, target, self.policy, self.max_total_bytes)
     except FrameError as error:
       yield from _rejects(source, error.reason, str(error))
       return
@@ -349,7 +454,7 @@ class FolderEncoder:
       yield from _rejects(source, 'bad_archive', f'folder {folder.folder}: {type(error).__name__}: {error}')
       return
     self.encoded.inc()
-    self.frames.inc(len(folder.frames))
+    self.frames.inc(len(frames))
     yield dataclasses.replace(source, url=target)
 
 
