@@ -195,6 +195,9 @@ def test_one_record_per_clip_and_media_cleaned(avatar_run):
   assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', ['00030.png', '00059.png']),
                                                               ('talker_1', ['00000.png', '00029.png'])]
   assert {r['folder'] for r in records} == {'talker'} and {r['crop']['mode'] for r in records} == {'first_frame'}
+  # One HRAvatar box for the subject, from its earliest clip's first frame (transforms/subject_window.py).
+  assert len({(tuple(r['crop']['window']), tuple(r['crop']['padding'])) for r in records}) == 1
+  assert all('of the first frame of talker_1, the subject\'s earliest clip' in ' '.join(r['notes']) for r in records)
   stats = json.load(open(os.path.join(avatar_run['output'], 'stats.json')))
   assert stats['written'] == 2 and stats['balanced']
   assert not glob.glob(os.path.join(avatar_run['work'], 'frames', '*'))
@@ -211,3 +214,49 @@ def test_flame_fit_of_the_subject(avatar_run):
   assert sorted(errors['frames']) == [f'{i:05d}.png' for i in range(60)]
   assert errors['mean_after_px'] < errors['mean_before_px']  # the fit moved the model towards the keypoints
   assert errors['intrinsics'] == {'fx': 1500.0, 'fy': 1500.0, 'cx': 256.0, 'cy': 256.0}
+
+
+@pytest.fixture(scope='module')
+def matting_run(tmp_path_factory):
+  """One clip through `--recipe=avatar` with `--matting_weights`: a TorchScript module with RVM's official call
+  whose matte is 1 on the left half of each frame and 0 on the right."""
+  torch = pytest.importorskip('torch')
+  from typing import List, Optional
+  from beam_pipeline.demo import VideoSpec, write_video
+  from tests.helpers import run_cli
+
+  class LeftHalfMatte(torch.nn.Module):
+    def forward(self, src: torch.Tensor, r1: Optional[torch.Tensor] = None, r2: Optional[torch.Tensor] = None,
+                r3: Optional[torch.Tensor] = None, r4: Optional[torch.Tensor] = None,
+                downsample_ratio: float = 1.0) -> List[torch.Tensor]:
+      pha = torch.zeros_like(src[:, :, :1])
+      pha[..., :src.shape[-1] // 2] = 1.0
+      state = torch.zeros(src.shape[0], 1, 1, 1, dtype=src.dtype, device=src.device)
+      return [src, pha, state, state, state, state]
+
+  root = tmp_path_factory.mktemp('avatar_rvm')
+  weights = root / 'rvm_mobilenetv3_fp32.torchscript'
+  torch.jit.script(LeftHalfMatte()).save(str(weights))
+  video = str(root / 'talker.mp4')
+  write_video(video, VideoSpec(duration=1.6, fps=25.0, seed=5, motion_px=8.0))
+  manifest = root / 'videos.jsonl'
+  manifest.write_text(json.dumps({'id': 'talker', 'url': video}) + '\n')
+  output = root / 'out'
+  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={root / "work"}', '--recipe=avatar',
+          '--size=256', f'--matting_weights={weights}', '--no_report', '--no_progress')
+  return str(output / 'talker')
+
+
+def test_alpha_follows_the_users_matting_model(matting_run):
+  frames = sorted(glob.glob(os.path.join(matting_run, 'image', '*.png')))
+  assert len(frames) == 40
+  keypoints = json.load(open(os.path.join(matting_run, 'keypoint.json')))
+  for path in frames[::6]:
+    rgba = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    assert rgba.shape == (256, 256, 4), path
+    alpha = rgba[..., 3]
+    assert (alpha[:, 128:] == 0).all() and (rgba[:, 128:, :3] == 0).all(), path  # the matte's right half
+    points = np.array(keypoints[os.path.basename(path)])
+    (x0, y0), (_, y1) = points.min(0).astype(int), points.max(0).astype(int)
+    assert x0 < 120, path  # the face reaches into the left half, where the matte keeps it
+    assert alpha[y0:y1, x0:124].mean() > 0.9 * 255, path

@@ -173,6 +173,88 @@ def nerf_run(tmp_path_factory):
   return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work)}
 
 
+HUBERT_HIDDEN = 32  # the tiny HuBERT's hidden size: the last axis of audio_hubert.npy
+
+
+def _tiny_hubert(folder) -> str:
+  """A small random HuBERT saved as facebook/hubert-large-ls960-ft is (HubertForCTC, save_pretrained)."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.HubertConfig(hidden_size=HUBERT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                                     num_conv_pos_embedding_groups=4, vocab_size=12, feat_extract_norm='layer',
+                                     do_stable_layer_norm=True)
+  transformers.HubertForCTC(config).save_pretrained(str(folder))
+  (folder / 'preprocessor_config.json').write_text(json.dumps({'do_normalize': True, 'sampling_rate': 16000}))
+  return str(folder)
+
+
+def _stripes_parsing(path) -> str:
+  """A TorchScript module with BiSeNet's call (normalised (B, 3, 512, 512) -> (logits (B, 19, 512, 512), and
+  two auxiliary outputs)) whose logits mark thirds of the frame: background left, skin middle, cloth right."""
+  import torch
+
+  class Stripes(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+      logits = torch.zeros(x.shape[0], 19, x.shape[2], x.shape[3], dtype=x.dtype, device=x.device)
+      third = x.shape[3] // 3
+      logits[:, 0, :, :third] = 1.0
+      logits[:, 1, :, third:2 * third] = 1.0
+      logits[:, 16, :, 2 * third:] = 1.0
+      return logits, logits, logits
+
+  torch.jit.script(Stripes()).save(str(path))
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def nerf_weights_run(tmp_path_factory):
+  """One clip through `--recipe=nerf` with the user-weights handlers in the pipeline: HuBERT features from a
+  tiny save_pretrained folder and BiSeNet parsing from a TorchScript export."""
+  from beam_pipeline.demo import VideoSpec, write_video
+  from tests.helpers import run_cli
+  root = tmp_path_factory.mktemp('nerf_weights')
+  hubert = _tiny_hubert(root / 'hubert-tiny')
+  parsing = _stripes_parsing(root / 'bisenet.torchscript')
+  video = str(root / 'speaker.mp4')
+  write_video(video, VideoSpec(duration=2.0, fps=25.0, seed=8))
+  manifest = root / 'videos.jsonl'
+  manifest.write_text(json.dumps({'id': 'speaker', 'url': video}) + '\n')
+  output, work = root / 'out', root / 'work'
+  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=nerf', '--size=128',
+          '--audio_features=hubert', f'--hubert_model={hubert}', f'--parsing_weights={parsing}', '--no_report',
+          '--no_progress')
+  return {'folder': str(output / 'speaker'), 'output': str(output), 'hubert': hubert}
+
+
+def test_hubert_features_come_from_the_users_model(nerf_weights_run):
+  from model_handlers.audio_features import HubertHandler, audio_features
+  from model_handlers.in_process import SharedModel
+  folder = nerf_weights_run['folder']
+  (record,) = read_jsonl(os.path.join(nerf_weights_run['output'], 'index.jsonl'))
+  n = record['num_frames']
+  features = np.load(os.path.join(folder, 'audio_hubert.npy'))
+  assert features.shape == (n, 16, HUBERT_HIDDEN) and features.dtype == np.float32 and n == 50
+  assert not os.path.exists(os.path.join(folder, 'audio_mel.npy'))
+  with wave.open(os.path.join(folder, 'audio.wav')) as audio:
+    pcm = np.frombuffer(audio.readframes(audio.getnframes()), '<i2').astype(np.float32) / 32768.0
+  model = SharedModel(HubertHandler(nerf_weights_run['hubert']))
+  model.setup()
+  np.testing.assert_allclose(features, audio_features('hubert', pcm, n, 25.0, model), atol=1e-4)
+
+
+def test_parsing_comes_from_the_users_bisenet(nerf_weights_run):
+  """Every parsing map holds the tiny model's thirds (512 px logits resized to the frame), not the offline
+  parsing's face classes."""
+  pngs = _files(nerf_weights_run['folder'], 'parsing', 'png')
+  assert len(pngs) == 50
+  for path in pngs[::7]:
+    labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    assert set(np.unique(labels)) == {0, 1, 16}, path
+    assert (labels[:, :40] == 0).all() and (labels[:, 45:82] == 1).all() and (labels[:, 88:] == 16).all(), path
+
+
 def _files(folder: str, sub: str, ext: str) -> list:
   return sorted(glob.glob(os.path.join(folder, sub, '*.' + ext)), key=lambda p: int(os.path.basename(p).split('.')[0]))
 
@@ -215,6 +297,11 @@ def test_subject_folder_has_every_file(nerf_run):
 def test_clips_numbered_in_time_order_and_accounted(nerf_run):
   records = read_jsonl(os.path.join(nerf_run['output'], 'index.jsonl'))
   assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', [30, 60]), ('talker_1', [0, 30])]
+  # The face moves between the clips, yet the subject has one framing (transforms/subject_window.py).
+  windows = {(tuple(r['crop']['window']), tuple(r['crop']['padding'])) for r in records}
+  assert len(windows) == 1 and {r['crop']['mode'] for r in records} == {'detect'}
+  (x, y, w, h), _ = windows.pop()
+  assert w == h and x >= 0 and y >= 0 and x + w <= 640 and y + h <= 480
   assert {r['folder'] for r in records} == {'talker'}
   stats = json.load(open(os.path.join(nerf_run['output'], 'stats.json')))
   assert stats['written'] == 2 and stats['balanced']

@@ -2,8 +2,9 @@
 tracking) and the RGBA frames (matte x face-parsing foreground) written in the render pass.
 
 Crop: HRAvatar crops a whole video with one box from its first frame's 68 landmarks
-(transforms/avatar_crop.py). `FirstFrameCrop` decodes only a clip's first frame, runs the face landmarker on
-it (in-process, one model per worker) and sets the clip's window and padding; the render pass then crops,
+(transforms/avatar_crop.py). `FirstFrameTrack` groups a subject's clips (transforms/subject_window.py) and
+`EarliestFirstFrame` decodes only the earliest clip's first frame, runs the face landmarker on it (in-process,
+one model per worker) and gives every clip of the subject that window and padding; the render pass then crops,
 pads and resizes every frame with that box, at the recipe's size and frame rate.
 
 Frames: `AvatarFrames` follows the landmarker and the person segmentation and face parsing analyzers in the
@@ -16,7 +17,7 @@ HRAvatar's `merge_maks`. Frames go into the clip's frame archive (transforms/fra
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 import av
@@ -25,16 +26,17 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from beam_pipeline.elements import ClipTask, Reject
+from beam_pipeline.elements import ClipTask, Padding, Window
 from model_handlers.in_process import ModelError, SharedModel
 from model_handlers.matting import MattingSession
 from transforms.avatar_crop import box_in_square, hravatar_window
 from transforms.crop import sample_frames
-from transforms.deadletter import DeadLetter
 from transforms.features import LMK68
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 from transforms.frame_store import FrameArchive, archive_uri
+from transforms.incremental import PERMANENT_REASONS
 from transforms.parsing import foreground
+from transforms.subject_window import OneWindowPerSubject, SubjectWindowFn, reject, with_window
 
 STAGE = 'track'
 ARCHIVE = 'avatar'  # the clip's frame archive: <work_dir>/frames/<clip>.avatar.tar
@@ -45,11 +47,29 @@ def frame_name(index: int) -> str:
   return f'{index:05d}.png'
 
 
-class FirstFrameCrop(beam.DoFn):
-  """ClipTask -> the same task with HRAvatar's window and padding from its first frame's landmarks;
-  `Reject`s on tag `rejects` (no face on the first frame, an undecodable first frame, a landmarker error)."""
+@dataclasses.dataclass(frozen=True)
+class FirstFrameBox:
+  """HRAvatar's box from one clip's first frame, in source pixels."""
+  clip_id: str
+  window: Window
+  padding: Padding
+  face_box: Tuple[float, float, float, float]  # the face's landmark box in the padded square, fractions
+  face_px: float  # the face's larger extent, source pixels
+
+
+class EarliestFirstFrame(SubjectWindowFn):
+  """A subject's clips (earliest first) -> all of them with HRAvatar's box from the earliest clip's first frame
+  (transforms/subject_window.py). The first frame is decoded and landmarked once per subject, in-process.
+
+  When that frame cannot give the box for a lasting reason (no face on it, no frame at the clip start, a box
+  outside the frame), the next clip's first frame gives it, and so on; the clips before keep the subject's box.
+  When no clip's first frame gives one, each clip is rejected with its own first frame's reason. A passing
+  failure (the landmarker or the decoder failed) rejects every clip of the subject with it, so a later run
+  retries them and takes the box from the same frame.
+  """
 
   def __init__(self, landmarker: ModelHandler, bbox_scale: float):
+    super().__init__()
     self.model = SharedModel(landmarker)
     self.bbox_scale = bbox_scale
     self.no_face = Metrics.counter(STAGE, 'avatar_first_frames_without_face')
@@ -57,61 +77,69 @@ class FirstFrameCrop(beam.DoFn):
   def setup(self):
     self.model.setup()
 
-  def process(self, task: ClipTask):
+  def choose(self, tasks: List[ClipTask]) -> Iterable:
+    failed = []  # (task, reason, detail) of the first frames that gave no box, earliest first
+    for task in tasks:
+      found = self.first_frame_box(task)
+      if isinstance(found, FirstFrameBox):
+        return [self._apply(other, found, failed) for other in tasks]
+      reason, detail = found
+      if reason not in PERMANENT_REASONS:
+        return [reject(other, reason, detail if other is task else
+                       f'the subject\'s crop comes from the first frame of {task.clip_id}: {detail}')
+                for other in tasks]
+      failed.append((task, reason, detail))
+    return [reject(task, reason, detail) for task, reason, detail in failed]
+
+  def _apply(self, task: ClipTask, box: FirstFrameBox, failed) -> ClipTask:
+    source = 'earliest clip' if not failed else 'earliest clip whose first frame gave one (' + ', '.join(
+        f'{earlier.clip_id}: {reason}' for earlier, reason, _ in failed) + ')'
+    note = (f'HRAvatar crop from the 68 landmarks (--bbox_scale {self.bbox_scale}) of the first frame of '
+            f'{box.clip_id}, the subject\'s {source}: window {list(box.window)}'
+            + (f', padded {list(box.padding)} (left, top, right, bottom)' if any(box.padding) else ''))
+    return with_window(task, box.window, box.padding, note, crop_mode='first_frame', face_box=box.face_box,
+                       face_stats=task.face_stats + (('source_face_px', box.face_px),))
+
+  def first_frame_box(self, task: ClipTask):
+    """The HRAvatar box of the task's first frame, or (reason, detail) why there is none."""
     info = task.media.info
     try:
       frames = sample_frames(task, 1.0, LANDMARK_MAX_SIDE)
       first = next(frames, None)
       frames.close()
     except (av.error.FFmpegError, OSError) as error:
-      yield self._reject(task, 'decode_error', f'decoding the first frame failed: {error}')
-      return
+      return 'decode_error', f'decoding the first frame of {task.clip_id} failed: {error}'
     if first is None:
-      yield self._reject(task, 'no_frames', f'no video frame at the clip start {task.start:.3f}s')
-      return
+      return 'no_frames', f'no video frame at the start {task.start:.3f}s of {task.clip_id}'
     _, t, image = first
     face = self.model.infer([image])[0]
     if isinstance(face, ModelError):
-      yield self._reject(task, 'model_error', f'the face landmarker failed on the first frame: {face.detail}')
-      return
+      return 'model_error', f'the face landmarker failed on the first frame of {task.clip_id}: {face.detail}'
     if not face.num_faces:
       self.no_face.inc()
-      yield self._reject(task, 'no_face', f'no face on the first frame ({t:.3f}s into the clip): the HRAvatar '
-                         f'crop is taken from its landmarks')
-      return
+      return 'no_face', (f'no face on the first frame of {task.clip_id} ({t:.3f}s into it): the HRAvatar crop is '
+                         'taken from its landmarks')
     scale = np.array([info.width / image.shape[1], info.height / image.shape[0]], np.float32)
     points = face.landmarks[0][list(LMK68), :2] * scale  # the largest face's 68 points, in source pixels
     fitted = hravatar_window(points, self.bbox_scale, info.width, info.height)
     if fitted is None:
-      yield self._reject(task, 'bad_crop', f'the HRAvatar box of the first frame\'s face misses the '
-                         f'{info.width}x{info.height} frame')
-      return
+      return 'bad_crop', (f'the HRAvatar box of the face on the first frame of {task.clip_id} misses the '
+                          f'{info.width}x{info.height} frame')
     window, padding = fitted
-    size = float(np.max(points.max(0) - points.min(0)))
-    note = (f'HRAvatar crop from the first frame\'s 68 landmarks (--bbox_scale {self.bbox_scale}): window '
-            f'{list(window)}' + (f', padded {list(padding)} (left, top, right, bottom)' if any(padding) else ''))
-    yield dataclasses.replace(task, window=window, padding=padding, crop_mode='first_frame',
-                              face_box=box_in_square(points, window, padding), notes=task.notes + (note,),
-                              face_stats=task.face_stats + (('source_face_px', size),))
-
-  @staticmethod
-  def _reject(task: ClipTask, reason: str, detail: str):
-    return beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
-                                                      planned_id=task.planned_id))
+    return FirstFrameBox(task.clip_id, window, padding, box_in_square(points, window, padding),
+                         float(np.max(points.max(0) - points.min(0))))
 
 
 class FirstFrameTrack(beam.PTransform):
-  """ClipTasks without a window -> {'tasks': with HRAvatar's window, 'rejects'}: the avatar recipe's
-  replacement for the spine's DetectAndTrack."""
+  """ClipTasks without a window -> {'tasks': with their subject's HRAvatar window, 'rejects'}: the avatar
+  recipe's replacement for the spine's DetectAndTrack."""
 
   def __init__(self, landmarker: ModelHandler, bbox_scale: float):
     super().__init__()
-    self.crop = FirstFrameCrop(landmarker, bbox_scale)
+    self.choose = EarliestFirstFrame(landmarker, bbox_scale)
 
   def expand(self, tasks):
-    cropped = tasks | 'FirstFrameCrop' >> beam.ParDo(DeadLetter(self.crop, STAGE)).with_outputs(
-        'rejects', main='tasks')
-    return {'tasks': cropped.tasks, 'rejects': cropped.rejects}
+    return tasks | 'OneWindowPerSubject' >> OneWindowPerSubject(self.choose)
 
 
 def rgba_png(image: np.ndarray, alpha: np.ndarray) -> bytes:

@@ -1,10 +1,10 @@
 """`avatar`: HRAvatar-style subject folders (its crop_and_matting.py, keypoint and iris scripts, FLAME fit).
 
-On the spine: HRAvatar's crop replaces face detection and tracking (one box from each clip's first frame,
-transforms/avatar.FirstFrameTrack); the render pass adds the person segmentation and face parsing analyzers,
-then `AvatarFrames` (RGBA frames: matte x parsing foreground, into a per-clip archive); the writer lays out one
-folder per source video with keypoint.json, iris.json and, given `--flame_model`, the FLAME fit
-(transforms/writers/avatar.py).
+On the spine: HRAvatar's crop replaces face detection and tracking (one box per subject, from the first frame
+of its earliest clip, for all of its clips: transforms/avatar.FirstFrameTrack, transforms/subject_window.py);
+the render pass adds the person segmentation and face parsing analyzers, then `AvatarFrames` (RGBA frames:
+matte x parsing foreground, into a per-clip archive); the writer lays out one folder per source video with
+keypoint.json, iris.json and, given `--flame_model`, the FLAME fit (transforms/writers/avatar.py).
 
 Defaults: HRAvatar's 512 x 512 frames at 25 fps.
 """

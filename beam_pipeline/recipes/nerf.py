@@ -1,8 +1,11 @@
 """`nerf`: AD-NeRF / RAD-NeRF / ER-NeRF per-subject folders (their `process_video.py`, tasks 1-9).
 
-On the spine: the face parsing analyzers (person segmentation + parsing), then `NerfFrames` (each frame's
-jpg and parsing into a per-clip archive, and the clip's partial background), optionally depth; the writer
-lays out one folder per source video (transforms/writers/nerf.py).
+On the spine: the spine's face detection and tracking per clip, then one window for all of a subject's clips
+(the union of their tracked windows, square and fitted to the frame; transforms/subject_window.py): AD-NeRF
+merges bc.jpg pixel by pixel over the subject's frames and places every frame on one image plane, so a
+subject has one fixed framing. In the render pass: the face parsing analyzers (person segmentation +
+parsing), then `NerfFrames` (each frame's jpg and parsing into a per-clip archive, and the clip's partial
+background), optionally depth; the writer lays out one folder per source video (transforms/writers/nerf.py).
 
 Defaults: a wider crop than HDTF's (3.0 x the face box instead of 1.8) so that neck and shoulders are in
 frame, as in the head-and-shoulders videos these models train on (the head about a third of the frame);
@@ -17,6 +20,13 @@ class Nerf(Recipe):
   name = 'nerf'
   layout = 'folders'
   defaults = {'crop_scale': 3.0, 'multi_face': 'largest', 'fps': 25.0}
+
+  def tracker(self, opts, detector):
+    from transforms.subject_window import TrackedPerSubject, UnionOfWindows
+    from transforms.track import DetectAndTrack
+    per_clip = DetectAndTrack(detector, opts.crop_scale, opts.detect_fps, opts.shot_threshold, opts.multi_face,
+                              opts.max_gap / opts.fps, opts.min_duration, opts.crop_follow)
+    return TrackedPerSubject(per_clip, UnionOfWindows())
 
   def analyzers(self, opts, landmarker):
     from beam_pipeline.pipeline import work_dir_of

@@ -357,7 +357,9 @@ def _record(subject: str, clip: NerfClip, first: int) -> dict:
   return {'id': task.clip_id, 'planned_id': task.planned, 'source_id': task.source_id, 'subject': subject,
           'num_frames': clip.num_frames, 'frames': [first, first + clip.num_frames], 'fps': clip.fps,
           'size': clip.size, 'start': round(task.start, 3), 'end': round(task.end, 3),
-          'duration': round(clip.num_frames / clip.fps, 3), 'scores': clip.scores}
+          'duration': round(clip.num_frames / clip.fps, 3),
+          'crop': {'mode': task.crop_mode, 'window': list(task.window), 'padding': list(task.padding)},
+          'scores': clip.scores}
 
 
 class WriteNerfSubjects(beam.PTransform):

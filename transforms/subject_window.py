@@ -1,0 +1,162 @@
+"""One crop window for every clip of a subject (a source video), for the recipes whose models see a subject as
+one fixed camera.
+
+A subject can have several clips (manifest clips, --max_clip_s pieces, face-track pieces), and per-clip tracking
+gives each its own window. AD-NeRF merges its background (bc.jpg) pixel by pixel over all of a subject's frames
+and places every frame on one image plane; HRAvatar crops a whole video with one box. So after tracking, the
+subject's tasks are grouped (`OneWindowPerSubject`: small elements, one group per subject) and each gets the same
+window, chosen by a `SubjectWindowFn`:
+
+- `UnionOfWindows` (nerf): the union of the clips' tracked windows (and, with --crop_follow, of every place the
+  window went), made square and fitted to the frame (plan.fit_window: black padding where the square is larger
+  than the frame). Each task's `face_box` is recomputed for the new window and its `path` cleared.
+- transforms/avatar.EarliestFirstFrame (avatar): HRAvatar's box from the earliest clip's first frame.
+
+Clips whose window the manifest gave (a fixed crop, `--crop_mode=fixed`) never reach the tracker and keep their
+window as given: the user chose that framing. A subject whose files differ in frame size (section downloads
+at different resolutions) gets one window per size, since a window is in its file's pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from beam_pipeline.elements import ClipTask, Padding, Reject, Window
+from transforms.avatar_crop import box_in_square
+from transforms.deadletter import FatalError
+from transforms.plan import fit_window
+
+STAGE = 'track'
+
+
+def subject_key(task: ClipTask) -> Tuple[str, int, int]:
+  """The group a task's window is shared in: its subject, and its file's frame size (windows are in its pixels)."""
+  return task.source_id, task.media.info.width, task.media.info.height
+
+
+def earliest_first(tasks: Iterable[ClipTask]) -> List[ClipTask]:
+  return sorted(tasks, key=lambda task: (task.start, task.clip_id))
+
+
+def reject(task: ClipTask, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
+  return beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
+                                                    planned_id=task.planned_id))
+
+
+def face_box_in_source(task: ClipTask) -> Optional[np.ndarray]:
+  """The tracked face's box (x0, y0, x1, y1) in source pixels from `task.face_box` (fractions of the output
+  square; with --crop_follow, of where the window was, taken at its median place)."""
+  if task.face_box is None:
+    return None
+  x, y, _, _ = task.window
+  left, top, _, _ = task.padding
+  origin = np.array([x - left, y - top], np.float64)
+  if task.path:
+    origin = np.median(np.array([(px, py) for _, px, py in task.path], np.float64), axis=0)
+  return np.asarray(task.face_box, np.float64) * task.square_side + np.concatenate([origin, origin])
+
+
+def with_window(task: ClipTask, window: Window, padding: Padding, note: str, **changes) -> ClipTask:
+  """`task` cropped with the subject's window; its face box moved into the new square (unless `changes` sets
+  one) and the --crop_follow path dropped: a subject's camera does not move."""
+  if 'face_box' not in changes:
+    box = face_box_in_source(task)
+    changes['face_box'] = None if box is None else box_in_square(box.reshape(2, 2), window, padding)
+  return dataclasses.replace(task, window=window, padding=padding, path=(), notes=task.notes + (note,), **changes)
+
+
+class SubjectWindowFn(beam.DoFn):
+  """((subject, width, height), ClipTasks) -> the same tasks with one window for all; `Reject`s on tag `rejects`.
+
+  Subclasses give `choose(tasks)`: the tasks (earliest first) -> their outputs (tasks and rejects). Everything is
+  worked out before the first output, so an unexpected error rejects each of the subject's clips
+  (`internal_error`, with its planned id) instead of leaving some unaccounted.
+  """
+
+  def __init__(self):
+    self.subjects = Metrics.counter(STAGE, 'subject_windows')
+    self.errors = Metrics.counter(STAGE, 'subject_window_errors')
+
+  def choose(self, tasks: List[ClipTask]) -> Iterable:
+    raise NotImplementedError
+
+  def process(self, keyed):
+    (subject, _, _), tasks = keyed
+    tasks = earliest_first(tasks)
+    try:
+      outputs = list(self.choose(tasks))
+    except FatalError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      self.errors.inc()
+      where = traceback.extract_tb(error.__traceback__)[-1]
+      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
+      logging.warning('%s: choosing the window of subject %s failed: %s', STAGE, subject, detail)
+      outputs = [reject(task, 'internal_error', detail) for task in tasks]
+    self.subjects.inc()
+    yield from outputs
+
+
+def union_window(tasks: Sequence[ClipTask]) -> Window:
+  """(x, y, w, h) around every window of `tasks`, including each place a --crop_follow window went."""
+  boxes = []
+  for task in tasks:
+    x, y, w, h = task.window
+    boxes.append((x, y, x + w, y + h))
+    boxes += [(px, py, px + w, py + h) for _, px, py in task.path]
+  b = np.array(boxes, np.int64)
+  x0, y0, x1, y1 = int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
+  return x0, y0, x1 - x0, y1 - y0
+
+
+class UnionOfWindows(SubjectWindowFn):
+  """nerf: the union of the subject's tracked windows, square and fitted to the frame, for every clip."""
+
+  def choose(self, tasks: List[ClipTask]) -> Iterable:
+    info = tasks[0].media.info
+    union = union_window(tasks)
+    window, padding = fit_window(union, info.width, info.height)
+    if len(tasks) == 1 and not tasks[0].path and (window, padding) == (tasks[0].window, tasks[0].padding):
+      return tasks
+    note = (f'one window for the subject\'s {len(tasks)} clip(s): the union {list(union)} of their tracked windows, '
+            f'square and fitted to the frame: {list(window)}'
+            + (f', padded {list(padding)} (left, top, right, bottom)' if any(padding) else ''))
+    return [with_window(task, window, padding, note) for task in tasks]
+
+
+class OneWindowPerSubject(beam.PTransform):
+  """ClipTasks with windows -> {'tasks': the same tasks, one window per subject (`assign` chooses it),
+  'rejects'}."""
+
+  def __init__(self, assign: SubjectWindowFn):
+    super().__init__()
+    self.assign = assign
+
+  def expand(self, tasks):
+    chosen = (tasks
+              | 'KeyBySubject' >> beam.Map(lambda task: (subject_key(task), task))
+              | 'GroupBySubject' >> beam.GroupByKey()
+              | 'OneWindow' >> beam.ParDo(self.assign).with_outputs('rejects', main='tasks'))
+    return {'tasks': chosen.tasks, 'rejects': chosen.rejects}
+
+
+class TrackedPerSubject(beam.PTransform):
+  """A per-clip tracker (e.g. the spine's DetectAndTrack: {'tasks', 'rejects'}) followed by
+  `OneWindowPerSubject(assign)`: a recipe's `tracker`."""
+
+  def __init__(self, tracker: beam.PTransform, assign: SubjectWindowFn):
+    super().__init__()
+    self.tracker = tracker
+    self.assign = assign
+
+  def expand(self, tasks):
+    tracked = tasks | 'TrackClips' >> self.tracker
+    shared = tracked['tasks'] | 'OneWindowPerSubject' >> OneWindowPerSubject(self.assign)
+    rejects = (tracked['rejects'], shared['rejects']) | 'SubjectTrackRejects' >> beam.Flatten()
+    return {'tasks': shared['tasks'], 'rejects': rejects}
