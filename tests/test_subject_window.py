@@ -153,3 +153,22 @@ def test_avatar_clips_rejected_with_their_own_reasons_when_no_first_frame_has_a_
   assert [(o.tag, o.value.id, o.value.reason, o.value.planned_id) for o in out] == [
       ('rejects', 'empty_0', 'no_face', 'empty_0'), ('rejects', 'empty_1', 'no_face', 'empty_1')]
   assert 'first frame of empty_1' in out[1].value.detail
+
+
+def test_avatar_small_face_in_a_wide_frame_found_through_the_detector(first_frame, tmp_path):
+  """A face about 190 px across (its 68 points) in a 1080p frame: the landmarker's short-range detector misses it on the whole frame; the
+  full-range detector finds it and the landmarker runs on a square around it, its points mapped back."""
+  from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
+  from transforms.avatar import EarliestFirstFrame
+  plain, clip, spec = first_frame
+  wide = spec(duration=1.0, fps=25.0, width=1920, height=1080, face_scale=2.0, motion_px=0.0, seed=3)
+  task = clip('wide', wide, 0.0)
+  assert plain.first_frame_box(task)[0] == 'no_face'
+  with_detector = EarliestFirstFrame(FaceLandmarkerModelHandler(max_faces=4, max_batch_size=1), 2.2,
+                                     FaceDetectorModelHandler(max_faces=4, max_batch_size=1))
+  with_detector.setup()
+  box = with_detector.first_frame_box(task)
+  x, y, w, h = box.window
+  assert 150 < box.face_px < 250  # the face's 68-point extent in source pixels
+  assert 700 < x + w / 2 < 1220 and 250 < y + h / 2 < 800  # the demo face sits near the frame's middle
+  assert w == h and w > 2 * box.face_px

@@ -68,14 +68,51 @@ class EarliestFirstFrame(SubjectWindowFn):
   retries them and takes the box from the same frame.
   """
 
-  def __init__(self, landmarker: ModelHandler, bbox_scale: float):
+  def __init__(self, landmarker: ModelHandler, bbox_scale: float, detector: Optional[ModelHandler] = None):
     super().__init__()
     self.model = SharedModel(landmarker)
+    self.detector = SharedModel(detector) if detector is not None else None
     self.bbox_scale = bbox_scale
     self.no_face = Metrics.counter(STAGE, 'avatar_first_frames_without_face')
+    self.found_by_detector = Metrics.counter(STAGE, 'avatar_first_frames_found_by_detector')
 
   def setup(self):
     self.model.setup()
+    if self.detector:
+      self.detector.setup()
+
+  def _landmarks(self, image: np.ndarray):
+    """The largest face's 478 landmarks in `image` pixels, None when there is no face, or a ModelError.
+
+    The landmarker's own detector is short-range: it misses faces under about a fifth of a wide frame (a
+    1080p talking head of 230 px). Then the full-range detector finds the face, and the landmarker runs on a
+    square around it (twice the face's size), its points mapped back."""
+    face = self.model.infer([image])[0]
+    if isinstance(face, ModelError):
+      return face
+    if face.num_faces:
+      return face.landmarks[0]
+    if self.detector is None:
+      return None
+    found = self.detector.infer([image])[0]
+    if isinstance(found, ModelError):
+      return found
+    if not found.num_faces:
+      return None
+    x0, y0, x1, y1 = found.boxes[0]
+    side = int(round(2 * max(x1 - x0, y1 - y0)))
+    left, top = int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2))
+    pad = ((max(0, -top), max(0, top + side - image.shape[0])), (max(0, -left), max(0, left + side - image.shape[1])),
+           (0, 0))
+    square = np.pad(image, pad)[top + pad[0][0]:top + pad[0][0] + side, left + pad[1][0]:left + pad[1][0] + side]
+    face = self.model.infer([np.ascontiguousarray(square)])[0]
+    if isinstance(face, ModelError) or not face.num_faces:
+      return face if isinstance(face, ModelError) else None
+    self.found_by_detector.inc()
+    points = face.landmarks[0].copy()
+    points[:, 0] += left
+    points[:, 1] += top
+    return points
 
   def choose(self, tasks: List[ClipTask]) -> Iterable:
     failed = []  # (task, reason, detail) of the first frames that gave no box, earliest first
@@ -112,15 +149,15 @@ class EarliestFirstFrame(SubjectWindowFn):
     if first is None:
       return 'no_frames', f'no video frame at the start {task.start:.3f}s of {task.clip_id}'
     _, t, image = first
-    face = self.model.infer([image])[0]
+    face = self._landmarks(image)
     if isinstance(face, ModelError):
-      return 'model_error', f'the face landmarker failed on the first frame of {task.clip_id}: {face.detail}'
-    if not face.num_faces:
+      return 'model_error', f'the face {face.model} failed on the first frame of {task.clip_id}: {face.detail}'
+    if face is None:
       self.no_face.inc()
       return 'no_face', (f'no face on the first frame of {task.clip_id} ({t:.3f}s into it): the HRAvatar crop is '
                          'taken from its landmarks')
     scale = np.array([info.width / image.shape[1], info.height / image.shape[0]], np.float32)
-    points = face.landmarks[0][list(LMK68), :2] * scale  # the largest face's 68 points, in source pixels
+    points = face[list(LMK68), :2] * scale  # the largest face's 68 points, in source pixels
     fitted = hravatar_window(points, self.bbox_scale, info.width, info.height)
     if fitted is None:
       return 'bad_crop', (f'the HRAvatar box of the face on the first frame of {task.clip_id} misses the '
@@ -134,9 +171,9 @@ class FirstFrameTrack(beam.PTransform):
   """ClipTasks without a window -> {'tasks': with their subject's HRAvatar window, 'rejects'}: the avatar
   recipe's replacement for the spine's DetectAndTrack."""
 
-  def __init__(self, landmarker: ModelHandler, bbox_scale: float):
+  def __init__(self, landmarker: ModelHandler, bbox_scale: float, detector: Optional[ModelHandler] = None):
     super().__init__()
-    self.choose = EarliestFirstFrame(landmarker, bbox_scale)
+    self.choose = EarliestFirstFrame(landmarker, bbox_scale, detector)
 
   def expand(self, tasks):
     return tasks | 'OneWindowPerSubject' >> OneWindowPerSubject(self.choose)

@@ -24,7 +24,7 @@ class Avatar(Recipe):
     from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
     from transforms.avatar import FirstFrameTrack
     landmarker = FaceLandmarkerModelHandler(model_dir=opts.model_dir, max_faces=TRACKER_FACES, max_batch_size=1)
-    return FirstFrameTrack(landmarker, opts.bbox_scale)
+    return FirstFrameTrack(landmarker, opts.bbox_scale, detector)
 
   def analyzers(self, opts, landmarker):
     from beam_pipeline.pipeline import work_dir_of
