@@ -172,6 +172,6 @@ class FaceLandmarks(ModelAnalyzer):
   name = 'face_landmarker'
 
   def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
-    # A tracked face's window fits the frame (no padding), so its output square is the window.
+    # `face_box` is in fractions of the output square (the window with its padding, if any).
     expected = None if task.face_box is None else np.asarray(task.face_box, np.float32) * size
     return _LandmarkPass(self.model, num_frames, expected, source_scale=task.square_side / size)

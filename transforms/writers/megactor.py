@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -25,10 +25,10 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import Reject
 from model_handlers.dwpose import NUM_POINTS, face_only_keypoints, faces_bbox
-from model_handlers.in_process import ModelError, SharedModel
+from model_handlers.in_process import SharedModel
 from model_handlers.stylize import StyleFailed, stylize_clip
 from transforms.fileio import delete_quietly, put_file, read_bytes
-from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
+from transforms.frame_analysis import ClipPass, Frame, ModelAnalyzer, ModelPass, PassResult
 from transforms.write import AssembleSample, sample_key
 
 STAGE = 'megactor'
@@ -40,39 +40,28 @@ NO_SWAP = 'no --faceswap_cmd was given'
 
 # ----------------------------------------------------------------------------- keypoints
 
-class _DWPosePass(ClipPass):
+class _DWPosePass(ModelPass):
   """One clip's DWPose results, packed as they come; frames the model failed on stay zero with score 0."""
 
   def __init__(self, model: SharedModel, num_frames: int):
-    self.model = model
+    super().__init__(model)
     self.keypoints = np.zeros((num_frames, NUM_POINTS, 2), np.float32)
     self.scores = np.zeros((num_frames, NUM_POINTS), np.float32)
-    self.errors: List[ModelError] = []
 
-  def add(self, frames: List[Frame]) -> None:
-    for frame, result in zip(frames, self.model.infer([frame.image for frame in frames])):
-      if isinstance(result, ModelError):
-        self.errors.append(result)
-      elif frame.index < len(self.scores):
-        self.keypoints[frame.index], self.scores[frame.index] = result.keypoints, result.scores
+  def take(self, frame: Frame, result) -> None:
+    if frame.index < len(self.scores):
+      self.keypoints[frame.index], self.scores[frame.index] = result.keypoints, result.scores
 
   def finish(self, num_frames: int) -> PassResult:
     keypoints, scores = self.keypoints[:num_frames], self.scores[:num_frames]
-    arrays = {'dwpose_result': keypoints, 'dwpose_score': scores, 'faces_bbox': faces_bbox(keypoints, scores)}
-    return PassResult(arrays, len(self.errors), self.errors[-1].detail if self.errors else '')
+    return self.result({'dwpose_result': keypoints, 'dwpose_score': scores,
+                        'faces_bbox': faces_bbox(keypoints, scores)})
 
 
-class DWPoseKeypoints(FrameAnalyzer):
+class DWPoseKeypoints(ModelAnalyzer):
   """DWPose (model_handlers/dwpose.DWPoseHandler) on every output frame of the render pass: no second decode."""
 
   name = 'dwpose'
-
-  def __init__(self, handler):
-    self.model = SharedModel(handler)
-    self.batch_size = self.model.batch_size
-
-  def setup(self) -> None:
-    self.model.setup()
 
   def start(self, task, num_frames: int, size: int) -> ClipPass:
     return _DWPosePass(self.model, num_frames)
