@@ -111,8 +111,8 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
     from beam_pipeline.demo import write_demo_input
     opts.output = opts.output or os.path.abspath('demo_out')
     demo_dir = os.path.join(default_work_dir(options, opts), 'demo_input')
-    opts.input = write_demo_input(demo_dir)
-    print(f'demo: generated a talking clip and manifest in {demo_dir}')
+    opts.input = write_demo_input(demo_dir, opts.recipe)
+    print(f'demo: generated the {opts.recipe} demo input in {demo_dir}')
   if not opts.output:
     raise SystemExit('--output is required with --input')
   refuse_local_paths(options, opts)

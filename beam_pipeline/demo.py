@@ -7,11 +7,13 @@ face detection, cropping and audio-visual sync have something true to find.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import zipfile
 from fractions import Fraction
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import av
 import cv2
@@ -24,6 +26,14 @@ _MOUTH_HALF_WIDTH = 19
 _FACE_AXIS_X = 165  # sprite column of the face's vertical axis
 _FACE_RADIUS = 45  # radius of the cylinder the face turns on (a turn of 45 reads as ~26 degrees of yaw)
 _SLIDE_S = 0.4  # seconds the face takes to slide out of (or back into) the frame
+# The eye openings (image-left eye first), measured like the constants above: the landmarker on _sprite(2.0),
+# points halved. Centre x, y (between the corners 33/133 and 263/362 and the lids 159/145 and 386/374), half
+# width, half height (corner to corner, lid to lid) and tilt in degrees (the line from outer to inner corner).
+_EYES = ((144.7, 102.1, 9.3, 3.25, 8.9), (186.0, 104.1, 9.4, 3.05, -2.7))
+_IRIS_RADIUS = 4.3  # the landmarker's iris contour (469-472, 474-477) lies 4.1 px from its centre
+_EYEBALL_RADIUS = 8.0  # the iris centre turns on a sphere this large (an eye's width is about its diameter)
+_SACCADE_S = 0.05  # how long the eyes take to jump from one fixation to the next
+_SCLERA, _IRIS, _LIMBUS, _PUPIL = (225, 208, 202), (110, 72, 45), (45, 30, 24), (12, 8, 8)
 
 
 @dataclasses.dataclass
@@ -48,6 +58,7 @@ class VideoSpec:
   face_gone: Tuple[float, float] = ()  # the face slides out before this interval and back in after
   cut_at: float = 0.0  # > 0: a hard shot change here (other background, face elsewhere)
   irregular_speech: bool = False  # syllables at random times, so a sync offset has one true lag
+  gaze_deg: float = 0.0  # > 0: drawn irises look around (saccades), up to this far off the camera axis
 
 
 def _sprite(scale: float) -> np.ndarray:
@@ -83,6 +94,35 @@ def irregular_openness(t: np.ndarray, seed: int) -> np.ndarray:
 
 def openness(spec: VideoSpec, t) -> np.ndarray:
   return irregular_openness(t, spec.seed) if spec.irregular_speech else mouth_openness(t)
+
+
+@functools.lru_cache(maxsize=16)
+def _fixations(seed: int, duration: float) -> Tuple[np.ndarray, np.ndarray]:
+  """Fixation start times and (yaw, pitch) targets as fractions of `gaze_deg`: 0.3-0.7 s each, every other one
+  back at the camera, the others off to a random side (half as far up or down as sideways, like real gaze)."""
+  rng = np.random.default_rng(seed + 23)
+  starts, targets, t = [], [], 0.0
+  while t < duration:
+    if len(starts) % 2:
+      angle, reach = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.0)
+      targets.append((reach * math.cos(angle), 0.5 * reach * math.sin(angle)))
+    else:
+      targets.append(tuple(rng.normal(0, 0.05, 2)))
+    starts.append(t)
+    t += rng.uniform(0.3, 0.7)
+  return np.array(starts), np.array(targets)
+
+
+def gaze(spec: VideoSpec, t: float) -> Tuple[float, float]:
+  """Gaze yaw (+: towards image right) and pitch (+: down) in degrees at time t; (0, 0) without `gaze_deg`."""
+  if spec.gaze_deg <= 0:
+    return 0.0, 0.0
+  starts, targets = _fixations(spec.seed, spec.duration)
+  k = max(0, int(np.searchsorted(starts, t, side='right')) - 1)
+  previous = targets[k - 1] if k else targets[0]
+  progress = min(1.0, (t - starts[k]) / _SACCADE_S)
+  yaw, pitch = spec.gaze_deg * (previous + progress * progress * (3 - 2 * progress) * (targets[k] - previous))
+  return float(yaw), float(pitch)
 
 
 def face_position(spec: VideoSpec, t: float, sprite_shape) -> Tuple[int, int]:
@@ -163,7 +203,51 @@ def _draw_face(spec: VideoSpec, t: float, background: np.ndarray, sprite: Option
   if opening > 0.3:
     teeth = (axes[0] - 3, max(1, axes[1] // 3))
     cv2.ellipse(frame, (centre[0], centre[1] - axes[1] + teeth[1]), teeth, 0, 0, 360, (230, 225, 220), -1)
+  if spec.gaze_deg > 0:
+    _draw_eyes(frame, (x, y), scale, turn, gaze(spec, t))
   return frame
+
+
+def _draw_eyes(frame: np.ndarray, origin: Tuple[int, int], scale: float, turn: float,
+               gaze_deg: Tuple[float, float]) -> None:
+  """Irises (limbus ring, pupil) looking `gaze_deg` (yaw, pitch), painted over each eye opening of the sprite
+  placed at `origin` (its whites repainted first, covering the photo's own iris), clipped by the lids.
+  Anti-aliased, so sub-pixel gaze moves show."""
+  yaw, pitch = (math.radians(a) for a in gaze_deg)
+
+  def turned(sprite_x: float) -> float:
+    return _turned_x(sprite_x, turn, scale) if turn else sprite_x
+
+  for cx, cy, half_w, half_h, tilt in _EYES:
+    ex = origin[0] + turned(cx * scale)
+    ey = origin[1] + cy * scale
+    a = max(1.0, (turned((cx + half_w) * scale) - turned((cx - half_w) * scale)) / 2)
+    b = half_h * scale
+    ix = origin[0] + turned((cx + _EYEBALL_RADIUS * math.sin(yaw)) * scale)
+    iy = ey + _EYEBALL_RADIUS * scale * math.sin(pitch)
+    reach = int(math.ceil(a + 2))
+    x0, x1 = max(0, int(ex) - reach), min(frame.shape[1], int(ex) + reach + 1)
+    y0, y1 = max(0, int(ey) - reach), min(frame.shape[0], int(ey) + reach + 1)
+    if x1 <= x0 or y1 <= y0:
+      continue
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    cos_t, sin_t = math.cos(math.radians(tilt)), math.sin(math.radians(tilt))
+    u = ((xx - ex) * cos_t + (yy - ey) * sin_t) / a
+    v = (-(xx - ex) * sin_t + (yy - ey) * cos_t) / b
+    # Pixels from the lid line: the ellipse's implicit function over its gradient's length.
+    inside = (1 - u * u - v * v) / np.maximum(2 * np.sqrt((u / a) ** 2 + (v / b) ** 2), 1e-3)
+    opening = np.clip(inside + 0.5, 0, 1)[..., None]
+    radius = _IRIS_RADIUS * scale
+    d = np.sqrt((xx - ix) ** 2 + (yy - iy) ** 2)
+    ring = np.clip((d / radius - 0.6) / 0.4, 0, 1)[..., None]
+    iris = np.clip(radius - d + 0.5, 0, 1)[..., None]
+    pupil = np.clip(0.4 * radius - d + 0.5, 0, 1)[..., None]
+    colour = np.float32(_IRIS) + ring * (np.float32(_LIMBUS) - np.float32(_IRIS))
+    colour = colour + pupil * (np.float32(_PUPIL) - colour)
+    eye = np.float32(_SCLERA) + iris * (colour - np.float32(_SCLERA))
+    eye = eye * (0.8 + 0.2 * np.clip(v + 0.5, 0, 1))[..., None]  # the upper lid's shadow
+    patch = frame[y0:y1, x0:x1].astype(np.float32)
+    frame[y0:y1, x0:x1] = np.clip(patch + opening * (eye - patch) + 0.5, 0, 255).astype(np.uint8)
 
 
 def speech_audio(spec: VideoSpec) -> np.ndarray:
@@ -216,11 +300,49 @@ def write_video(path: str, spec: VideoSpec) -> str:
   return path
 
 
-def write_demo_input(directory: str) -> str:
-  """A demo source (12 s talking clip) plus a JSONL manifest with two annotated clips."""
-  video = write_video(os.path.join(directory, 'demo_talking.mp4'),
-                      VideoSpec(duration=12.0, width=960, height=540))
+def write_frame_folders(path: str, folders: Dict[str, VideoSpec]) -> str:
+  """A VFHQ-style zip at `path`: {folder name: VideoSpec} as `<folder>/<NNNNN>.jpg`, one frame each (JPEG
+  quality 95: a tenth of PNG's size on the noisy background). Fixed member times, so the same specs give the
+  same bytes (the frame listing is named by content)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with zipfile.ZipFile(path, 'w') as archive:
+    for folder, spec in folders.items():
+      background, sprite = _background(spec), _sprite(spec.face_scale)
+      for index in range(int(round(spec.duration * spec.fps))):
+        image = render_frame(spec, index / spec.fps, background, sprite)
+        ok, data = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        assert ok, 'JPEG encoding failed'
+        archive.writestr(zipfile.ZipInfo(f'{folder}/{index:05d}.jpg', date_time=(1980, 1, 1, 0, 0, 0)),
+                         data.tobytes())
+  return path
+
+
+def _manifest(directory: str, video: str, clips) -> str:
   manifest = os.path.join(directory, 'demo.jsonl')
   with open(manifest, 'w') as handle:
-    handle.write(json.dumps({'id': 'demo', 'url': video, 'clips': [['00:00.5', '00:05.5'], [6.0, 11.5]]}) + '\n')
+    handle.write(json.dumps({'id': 'demo', 'url': video, **({'clips': clips} if clips else {})}) + '\n')
   return manifest
+
+
+def write_demo_input(directory: str, recipe: str = 'hdtf') -> str:
+  """The input `python -m beam_pipeline --recipe=RECIPE` runs on without --input; returns its path.
+
+  hdtf: a 12 s 960x540 talking clip plus a JSONL manifest with two annotated clips; nerf and avatar: the same
+  at 6 s (one subject of two clips). megactor: a VFHQ-style zip of two 3 s frame folders whose eyes look
+  around (its eye-motion filter rejects still eyes). mmvox: a 5 s 1080p clip whose face is big enough
+  for a face tube (>= 256 source px, >= 64 frames at 25 fps), the whole video one clip.
+  """
+  if recipe == 'megactor':
+    folders = {f'Clip+demo+P{person}': VideoSpec(duration=3.0, width=512, height=512, audio=False,
+                                                 face_scale=1.5, motion_px=12.0, seed=person, gaze_deg=25.0)
+               for person in range(2)}
+    return write_frame_folders(os.path.join(directory, 'demo_frames.zip'), folders)
+  if recipe == 'mmvox':
+    video = write_video(os.path.join(directory, 'demo_talking_1080p.mp4'),
+                        VideoSpec(duration=5.0, width=1920, height=1080, face_scale=2.5))
+    return _manifest(directory, video, None)
+  if recipe in ('nerf', 'avatar'):  # per-frame parsing, matting and fitting: half the hdtf demo's length
+    video = write_video(os.path.join(directory, 'demo_talking.mp4'), VideoSpec(duration=6.0, width=960, height=540))
+    return _manifest(directory, video, [['00:00.5', '00:03.0'], [3.25, 5.75]])
+  video = write_video(os.path.join(directory, 'demo_talking.mp4'), VideoSpec(duration=12.0, width=960, height=540))
+  return _manifest(directory, video, [['00:00.5', '00:05.5'], [6.0, 11.5]])

@@ -12,7 +12,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 
-from beam_pipeline.demo import VideoSpec, write_video
+from beam_pipeline.demo import VideoSpec, write_frame_folders, write_video
 from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
 from model_handlers.dwpose import to_openpose
 from model_handlers.stylize import OpenCVStyler
@@ -25,7 +25,8 @@ from tests.test_frame_sources import _add, _Marker, astronaut_frames, png, write
 
 FACE = slice(24, 92)
 BASE = ('--recipe=megactor', '--size=256', '--no_progress', '--no_report')
-# The generated astronaut's eyes do not move: MegActor's eye-motion filter (on in this recipe) would reject it.
+# The generated astronaut's eyes do not move unless given `gaze_deg`: MegActor's eye-motion filter (on in this
+# recipe) would reject it.
 COMMON = BASE + ('--min_eye_motion_var=0',)
 
 
@@ -127,6 +128,22 @@ def test_the_eye_motion_filter_is_on_by_default(pyd_runs):
   assert {(r['stage'], r['reason'], r['threshold']) for r in rejects} == {('filter', 'eye_motion_low', 2.0)}
   assert all(r['value'] is not None and r['value'] <= 2.0 for r in rejects)
   assert read_shards(str(pyd_runs['trusted'])) == []
+
+
+def test_the_eye_motion_filter_keeps_eyes_that_look_around(tmp_path):
+  """The default filter on two folders of the same talking astronaut: the one whose irises look around
+  (`gaze_deg`) is kept, the one with still eyes is rejected."""
+  def spec(gaze_deg):
+    return VideoSpec(duration=2.0, fps=30.0, width=256, height=256, audio=False, face_scale=256 / 400,
+                     motion_px=256 / 25, gaze_deg=gaze_deg)
+  archive = write_frame_folders(str(tmp_path / 'group7.zip'), {'Clip+gaze+P0': spec(25.0), 'Clip+still+P0': spec(0.0)})
+  output = tmp_path / 'out'
+  run_cli(f'--input={archive}', f'--output={output}', *BASE)
+  (sample,) = read_shards(str(output))
+  assert sample['__key__'] == 'Clip_gaze_P0_0' and sample['json']['scores']['eye_motion_var'] > 2.0
+  (reject,) = read_jsonl(str(output / 'rejects.jsonl'))
+  assert (reject['id'], reject['reason'], reject['threshold']) == ('Clip_still_P0_0', 'eye_motion_low', 2.0)
+  assert reject['value'] <= 2.0
 
 
 FACESWAP_SCRIPT = '''
