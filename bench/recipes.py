@@ -25,22 +25,20 @@ from bench.run import _load, machine  # noqa: E402
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
 
 RECIPES = ('hdtf', 'nerf', 'avatar', 'megactor', 'mmvox')
-# The generated astronaut's eyes do not move; MegActor's eye-motion filter (on by default) would reject every
-# clip, so the benchmark switches it off to time the work a kept clip costs.
-EXTRA = {'megactor': ['--min_eye_motion_var=0']}
 SECTION = '## Recipes'
 
 
 def make_sources(root: str, sources: int, duration: float) -> str:
   """1080p talking clips (a face large enough for mmvox's 256 px tubes), with little head motion (HRAvatar's
-  first-frame box must keep holding the face), and a manifest of one whole-video clip each."""
+  first-frame box must keep holding the face) and eyes that look around (MegActor's eye-motion filter, on by
+  default, keeps only such clips), and a manifest of one whole-video clip each."""
   os.makedirs(root, exist_ok=True)
   lines = []
   for index in range(sources):
     path = os.path.join(root, f'talk{index}.mp4')
     if not os.path.exists(path):
       write_video(path, VideoSpec(duration=duration, fps=25.0, width=1920, height=1080, face_scale=2.5,
-                                  motion_px=8.0, seed=index))
+                                  motion_px=8.0, gaze_deg=25.0, seed=index))
     lines.append(json.dumps({'id': f'talk{index}', 'url': path}))
   manifest = os.path.join(root, 'sources.jsonl')
   with open(manifest, 'w') as out:
@@ -52,7 +50,7 @@ def run_recipe(recipe: str, manifest: str, root: str) -> dict:
   output = os.path.join(root, f'out_{recipe}')
   shutil.rmtree(output, ignore_errors=True)
   argv = [sys.executable, '-m', 'beam_pipeline', f'--input={manifest}', f'--output={output}',
-          f'--recipe={recipe}', '--no_progress', '--no_report'] + EXTRA.get(recipe, [])
+          f'--recipe={recipe}', '--no_progress', '--no_report']
   before = _load()
   started = time.monotonic()
   done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
