@@ -248,22 +248,33 @@ class TrackFaces(beam.DoFn):
         notes=tuple(notes), face_stats=task.face_stats + stats, face_box=face_box_in_window(tr, window, path))
 
 
-class DetectAndTrack(beam.PTransform):
-  """ClipTasks without a window -> one ClipTask per face track, with its window (tag `tasks`), and
-  `rejects`. Per clip, one DoFn decodes the frames sampled at `detect_fps` and runs the
-  detector on them in-process (no per-frame element), and tracking follows without a shuffle; an
-  unexpected error in either is an `internal_error` reject of that clip."""
+class SampleAndTrack(beam.PTransform):
+  """ClipTasks without a window -> the ClipTasks `tracker` cuts from each clip's detector samples (tag
+  `tasks`), and `rejects`. Per clip, one DoFn decodes the frames sampled at `detect_fps` and runs the
+  detector on them in-process (no per-frame element), and `tracker` (a DoFn: FaceSamples -> ClipTasks)
+  follows without a shuffle; an unexpected error in either is an `internal_error` reject of that clip.
+  The spine's face tracks and mmvox's face tubes (transforms/tubes.py) are two such trackers."""
 
-  def __init__(self, detector: ModelHandler, crop_scale: float, detect_fps: float, shot_threshold: float,
-               multi_face: str, max_gap_s: float, min_duration: float, crop_follow_s: float = 0.0):
+  def __init__(self, detector: ModelHandler, detect_fps: float, shot_threshold: float, tracker: beam.DoFn,
+               label: str, stage: str = STAGE):
     super().__init__()
     self.sampler = SampleFrames(detector, detect_fps, shot_threshold)
-    self.tracker = TrackFaces(crop_scale, multi_face, max_gap_s, min_duration, detect_fps, crop_follow_s)
+    self.tracker, self.label, self.stage = tracker, label, stage
 
   def expand(self, tasks):
     sampled = tasks | 'SampleFrames' >> beam.ParDo(DeadLetter(self.sampler, 'crop')).with_outputs(
         'rejects', main='samples')
-    tracked = sampled.samples | 'TrackFaces' >> beam.ParDo(DeadLetter(self.tracker, STAGE)).with_outputs(
+    tracked = sampled.samples | self.label >> beam.ParDo(DeadLetter(self.tracker, self.stage)).with_outputs(
         'rejects', main='tasks')
-    rejects = (sampled.rejects, tracked.rejects) | 'TrackRejects' >> beam.Flatten()
+    rejects = (sampled.rejects, tracked.rejects) | f'{self.label}Rejects' >> beam.Flatten()
     return {'tasks': tracked.tasks, 'rejects': rejects}
+
+
+class DetectAndTrack(SampleAndTrack):
+  """The spine's tracker: one ClipTask per face track, with its window (transforms/track.TrackFaces)."""
+
+  def __init__(self, detector: ModelHandler, crop_scale: float, detect_fps: float, shot_threshold: float,
+               multi_face: str, max_gap_s: float, min_duration: float, crop_follow_s: float = 0.0):
+    super().__init__(detector, detect_fps, shot_threshold,
+                     TrackFaces(crop_scale, multi_face, max_gap_s, min_duration, detect_fps, crop_follow_s),
+                     'TrackFaces')

@@ -25,9 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from beam_pipeline.elements import ClipTask, FaceSamples, Reject, Window
-from transforms.crop import SampleFrames
-from transforms.deadletter import DeadLetter
-from transforms.track import Track, face_box_in_window, iou, piece_ids, shot_ranges
+from transforms.track import SampleAndTrack, Track, face_box_in_window, iou, piece_ids, shot_ranges
 
 STAGE = 'tubes'
 IOU_WITH_FIRST = 0.25  # video-preprocessing --iou_with_initial
@@ -171,21 +169,11 @@ class CutTubes(beam.DoFn):
         face_box=face_box_in_window(tube, window, ()))
 
 
-class TrackTubes(beam.PTransform):
+class TrackTubes(SampleAndTrack):
   """ClipTasks without a window -> one ClipTask per kept face tube (tag `tasks`) and `rejects`: the spine's
   sampler (detector on frames every 1/detect_fps s, shot cuts on every frame) then the tube rules, both
   per clip without a shuffle."""
 
   def __init__(self, detector: ModelHandler, rules: TubeRules, fps: float, detect_fps: float,
                shot_threshold: float):
-    super().__init__()
-    self.sampler = SampleFrames(detector, detect_fps, shot_threshold)
-    self.cutter = CutTubes(rules, fps, detect_fps)
-
-  def expand(self, tasks):
-    sampled = tasks | 'SampleFrames' >> beam.ParDo(DeadLetter(self.sampler, 'crop')).with_outputs(
-        'rejects', main='samples')
-    cut = sampled.samples | 'CutTubes' >> beam.ParDo(DeadLetter(self.cutter, STAGE)).with_outputs(
-        'rejects', main='tasks')
-    rejects = (sampled.rejects, cut.rejects) | 'TubeRejects' >> beam.Flatten()
-    return {'tasks': cut.tasks, 'rejects': rejects}
+    super().__init__(detector, detect_fps, shot_threshold, CutTubes(rules, fps, detect_fps), 'CutTubes', STAGE)
