@@ -22,9 +22,10 @@ import os
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from model_handlers.weights import WeightsError, require
+from model_handlers.weights import WeightsError, local_copy, require_files
 
 SAMPLE_RATE = 16000
 STEPS_PER_S = 50  # mel hop and HuBERT's CNN stride (320 samples) at 16 kHz
@@ -144,11 +145,12 @@ class HubertHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     from transformers import HubertModel
     from model_handlers.torch_handler import pick_device
     check_hubert_dir(self.model_dir)
+    self.local_dir = local_copy(self.model_dir, HUBERT_FLAG, HUBERT_WHAT)  # a gs:// folder: once per machine
     self.device = pick_device(self._device_name)
-    safetensors = os.path.exists(os.path.join(self.model_dir, 'model.safetensors'))
+    safetensors = os.path.exists(os.path.join(self.local_dir, 'model.safetensors'))
     try:
       # A HubertForCTC checkpoint loads too: its `hubert.` weights are the base model, the CTC head is dropped.
-      model = HubertModel.from_pretrained(self.model_dir, local_files_only=True, use_safetensors=safetensors)
+      model = HubertModel.from_pretrained(self.local_dir, local_files_only=True, use_safetensors=safetensors)
     except Exception as error:  # pylint: disable=broad-except  # transformers raises many kinds here
       raise WeightsError(HUBERT_FLAG, self.model_dir, f'could not load as {HUBERT_WHAT}: '
                          f'{type(error).__name__}: {str(error)[:300]}') from error
@@ -202,22 +204,19 @@ class HubertHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
 
 def check_hubert_dir(model_dir: Optional[str]) -> str:
-  """`model_dir` when it holds a HuBERT config and weights; else a WeightsError naming --hubert_model
-  (call when the graph is built, so a wrong path fails before any work)."""
-  require(model_dir, HUBERT_FLAG, HUBERT_WHAT)
-  config_path = os.path.join(model_dir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise WeightsError(HUBERT_FLAG, model_dir, f'no config.json; it should be {HUBERT_WHAT}')
+  """`model_dir` (local or gs://) when it holds a HuBERT config and weights; else a WeightsError naming
+  --hubert_model (call when the graph is built, so a wrong path fails before any work)."""
+  require_files(model_dir, ('config.json',), HUBERT_FLAG, HUBERT_WHAT)
   try:
-    with open(config_path, encoding='utf-8') as handle:
-      model_type = json.load(handle).get('model_type')
+    with FileSystems.open(FileSystems.join(model_dir, 'config.json')) as handle:
+      model_type = json.loads(handle.read()).get('model_type')
   except (OSError, ValueError) as error:
     raise WeightsError(HUBERT_FLAG, model_dir, f'config.json is unreadable ({error}); it should be {HUBERT_WHAT}')
   if model_type != 'hubert':
     raise WeightsError(HUBERT_FLAG, model_dir, f'config.json is for model_type {model_type!r}, not "hubert"')
   weights = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json',
              'pytorch_model.bin.index.json')
-  if not any(os.path.isfile(os.path.join(model_dir, name)) for name in weights):
+  if not any(FileSystems.exists(FileSystems.join(model_dir, name)) for name in weights):
     raise WeightsError(HUBERT_FLAG, model_dir, f'no weights file ({", ".join(weights[:2])}); it should be '
                        f'{HUBERT_WHAT}')
   return model_dir
@@ -226,11 +225,11 @@ def check_hubert_dir(model_dir: Optional[str]) -> str:
 def _normalises(model_dir: str) -> bool:
   """Whether the model's feature extractor normalises the waveform (preprocessor_config.json's do_normalize);
   without that file, True, as facebook/hubert-large-ls960-ft's extractor does."""
-  path = os.path.join(model_dir, 'preprocessor_config.json')
-  if not os.path.isfile(path):
+  path = FileSystems.join(model_dir, 'preprocessor_config.json')
+  if not FileSystems.exists(path):
     return True
-  with open(path, encoding='utf-8') as handle:
-    return bool(json.load(handle).get('do_normalize', True))
+  with FileSystems.open(path) as handle:
+    return bool(json.loads(handle.read()).get('do_normalize', True))
 
 
 def audio_features(kind: str, pcm: np.ndarray, num_frames: int, fps: float, hubert_model=None) -> np.ndarray:

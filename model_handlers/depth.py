@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from model_handlers.torch_handler import pick_device
-from model_handlers.weights import WeightsError, is_torchscript, load_into, load_torch_state, load_torchscript
+from model_handlers.weights import WeightsError, is_remote, is_torchscript, load_into, load_torch_state, load_torchscript, \
+  require_files
 
 FLAG = '--depth'
 WHAT = ('DaGAN\'s depth network (a folder holding encoder.pth and depth.pth, as in DaGAN\'s '
@@ -168,8 +170,8 @@ def _encoder_state(state: Dict) -> Dict:
 def load_dagan(folder: str, device=None) -> DaGANDepth:
   """DaGAN's encoder.pth + depth.pth from `folder`, loaded strictly (WeightsError naming --depth)."""
   model = DaGANDepth()
-  encoder_path = os.path.join(folder, ENCODER_FILE)
-  decoder_path = os.path.join(folder, DECODER_FILE)
+  encoder_path = FileSystems.join(folder, ENCODER_FILE)
+  decoder_path = FileSystems.join(folder, DECODER_FILE)
   load_into(model.encoder, _encoder_state(load_torch_state(encoder_path, FLAG, f'{ENCODER_FILE} of {WHAT}')),
             FLAG, encoder_path, 'DaGAN\'s depth encoder (ResNet-18, keys encoder.conv1.weight ...)')
   load_into(model.decoder, load_torch_state(decoder_path, FLAG, f'{DECODER_FILE} of {WHAT}'),
@@ -178,17 +180,22 @@ def load_dagan(folder: str, device=None) -> DaGANDepth:
 
 
 def check_depth_weights(path: Optional[str]) -> str:
-  """`path` when it names a folder with encoder.pth and depth.pth or a file; else a WeightsError naming --depth
-  (call when the graph is built)."""
+  """`path` (local or gs://) when it names a folder with encoder.pth and depth.pth, or a file; else a
+  WeightsError naming --depth (call when the graph is built)."""
   if not path:
     raise WeightsError(FLAG, None, f'not given; pass the path of {WHAT}')
-  if os.path.isdir(path):
-    for name in (ENCODER_FILE, DECODER_FILE):
-      if not os.path.isfile(os.path.join(path, name)):
-        raise WeightsError(FLAG, path, f'the folder has no {name}; it should hold {WHAT}')
-  elif not os.path.isfile(path):
+  if _is_folder(path):
+    return require_files(path, (ENCODER_FILE, DECODER_FILE), FLAG, WHAT)
+  if not FileSystems.exists(path):
     raise WeightsError(FLAG, path, f'no such file or folder; it should hold {WHAT}')
   return path
+
+
+def _is_folder(path: str) -> bool:
+  """A local folder, or a gs:// prefix with something under it that is not itself a file."""
+  if not is_remote(path):
+    return os.path.isdir(path)
+  return not FileSystems.exists(path) and bool(FileSystems.match([path.rstrip('/') + '/*'])[0].metadata_list)
 
 
 class DepthHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
@@ -207,8 +214,8 @@ class DepthHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
   def load_model(self):
     check_depth_weights(self.path)
     self.device = pick_device(self._device_name)
-    if os.path.isdir(self.path):
-      return load_dagan(self.path, self.device)
+    if _is_folder(self.path):
+      return load_dagan(self.path, self.device)  # read through FileSystems: local or gs://
     if not is_torchscript(self.path):
       raise WeightsError(FLAG, self.path, f'not a TorchScript archive; it should be {WHAT}')
     return load_torchscript(self.path, FLAG, WHAT, self.device).eval()

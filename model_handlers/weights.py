@@ -8,9 +8,12 @@ and Python pickles only when the user passed `--trust_pickle`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-from typing import Dict, Iterable, Optional
+import shutil
+import tempfile
+from typing import Dict, Iterable, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -32,6 +35,59 @@ def require(path: Optional[str], flag: str, what: str) -> str:
   if not exists:
     raise WeightsError(flag, path, f'no such file or folder; it should hold {what}')
   return path
+
+
+def is_remote(path: str) -> bool:
+  return '://' in path and not path.startswith('file://')
+
+
+def require_files(path: Optional[str], names: Sequence[str], flag: str, what: str) -> str:
+  """`path` when it is a folder (local or gs://) holding every file in `names`; else a WeightsError."""
+  if not path:
+    raise WeightsError(flag, None, f'not given; pass the path of {what}')
+  if not is_remote(path) and not os.path.isdir(path):
+    raise WeightsError(flag, path, f'no such file or folder; it should hold {what}')
+  for name in names:
+    if not FileSystems.exists(FileSystems.join(path, name)):
+      raise WeightsError(flag, path, f'the folder has no {name}; it should hold {what}')
+  return path
+
+
+def local_copy(path: str, flag: str, what: str) -> str:
+  """A local path for `path`: itself when local; for a gs:// file or folder, a copy in this machine's temp
+  dir, made once per machine (copied aside, then renamed into place), for libraries that open only local
+  files (transformers, diffusers, a face-swap command). Distributed workers get their weights this way."""
+  if not is_remote(path):
+    return path
+  root = os.path.join(tempfile.gettempdir(), 'beam_pipeline_weights',
+                      hashlib.sha1(path.encode()).hexdigest()[:16])
+  target = os.path.join(root, os.path.basename(path.rstrip('/')) or 'weights')
+  if os.path.exists(target):
+    return target
+  base = path.rstrip('/')
+  files = [(m.path, '') for m in FileSystems.match([base])[0].metadata_list if m.path == base]
+  if not files:
+    under = FileSystems.match([base + '/**'])[0].metadata_list
+    files = [(m.path, m.path[len(base) + 1:]) for m in under if not m.path.endswith('/')]
+  if not files:
+    raise WeightsError(flag, path, f'nothing there; it should hold {what}')
+  os.makedirs(root, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=root, prefix='.partial-')
+  try:
+    for uri, relative in files:
+      local = os.path.join(staging, 'item', relative) if relative else os.path.join(staging, 'item')
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with FileSystems.open(uri, mime_type='application/octet-stream', compression_type='uncompressed') as src, \
+          open(local, 'wb') as out:
+        shutil.copyfileobj(src, out, 1 << 22)
+    try:
+      os.rename(os.path.join(staging, 'item'), target)
+    except OSError:  # another process of this machine put its copy there first
+      if not os.path.exists(target):
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
 
 
 def read_weights(path: str, flag: str, what: str) -> bytes:

@@ -158,3 +158,67 @@ def test_nerf_subject_through_portable_runner(job_service, tmp_path):
   assert [f['img_id'] for f in val['frames']] == [10, 21, 32, 43, 54]
   # Work-dir media of both clips went once the subject was published.
   assert not [name for _, _, names in os.walk(output / '_work') for name in names]
+
+
+# ----------------------------------------------------------------------------- user weights on gs://
+
+WEIGHTS_CHILD = r'''
+import sys, numpy as np
+from model_handlers.audio_features import HubertHandler, check_hubert_dir
+from model_handlers.depth import DepthHandler, check_depth_weights
+from model_handlers.weights import WeightsError
+hubert_uri, depth_uri, missing_uri, faces_uri = sys.argv[1:5]
+from model_handlers.weights import local_copy
+from transforms.faceswap import find_source_images
+(face,) = find_source_images(faces_uri)
+assert face == faces_uri + 'a.png', face
+assert open(local_copy(face, '--source_images', 'a face image'), 'rb').read() == b'not really a png'
+
+check_hubert_dir(hubert_uri), check_depth_weights(depth_uri)
+try:
+  check_depth_weights(missing_uri)
+  raise SystemExit('a missing gs:// folder passed the check')
+except WeightsError as error:
+  assert '--depth' in str(error), error
+hubert = HubertHandler(hubert_uri)
+features = next(iter(hubert.run_inference([np.zeros(16000, np.float32)], hubert.load_model()))).inference
+depth = DepthHandler(depth_uri)
+disparity = next(iter(depth.run_inference([np.zeros((64, 64, 3), np.uint8)], depth.load_model()))).inference
+print('OK', features.shape, disparity.shape, hubert.local_dir)
+'''
+
+
+def test_user_weights_load_from_gcs(gcs, tmp_path):
+  """A distributed worker has no copy of the launching machine's disk: weights folders (and face-swap source
+  images) given as gs:// are checked in the bucket when the graph is built and copied once per machine when
+  the model loads."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from model_handlers import depth as dp
+  bucket = gcs['bucket']
+  torch.manual_seed(0)
+  hubert = tmp_path / 'hubert'
+  transformers.HubertModel(transformers.HubertConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
+      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)).save_pretrained(str(hubert))
+  dagan = tmp_path / 'dagan'
+  dagan.mkdir()
+  model = dp.DaGANDepth()
+  torch.save(model.encoder.state_dict(), dagan / 'encoder.pth')
+  torch.save(model.decoder.state_dict(), dagan / 'depth.pth')
+  for folder in (hubert, dagan):
+    for path in folder.iterdir():
+      bucket.blob(f'weights/{folder.name}/{path.name}').upload_from_filename(str(path))
+  bucket.blob('faces/a.png').upload_from_string(b'not really a png')
+  bucket.blob('faces/notes.txt').upload_from_string(b'not an image')
+  env = dict(os.environ, **gcs['env'], TMPDIR=str(tmp_path / 'worker_tmp'))
+  os.makedirs(env['TMPDIR'])
+  result = subprocess.run([sys.executable, '-c', WEIGHTS_CHILD, f'gs://{BUCKET}/weights/hubert',
+                           f'gs://{BUCKET}/weights/dagan', f'gs://{BUCKET}/weights/nothing',
+                           f'gs://{BUCKET}/faces/'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-4000:]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith('OK (49, 32) (64, 64)'), last
+  local = last.split()[-1]
+  assert local.startswith(env['TMPDIR']) and sorted(os.listdir(local)) == sorted(p.name for p in hubert.iterdir())

@@ -24,6 +24,9 @@ import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 import av
+from apache_beam.io.filesystems import FileSystems
+
+from model_handlers.weights import is_remote, local_copy
 
 PLACEHOLDERS = ('{source}', '{target}', '{output}')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
@@ -47,10 +50,17 @@ def parse_command(command: str) -> List[str]:
 
 
 def find_source_images(spec: Optional[str]) -> List[str]:
-  """Image files named by --source_images (comma-separated files, folders or globs), sorted, duplicates removed."""
+  """Image files named by --source_images (comma-separated files, folders or globs, local or gs://), sorted,
+  duplicates removed. gs:// images are copied to a worker when it first uses one (distributed workers do not
+  see the launching machine's disk)."""
   found = set()
   for part in (p.strip() for p in (spec or '').split(',')):
     if not part:
+      continue
+    if is_remote(part):
+      pattern = part if glob.has_magic(part) or part.lower().endswith(IMAGE_EXTENSIONS) else part.rstrip('/') + '/*'
+      found.update(m.path for m in FileSystems.match([pattern])[0].metadata_list
+                   if m.path.lower().endswith(IMAGE_EXTENSIONS))
       continue
     if os.path.isdir(part):
       candidates = [os.path.join(part, name) for name in os.listdir(part)]
@@ -131,7 +141,9 @@ class FaceSwap:
     try:
       suffix = os.path.splitext(output)[1] or '.mp4'
       written = os.path.join(scratch, 'swapped' + suffix)
-      argv = fill(self.argv, self.source_for(clip_id) or '', os.path.abspath(target), written)
+      source = self.source_for(clip_id)
+      source = local_copy(source, '--source_images', 'a face image') if source else ''
+      argv = fill(self.argv, source, os.path.abspath(target), written)
       failure = self._run(argv, scratch)
       if failure is None:
         problem = decodes_as_video(written) if os.path.isfile(written) and os.path.getsize(written) else \
