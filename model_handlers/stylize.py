@@ -53,13 +53,17 @@ def clip_seed(clip_id: str) -> int:
 
 # ---------------------------------------------------------------- OpenCV
 
+_CHANNEL_MEAN = np.full((1, 3), 1 / 3, np.float32)  # cv2.transform: (H, W, 3) -> their mean, (H, W)
+
+
 class OpenCVStyler:
   """Cartoon look from OpenCV filters; `for_clip` gives a clip's stateful styling function (frames in order)."""
 
   def __init__(self, sigma_s: float = 60, sigma_r: float = 0.4, levels: int = 8, edge_strength: float = 0.7,
                keep: float = 0.85, still_px: float = 8.0):
     self.sigma_s, self.sigma_r = sigma_s, sigma_r
-    self.step = 256.0 / levels
+    step = 256.0 / levels
+    self.levels = (np.floor(np.arange(256) / step) * step + step / 2).astype(np.float32)  # 0-255 -> its level
     self.edge_strength = edge_strength
     self.keep = keep  # most of the previous styled frame kept where nothing moved
     self.still_px = still_px  # input change (mean abs, blurred) at which the previous frame's weight falls to 1/e
@@ -69,11 +73,15 @@ class OpenCVStyler:
 
   def style(self, image: np.ndarray) -> np.ndarray:
     """One frame, float32: smoothed, quantised to fixed colour levels, darkened along edges."""
-    smooth = cv2.edgePreservingFilter(image, flags=cv2.RECURS_FILTER, sigma_s=self.sigma_s, sigma_r=self.sigma_r)
-    quantised = np.floor(smooth.astype(np.float32) / self.step) * self.step + self.step / 2
-    grey = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    edges = np.hypot(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
-    return quantised * (1 - self.edge_strength * np.clip(edges / 200, 0, 1))[..., None]
+    # Gastal & Oliveira's recursive domain transform, as cv2.edgePreservingFilter(RECURS_FILTER) runs it (sigma_r
+    # there is on a 0-1 scale), in ximgproc's implementation: a few times faster, the same picture to within a grey
+    # level on a handful of pixels.
+    smooth = cv2.ximgproc.dtFilter(image, image, self.sigma_s, self.sigma_r * 255, mode=cv2.ximgproc.DTF_RF,
+                                   numIters=3)
+    grey = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY)
+    edges = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
+    shade = 1 - self.edge_strength * np.minimum(edges, 200) / 200
+    return cv2.multiply(cv2.LUT(smooth, self.levels), cv2.merge([shade, shade, shade]), dtype=cv2.CV_32F)
 
   def for_clip(self, clip_id: str) -> ClipStyle:
     previous: Dict[str, Optional[np.ndarray]] = {'input': None, 'styled': None}
@@ -83,10 +91,10 @@ class OpenCVStyler:
       for frame in frames:
         styled = self.style(frame)
         if previous['styled'] is not None and previous['input'].shape == frame.shape:
-          change = np.abs(frame.astype(np.float32) - previous['input']).mean(2)
+          change = cv2.transform(cv2.absdiff(frame, previous['input']).astype(np.float32), _CHANNEL_MEAN)
           weight = self.keep * np.exp(-(cv2.GaussianBlur(change, (0, 0), 2) / self.still_px) ** 2)
-          styled = weight[..., None] * previous['styled'] + (1 - weight[..., None]) * styled
-        previous['input'], previous['styled'] = frame.astype(np.float32), styled
+          styled += weight[..., None] * (previous['styled'] - styled)
+        previous['input'], previous['styled'] = frame, styled
         out.append(np.clip(np.round(styled), 0, 255).astype(np.uint8))
       return out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -27,6 +27,8 @@ NECK_CLASSES = (14, 15)  # green
 TORSO_CLASSES = (16,)  # blue; 0 is background (white)
 
 MIN_BACKGROUND_DISTANCE = 5.0  # px from the person: nearer pixels of bc.jpg are filled from farther ones
+# Below this frame diagonal (px) a float32 distance squared is within 0.25 of its whole number (2 x 2^-24 x d^2).
+EXACT_CV2_DIAGONAL = 2048
 # AD-NeRF's fill lengths, in pixels of its 512 px frames (scaled to other sizes):
 TORSO_FILL_PX = 8  # the torso's top row copied upwards this far where the head sits on it
 NECK_FILL_PX = 48  # the neck's top row copied upwards this far under the removed head
@@ -41,7 +43,10 @@ CM_PER_UNIT = 100.0  # poses are written in metres (AD-NeRF's tracked heads sit 
 
 
 def classes_mask(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-  return np.isin(labels, classes)
+  """Bool (H, W): the pixels of a uint8 label map in `classes` (a table look-up: np.isin is several times slower)."""
+  table = np.zeros(256, np.uint8)
+  table[list(classes)] = 1
+  return cv2.LUT(labels, table).view(bool)
 
 
 # ----------------------------------------------------------------------------- landmarks
@@ -77,7 +82,13 @@ def foreground_distance(labels: np.ndarray) -> np.ndarray:
   background = labels == 0
   if background.all():
     return np.full(labels.shape, float(np.hypot(*labels.shape)), np.float32)
-  return ndimage.distance_transform_edt(background).astype(np.float32)
+  if np.hypot(*labels.shape) >= EXACT_CV2_DIAGONAL:
+    return ndimage.distance_transform_edt(background).astype(np.float32)
+  # OpenCV's exact transform is a few times faster than scipy's (it runs on every frame), but its float32 result
+  # varies in the last bit from call to call; a squared distance is a whole number, so rounding it gives exactly
+  # scipy's result every time, and ties between frames stay ties.
+  approximate = cv2.distanceTransform(background.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+  return np.sqrt(np.rint(np.square(approximate, dtype=np.float64))).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -99,17 +110,18 @@ class Background:
 
   def add(self, image: np.ndarray, distance: np.ndarray, time: float) -> None:
     """One frame (RGB) with its foreground distance; frames may come in any order."""
-    self._take(distance, image, np.full(distance.shape, time, np.float64))
+    self._take(distance, image, time)
 
   def merge(self, other: 'Background') -> 'Background':
     self._take(other.distance, other.colour, other.time)
     return self
 
-  def _take(self, distance: np.ndarray, colour: np.ndarray, time: np.ndarray) -> None:
+  def _take(self, distance: np.ndarray, colour: np.ndarray, time: Union[float, np.ndarray]) -> None:
+    """In place (this runs on every frame); `time` is a frame's (a number) or a partial background's (H, W)."""
     better = (distance > self.distance) | ((distance == self.distance) & (time < self.time))
-    self.distance = np.where(better, distance, self.distance)
-    self.colour = np.where(better[..., None], colour, self.colour)
-    self.time = np.where(better, time, self.time)
+    np.copyto(self.distance, distance, where=better)
+    self.colour = cv2.copyTo(colour, better.view(np.uint8), self.colour)
+    np.copyto(self.time, time, where=better)
 
   def to_arrays(self, prefix: str) -> Dict[str, np.ndarray]:
     return {f'{prefix}_distance': self.distance, f'{prefix}_colour': self.colour, f'{prefix}_time': self.time}
@@ -133,10 +145,7 @@ class Background:
 
 def gt_image(image: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarray:
   """The frame with its background pixels replaced by bc's (AD-NeRF's gt_imgs)."""
-  gt = image.copy()
-  background = labels == 0
-  gt[background] = bc[background]
-  return gt
+  return cv2.copyTo(bc, (labels == 0).view(np.uint8), image.copy())
 
 
 def _fill_upwards(target: np.ndarray, source: np.ndarray, part: np.ndarray, head: np.ndarray, length: int,
@@ -146,15 +155,11 @@ def _fill_upwards(target: np.ndarray, source: np.ndarray, part: np.ndarray, head
   times the one below.
   Returns the mask of filled pixels."""
   filled = np.zeros(part.shape, bool)
-  ys, xs = np.nonzero(part)
-  if not len(ys):
-    return filled
-  order = np.lexsort((ys, xs))  # by column, then row
-  ys, xs = ys[order], xs[order]
-  columns, first, counts = np.unique(xs, return_index=True, return_counts=True)
-  tops = ys[first]
+  counts = np.count_nonzero(part, axis=0)
+  columns = np.flatnonzero(counts)
+  tops = part[:, columns].argmax(axis=0)  # each column's topmost part pixel
   under_head = (tops > 0) & head[np.maximum(tops - 1, 0), columns]
-  columns, tops = columns[under_head], tops[under_head] + np.minimum(counts[under_head] - 1, push_down)
+  columns, tops = columns[under_head], tops[under_head] + np.minimum(counts[columns[under_head]] - 1, push_down)
   if not len(columns):
     return filled
   colours = source[tops, columns].astype(np.float64)  # (m, 3)
@@ -178,8 +183,7 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarra
   head = classes_mask(labels, HEAD_CLASSES)
   neck = classes_mask(labels, NECK_CLASSES)
   torso = classes_mask(labels, TORSO_CLASSES)
-  image = gt.copy()
-  image[head] = bc[head]
+  image = cv2.copyTo(bc, head.view(np.uint8), gt.copy())
   scale = gt.shape[0] / FILL_REFERENCE_PX
 
   def px(value: int) -> int:
@@ -187,15 +191,15 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarra
 
   darkening = FILL_DARKENING ** (1.0 / scale)  # the same shading over the same share of the frame
   torso_filled = _fill_upwards(image, gt, torso, head, px(TORSO_FILL_PX), 0, darkening)
-  neck = ndimage.binary_dilation(neck, structure=np.array([[0, 1, 0]] * 3, bool), iterations=px(NECK_DILATION))
+  reach = px(NECK_DILATION)  # up and down (a vertical line, as AD-NeRF's [[0,1,0]]*3 dilation iterated)
+  neck = cv2.dilate(neck.view(np.uint8), np.ones((2 * reach + 1, 1), np.uint8)).view(bool)
   neck_filled = _fill_upwards(image, gt, neck, head, px(NECK_FILL_PX) + px(NECK_PUSH_DOWN), px(NECK_PUSH_DOWN),
                               darkening)
-  blurred = cv2.GaussianBlur(image, (5, 5), FILL_BLUR_SIGMA)
-  image[neck_filled] = blurred[neck_filled]
-  keep = neck | torso | neck_filled | torso_filled
-  image[~keep] = 0
-  alpha = np.where(keep, 255, 0).astype(np.uint8)
-  return np.concatenate([image, alpha[..., None]], axis=-1)
+  image = cv2.copyTo(cv2.GaussianBlur(image, (5, 5), FILL_BLUR_SIGMA), neck_filled.view(np.uint8), image)
+  keep = (neck | torso | neck_filled | torso_filled).view(np.uint8)
+  rgba = cv2.cvtColor(cv2.copyTo(image, keep, np.zeros_like(image)), cv2.COLOR_RGB2RGBA)  # alpha 255
+  rgba[..., 3] *= keep
+  return rgba
 
 
 # ----------------------------------------------------------------------------- image files

@@ -86,8 +86,9 @@ def _face_polygons(parsing: np.ndarray, xy: np.ndarray) -> np.ndarray:
   return parsing != BACKGROUND
 
 
-def _body_classes(shape: Tuple[int, int], xy: np.ndarray) -> np.ndarray:
-  """Per pixel: NECK, CLOTH or HAIR by where it lies relative to the face (rolled heads included)."""
+def _body_classes(rows: np.ndarray, cols: np.ndarray, xy: np.ndarray) -> np.ndarray:
+  """Per pixel (row, column): NECK, CLOTH or HAIR by where it lies relative to the face (rolled heads included).
+  Only the person's pixels outside the face are asked for, not the whole frame: this runs on every frame."""
   chin, forehead = xy[CHIN], xy[FOREHEAD]
   down = chin - forehead
   face_height = max(float(np.linalg.norm(down)), 1.0)
@@ -96,9 +97,10 @@ def _body_classes(shape: Tuple[int, int], xy: np.ndarray) -> np.ndarray:
   oval_across = (xy[list(FACE_OVAL)] - chin) @ across
   face_width = max(float(oval_across.max() - oval_across.min()), 1.0)
   axis = (oval_across.max() + oval_across.min()) / 2
-  yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
-  below = ((xx - chin[0]) * down[0] + (yy - chin[1]) * down[1]) / face_height
-  side = np.abs((xx - chin[0]) * across[0] + (yy - chin[1]) * across[1] - axis) / face_width
+  xx = cols.astype(np.float32) - chin[0]
+  yy = rows.astype(np.float32) - chin[1]
+  below = (xx * down[0] + yy * down[1]) / face_height
+  side = np.abs(xx * across[0] + yy * across[1] - axis) / face_width
   neck = (below > NECK_TOP) & (below < NECK_LENGTH) & (side < NECK_HALF_WIDTH)
   return np.where(neck, NECK, np.where(below > 0, CLOTH, HAIR)).astype(np.uint8)
 
@@ -123,8 +125,8 @@ def parse_from_landmarks(landmarks: Optional[np.ndarray], person: Optional[np.nd
   xy = np.asarray(landmarks, np.float64)[:, :2]
   face = _face_polygons(parsing, xy)
   if body is not None:
-    outside = body & ~face
-    parsing[outside] = _body_classes(shape, xy)[outside]
+    rows, cols = np.nonzero(body & ~face)
+    parsing[rows, cols] = _body_classes(rows, cols, xy)
   return parsing
 
 
