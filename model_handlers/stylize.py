@@ -28,7 +28,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from model_handlers.in_process import ModelError, SharedModel
-from model_handlers.weights import WeightsError, require
+from model_handlers.weights import WeightsError, local_copy, require_files
 
 # MegActor's style_transfer.py prompt.
 DEFAULT_PROMPT = ('A high-resolution anime-style portrait of a person with the same facial expression, same mouth '
@@ -136,10 +136,11 @@ class SdxlTurboHandler(ModelHandler[StyleRequest, PredictionResult, Any]):
     from diffusers import AutoPipelineForImage2Image
     from model_handlers.torch_handler import pick_device
     check_model_dir(self._model_dir)
+    local = local_copy(self._model_dir, SDXL_FLAG, 'a diffusers SDXL-Turbo folder')  # gs://: once per machine
     self.device = pick_device(self._device_name)
     dtype = torch.float16 if self.device.type == 'cuda' else torch.float32
     try:
-      pipe = AutoPipelineForImage2Image.from_pretrained(self._model_dir, torch_dtype=dtype, local_files_only=True)
+      pipe = AutoPipelineForImage2Image.from_pretrained(local, torch_dtype=dtype, local_files_only=True)
     except Exception as error:  # pylint: disable=broad-except  # diffusers/transformers raise many kinds here
       raise WeightsError(SDXL_FLAG, self._model_dir, f'not a diffusers img2img pipeline folder: '
                          f'{type(error).__name__}: {str(error)[:300]}') from error
@@ -181,14 +182,10 @@ class SdxlTurboHandler(ModelHandler[StyleRequest, PredictionResult, Any]):
 
 
 def check_model_dir(model_dir: Optional[str]) -> str:
-  """`model_dir` when it is a local diffusers pipeline folder; else a WeightsError naming --sdxl_model."""
-  what = 'a local diffusers SDXL-Turbo folder (model_index.json, unet/, vae/, text encoders, tokenizers, scheduler)'
-  if model_dir and '://' in model_dir:
-    raise WeightsError(SDXL_FLAG, model_dir, f'must be a local folder; copy {what} to the worker image')
-  require(model_dir, SDXL_FLAG, what)
-  if not os.path.isfile(os.path.join(model_dir, 'model_index.json')):
-    raise WeightsError(SDXL_FLAG, model_dir, f'has no model_index.json; it should hold {what}')
-  return model_dir
+  """`model_dir` (local or gs://) when it is a diffusers pipeline folder; else a WeightsError naming
+  --sdxl_model."""
+  what = 'a diffusers SDXL-Turbo folder (model_index.json, unet/, vae/, text encoders, tokenizers, scheduler)'
+  return require_files(model_dir, ('model_index.json',), SDXL_FLAG, what)
 
 
 class DiffusionStyler:

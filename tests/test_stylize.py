@@ -180,8 +180,6 @@ def test_sdxl_weights_errors_name_the_flag(tmp_path, tiny_sdxl):
     stylize.make_styler('sdxl_turbo', str(tmp_path / 'missing'))
   with pytest.raises(WeightsError, match='--sdxl_model.*model_index.json'):
     stylize.make_styler('sdxl_turbo', str(tmp_path))
-  with pytest.raises(WeightsError, match='--sdxl_model.*local folder'):
-    stylize.make_styler('sdxl_turbo', 'gs://bucket/sdxl-turbo')
   broken = tmp_path / 'broken'
   broken.mkdir()
   (broken / 'model_index.json').write_text(open(f'{tiny_sdxl}/model_index.json').read())
