@@ -184,9 +184,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -
 
 
 @contextlib.contextmanager
-def background(args, port: int, env=None, timeout: float = 30.0):
-  """A service process on loopback, stopped (then killed) when the block ends."""
-  log = open(os.devnull, 'wb')
+def background(args, port: int, env=None, timeout: float = 30.0, log_path: str = os.devnull):
+  """A service process on loopback, stopped (then killed) when the block ends; its output goes to `log_path`."""
+  log = open(log_path, 'wb')
   process = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
   try:
     wait_for_port(port, process, timeout)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from beam_pipeline.demo import VideoSpec, write_video
-from tests.helpers import REPO, free_port, read_jsonl, wait_for_port
+from tests.helpers import REPO, background, free_port, read_jsonl
 # The loopback GCS emulator behind its OAuth-answering gate, shared with test_scale_out (pytest gives this
 # module its own instance).
 from tests.test_scale_out import BUCKET, gcs  # noqa: F401  pylint: disable=unused-import
@@ -101,18 +101,9 @@ def job_service(tmp_path_factory):
   """Beam's local portable job service -> (endpoint, its log): the log shows the jobs it ran."""
   log = tmp_path_factory.mktemp('job_service') / 'service.log'
   port = free_port()
-  with open(log, 'wb') as handle:
-    process = subprocess.Popen([sys.executable, '-m', 'apache_beam.runners.portability.local_job_service_main',
-                                f'--port={port}'], stdout=handle, stderr=handle, start_new_session=True)
-  try:
-    wait_for_port(port, process)
+  with background([sys.executable, '-m', 'apache_beam.runners.portability.local_job_service_main',
+                   f'--port={port}'], port, log_path=str(log)):
     yield f'localhost:{port}', log
-  finally:
-    process.terminate()
-    try:
-      process.wait(10)
-    except subprocess.TimeoutExpired:
-      process.kill()
 
 
 def test_nerf_subject_through_portable_runner(job_service, tmp_path):
