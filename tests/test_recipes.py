@@ -130,3 +130,16 @@ def test_analyzers_see_the_landmarks_of_each_frame(tmp_path):
     rendered = (p | beam.Create([task])
                 | beam.ParDo(RenderClips(work, 128, 25.0, 23, 'ultrafast', analyzers=analyzers)))
     assert_that(rendered, check)
+
+
+def test_megactor_needs_both_dwpose_files(tmp_path):
+  """One DWPose file without the other fails when the graph is built, naming the missing flag."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from beam_pipeline.options import TalkingFaceOptions
+  from model_handlers.weights import WeightsError
+  pose = tmp_path / 'dw-ll_ucoco_384.onnx'
+  pose.write_bytes(b'onnx')
+  opts = PipelineOptions(['--recipe=megactor', f'--dwpose_model={pose}']).view_as(TalkingFaceOptions)
+  with pytest.raises(WeightsError, match='--dwpose_detector: not given'):
+    get_recipe('megactor').analyzers(opts, None)
+  assert get_recipe('megactor').analyzers(PipelineOptions([]).view_as(TalkingFaceOptions), None) == []

@@ -11,8 +11,9 @@ import apache_beam as beam
 
 from beam_pipeline.recipes.base import Recipe
 from beam_pipeline.recipes.hdtf import write_shards
-from model_handlers.dwpose import DWPoseHandler
+from model_handlers.dwpose import DETECTOR_FLAG, POSE_FLAG, DWPoseHandler
 from model_handlers.stylize import make_styler
+from model_handlers.weights import require
 from transforms.deadletter import DeadLetter
 from transforms.faceswap import FaceSwap
 from transforms.writers.megactor import AssembleMegactorSample, DWPoseKeypoints, MakeCopies
@@ -26,6 +27,9 @@ class Megactor(Recipe):
   def analyzers(self, opts, landmarker):
     if not (opts.dwpose_detector or opts.dwpose_model):
       return []
+    # Both files or none: a missing or mistyped one fails here, before any work.
+    require(opts.dwpose_detector, DETECTOR_FLAG, 'the DWPose person detector yolox_l.onnx')
+    require(opts.dwpose_model, POSE_FLAG, 'the DWPose whole-body model dw-ll_ucoco_384.onnx')
     return [DWPoseKeypoints(DWPoseHandler(opts.dwpose_detector, opts.dwpose_model))]
 
   def write(self, kept, opts, work_dir: str):
