@@ -1,5 +1,6 @@
 """Faults: transient download failures are retried and recovered, one clip's crash stays one clip's
 reject (dead letter per element), and every download, probe, render and yt-dlp call has a time limit."""
+import dataclasses
 import hashlib
 import os
 import time
@@ -147,6 +148,25 @@ def test_dead_letter_knows_analysed_clips(short_clip):
   assert list(settled_clips(Analysed(clip))) == ['a_0']
   assert owed_clips(('a_0', {'rendered': [clip], 'faces': [(0, None)]})) == [('a_0', 'src')]
   assert owed_clips(Analysed(clip)) == [('a_0', 'src')]
+
+
+def test_dead_letter_rejects_a_failed_group_with_each_clips_planned_id(short_clip):
+  """A per-subject element (a GroupByKey result) that fails owes every clip of the group, each rejected with the
+  planned clip it is a piece of; the clips it settled before failing are left alone."""
+  pieces = [dataclasses.replace(_task(short_clip, f'a_0_s{ms}', (0, 0, 640, 480)), planned_id='a_0')
+            for ms in (0, 5000)]
+  other = _task(short_clip, 'b_0', (0, 0, 640, 480))
+
+  class FailsAfterOne(beam.DoFn):
+    def process(self, element):
+      yield element[1][0]
+      raise RuntimeError('disk full')
+
+  out = list(DeadLetter(FailsAfterOne(), 'write').process(('subject', pieces + [other])))
+  assert out[0] is pieces[0]
+  assert [(o.value.id, o.value.reason, o.value.planned) for o in out[1:]] == [
+      ('a_0_s5000', 'internal_error', 'a_0'), ('b_0', 'internal_error', 'b_0')]
+  assert 'RuntimeError: disk full (at test_faults.py:' in out[1].value.detail
 
 
 def test_urls_with_spaces_and_non_ascii_are_encoded(tmp_path, short_clip):

@@ -7,6 +7,7 @@ import pytest
 from apache_beam.pvalue import TaggedOutput
 
 from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+from transforms.deadletter import DeadLetter
 from transforms.plan import fit_window
 from transforms.subject_window import UnionOfWindows, face_box_in_source, union_window
 
@@ -71,7 +72,7 @@ def test_a_lone_clip_keeps_its_window_untouched():
 def test_an_error_rejects_every_clip_of_the_subject_with_its_planned_id():
   good = _tracked('talker_0', 0.0, (100, 100, 140, 140), (0.25, 0.2, 0.75, 0.8))
   broken = _tracked('talker_1', 1.0, None, None)
-  out = list(UnionOfWindows().process((('talker', 640, 480), [good, broken])))
+  out = list(DeadLetter(UnionOfWindows(), 'track').process((('talker', 640, 480), [good, broken])))
   assert all(isinstance(o, TaggedOutput) and o.tag == 'rejects' for o in out)
   assert sorted((o.value.id, o.value.reason, o.value.planned_id) for o in out) == [
       ('talker_0', 'internal_error', 'talker_planned'), ('talker_1', 'internal_error', 'talker_planned')]

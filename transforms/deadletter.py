@@ -12,6 +12,7 @@ not of the clip, which would otherwise reject every clip of the run.
 """
 from __future__ import annotations
 
+import collections.abc
 import logging
 import traceback
 from typing import Iterable, List, Tuple
@@ -30,37 +31,45 @@ class FatalError(Exception):
 
 def owed_clips(element) -> List[Tuple[str, str]]:
   """(clip_id, source_id) of every clip a stage input element stands for."""
+  return [(clip_id, source_id) for clip_id, source_id, _ in _owed(element)]
+
+
+def _owed(element) -> List[Tuple[str, str, str]]:
+  """(clip_id, source_id, planned_id) of every clip a stage input element stands for; planned_id '' where the
+  clip is a planned clip itself (or the element does not say)."""
   if isinstance(element, Source):
-    return [(c.clip_id, element.source_id) for c in element.clips]
+    return [(c.clip_id, element.source_id, '') for c in element.clips]
   if isinstance(element, ClipTask):
-    return [(element.clip_id, element.source_id)]
+    return [(element.clip_id, element.source_id, element.planned_id)]
   if isinstance(element, RenderedClip):
-    return [(element.task.clip_id, element.task.source_id)]
+    return _owed(element.task)
   if isinstance(element, SampleRef):
-    return [(element.id, element.source_id)]
+    return [(element.id, element.source_id, '')]
   if isinstance(element, ShardBatch):
-    return [(ref.id, ref.source_id) for ref in element.refs]
+    return [(ref.id, ref.source_id, '') for ref in element.refs]
   carried = getattr(element, 'clip', None) or getattr(element, 'task', None)  # e.g. an analysis of a clip
   if isinstance(carried, (ClipTask, RenderedClip)):
-    return owed_clips(carried)
+    return _owed(carried)
   if isinstance(element, tuple) and len(element) == 2:
     head, body = element
     if isinstance(head, Source):
-      return owed_clips(head)
-    if isinstance(head, str) and isinstance(body, dict):  # CoGroupByKey result keyed by clip id
-      found = [pair for values in body.values() for value in values for pair in owed_clips(value)]
-      return list(dict.fromkeys(found))
-    if isinstance(head, str) and isinstance(body, (ClipTask, RenderedClip)):
-      return owed_clips(body)
+      return _owed(head)
+    if isinstance(body, (ClipTask, RenderedClip)):
+      return _owed(body)
+    if isinstance(body, dict):  # a CoGroupByKey result: tag -> values
+      groups = list(body.values())
+    elif isinstance(body, collections.abc.Iterable) and not isinstance(body, (str, bytes)):  # a GroupByKey result (a subject)
+      groups = [body]
+    else:
+      groups = []
+    return list(dict.fromkeys(owed for values in groups for value in values for owed in _owed(value)))
   return []
 
 
-def planned_id_of(element) -> str:
-  """The planned clip a one-clip element (task, rendered or analysed clip) is a piece of; '' if none."""
-  if isinstance(element, ClipTask):
-    return element.planned_id
-  carried = getattr(element, 'clip', None) or getattr(element, 'task', None)
-  return planned_id_of(carried) if carried is not None else ''
+def describe(error: Exception) -> str:
+  """An unexpected error as a reject's detail: its type, message and the line that raised it."""
+  where = traceback.extract_tb(error.__traceback__)[-1]
+  return f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
 
 
 def settled_clips(output) -> Iterable[str]:
@@ -115,14 +124,12 @@ class DeadLetter(beam.DoFn):
     except FatalError:
       raise
     except Exception as error:  # pylint: disable=broad-except
-      owed = [pair for pair in owed_clips(element) if pair[0] not in settled]
+      owed = [clip for clip in _owed(element) if clip[0] not in settled]
       if not owed and not settled:
         raise
       self.errors.inc()
-      where = traceback.extract_tb(error.__traceback__)[-1]
-      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
-      logging.warning('%s: internal error on %s: %s', self.stage, [c for c, _ in owed], detail)
-      planned_id = planned_id_of(element) if len(owed) == 1 else ''
-      for clip_id, source_id in owed:
+      detail = describe(error)
+      logging.warning('%s: internal error on %s: %s', self.stage, [clip_id for clip_id, _, _ in owed], detail)
+      for clip_id, source_id, planned_id in owed:
         yield beam.pvalue.TaggedOutput('rejects', Reject(clip_id, self.stage, REASON, detail[:500], source_id,
                                                          planned_id=planned_id))

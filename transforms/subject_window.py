@@ -19,8 +19,6 @@ at different resolutions) gets one window per size, since a window is in its fil
 from __future__ import annotations
 
 import dataclasses
-import logging
-import traceback
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -29,7 +27,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Padding, Reject, Window
 from transforms.avatar_crop import box_in_square
-from transforms.deadletter import FatalError
+from transforms.deadletter import DeadLetter
 from transforms.plan import fit_window
 
 STAGE = 'track'
@@ -75,30 +73,19 @@ class SubjectWindowFn(beam.DoFn):
   """((subject, width, height), ClipTasks) -> the same tasks with one window for all; `Reject`s on tag `rejects`.
 
   Subclasses give `choose(tasks)`: the tasks (earliest first) -> their outputs (tasks and rejects). Everything is
-  worked out before the first output, so an unexpected error rejects each of the subject's clips
-  (`internal_error`, with its planned id) instead of leaving some unaccounted.
+  worked out before the first output, so an unexpected error (under `DeadLetter`) rejects each of the subject's
+  clips (`internal_error`, with its planned id) and none gets a window of its own.
   """
 
   def __init__(self):
     self.subjects = Metrics.counter(STAGE, 'subject_windows')
-    self.errors = Metrics.counter(STAGE, 'subject_window_errors')
 
   def choose(self, tasks: List[ClipTask]) -> Iterable:
     raise NotImplementedError
 
   def process(self, keyed):
-    (subject, _, _), tasks = keyed
-    tasks = earliest_first(tasks)
-    try:
-      outputs = list(self.choose(tasks))
-    except FatalError:
-      raise
-    except Exception as error:  # pylint: disable=broad-except
-      self.errors.inc()
-      where = traceback.extract_tb(error.__traceback__)[-1]
-      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
-      logging.warning('%s: choosing the window of subject %s failed: %s', STAGE, subject, detail)
-      outputs = [reject(task, 'internal_error', detail) for task in tasks]
+    _, tasks = keyed
+    outputs = list(self.choose(earliest_first(tasks)))
     self.subjects.inc()
     yield from outputs
 
@@ -142,7 +129,7 @@ class OneWindowPerSubject(beam.PTransform):
     chosen = (tasks
               | 'KeyBySubject' >> beam.Map(lambda task: (subject_key(task), task))
               | 'GroupBySubject' >> beam.GroupByKey()
-              | 'OneWindow' >> beam.ParDo(self.assign).with_outputs('rejects', main='tasks'))
+              | 'OneWindow' >> beam.ParDo(DeadLetter(self.assign, STAGE)).with_outputs('rejects', main='tasks'))
     return {'tasks': chosen.tasks, 'rejects': chosen.rejects}
 
 

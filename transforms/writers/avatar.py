@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import re
-import traceback
 from typing import Callable, List, Optional, Sequence
 
 import apache_beam as beam
@@ -31,6 +30,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import Reject
 from transforms.avatar import ARCHIVE, frame_name
+from transforms.deadletter import DeadLetter
 from transforms.fileio import delete_quietly, iter_jsonl, read_bytes, write_atomic
 from transforms.frame_store import read_frame_archive
 from transforms.write import sample_json
@@ -122,8 +122,8 @@ def subject_record(analysis, subject: str, first_frame: int) -> dict:
 
 class WriteSubject(beam.DoFn):
   """(subject, [Analysis]) -> one index record per clip, after the subject's folder is published; `Reject`s on
-  tag `rejects` (every clip of the subject: `internal_error` when writing it fails unexpectedly,
-  `subject_exists` when an earlier run published the subject with other clips).
+  tag `rejects` (`subject_exists` for every clip when an earlier run published the subject with other clips;
+  run under DeadLetter, an unexpected failure is `internal_error` for every clip of the subject).
 
   `fit` (optional): keypoints (T, 68, 2), iris (T, 2, 2), frame names -> {file name: bytes} of the FLAME fit.
   """
@@ -133,7 +133,6 @@ class WriteSubject(beam.DoFn):
     self.fit = fit
     self.subjects = Metrics.counter(STAGE, 'avatar_subjects')
     self.frames = Metrics.counter(STAGE, 'avatar_frames')
-    self.errors = Metrics.counter('dead_letter', f'{STAGE}_internal_error')
 
   def process(self, element):
     subject, analyses = element
@@ -145,15 +144,8 @@ class WriteSubject(beam.DoFn):
       yield from self._rejects(analyses, 'subject_exists', detail)
       self._drop_media(analyses)
       return
-    try:
-      records = published if published is not None else self._write(subject, analyses)
-    except Exception as error:  # pylint: disable=broad-except  # one subject's failure is its clips' rejects
-      self.errors.inc()
-      where = traceback.extract_tb(error.__traceback__)[-1]
-      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
-      logging.warning('%s: internal error writing avatar subject %s: %s', STAGE, subject, detail)
-      yield from self._rejects(analyses, 'internal_error', detail)
-      return
+    # An unexpected error here rejects each of the subject's clips (DeadLetter, with their planned ids).
+    records = published if published is not None else self._write(subject, analyses)
     self._drop_media(analyses)  # only once the unit is published: a retry may need them until then
     yield from records
 
@@ -228,6 +220,7 @@ class WriteAvatarFolders(beam.PTransform):
     written = (kept
                | 'AvatarBySubject' >> beam.Map(lambda analysis: (analysis.clip.task.source_id, analysis))
                | 'AvatarGroupSubjects' >> beam.GroupByKey()
-               | 'AvatarWriteSubjects' >> beam.ParDo(self.writer).with_outputs('rejects', main='records'))
+               | 'AvatarWriteSubjects' >> beam.ParDo(DeadLetter(self.writer, STAGE)).with_outputs(
+                   'rejects', main='records'))
     return {'records': written.records, 'rejects': written.rejects}
 

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import tempfile
-import traceback
 import wave
 from typing import Dict, List, Optional, Tuple
 
@@ -28,8 +27,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Reject
+from model_handlers.audio_features import AudioFeatureError
 from transforms import nerf_frames as nf
-from transforms.deadletter import DeadLetter
+from transforms.deadletter import DeadLetter, describe
 from transforms.depth_analysis import ARCHIVE as DEPTH  # the depth analyzer's frame archive, with --depth
 from transforms.features import wav_samples
 from transforms.fileio import delete_quietly, iter_jsonl, put_file, write_atomic
@@ -238,15 +238,15 @@ class WriteSubject(beam.DoFn):
     clips = sorted(grouped['clips'], key=lambda clip: clip.order)
     if not clips:
       return
+    # An unexpected error rejects each of the subject's clips `internal_error` (DeadLetter, with their planned
+    # ids); the audio model failing on the subject's audio is a `model_error`, which a later run retries.
     try:
       yield from self._subject(subject, clips, b''.join(grouped['bc']))
-    except Exception as error:  # pylint: disable=broad-except
-      # One subject's failure rejects its clips with their planned ids (DeadLetter cannot know them here).
-      where = traceback.extract_tb(error.__traceback__)[-1]
-      detail = f'{type(error).__name__}: {error} (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})'
-      logging.warning('nerf: subject %s failed: %s', subject, detail)
+    except AudioFeatureError as error:
+      detail = describe(error)
+      logging.warning('nerf: the audio features of subject %s failed: %s', subject, detail)
       for clip in clips:
-        yield self._reject(clip, _reason(error), detail[:500])
+        yield self._reject(clip, 'model_error', detail[:500])
 
   @staticmethod
   def _reject(clip: NerfClip, reason: str, detail: str):
@@ -345,11 +345,6 @@ class WriteSubject(beam.DoFn):
                            'clip; write to a new --output (or remove the subject\'s folder and '
                            f'published/{subject}.jsonl) to include it')
     delete_quietly([uri for clip in clips for uri in clip.consumed])
-
-
-def _reason(error: Exception) -> str:
-  from model_handlers.audio_features import AudioFeatureError
-  return 'model_error' if isinstance(error, AudioFeatureError) else 'internal_error'
 
 
 def _record(subject: str, clip: NerfClip, first: int) -> dict:
