@@ -31,10 +31,10 @@ from apache_beam.metrics import Metrics
 from beam_pipeline.elements import Reject
 from transforms.avatar import ARCHIVE, frame_name
 from transforms.deadletter import DeadLetter
-from transforms.fileio import delete_quietly, iter_jsonl, read_bytes, write_atomic
+from transforms.fileio import delete_quietly, read_bytes, write_atomic
 from transforms.frame_store import read_frame_archive
 from transforms.write import sample_json
-from transforms.writers.folders import is_published, publish_unit, unit_index_uri
+from transforms.writers.folders import publish_unit, published_records
 
 STAGE = 'write'
 IMAGES = 'image'
@@ -137,7 +137,7 @@ class WriteSubject(beam.DoFn):
   def process(self, element):
     subject, analyses = element
     analyses = sorted(analyses, key=lambda a: (a.clip.task.start, a.clip.task.clip_id))
-    published = self._published(subject)
+    published = published_records(self.output, subject)
     if published is not None and sorted(r['id'] for r in published) != sorted(a.clip.task.clip_id for a in analyses):
       detail = (f'the subject folder {subject} was published by an earlier run with other clips '
                 f'({len(published)}); write to another --output to make it with these')
@@ -153,12 +153,6 @@ class WriteSubject(beam.DoFn):
   def _drop_media(analyses) -> None:
     for analysis in analyses:
       delete_quietly([analysis.clip.mp4_uri, *analysis.clip.files.values()])
-
-  def _published(self, subject: str) -> Optional[List[dict]]:
-    """The records of the unit when an earlier attempt or run published it, else None."""
-    if not is_published(self.output, subject):
-      return None
-    return list(iter_jsonl(unit_index_uri(self.output, subject)))
 
   @staticmethod
   def _rejects(analyses, reason: str, detail: str):

@@ -8,11 +8,11 @@ files as they read shard indexes; a unit whose index is missing is simply writte
 from __future__ import annotations
 
 import json
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.fileio import write_atomic
+from transforms.fileio import iter_jsonl, write_atomic
 
 PUBLISHED = 'published'
 
@@ -31,6 +31,13 @@ def publish_unit(output: str, unit: str, records: Iterable[dict]) -> List[dict]:
 
 def is_published(output: str, unit: str) -> bool:
   return FileSystems.exists(unit_index_uri(output, unit))
+
+
+def published_records(output: str, unit: str) -> Optional[List[dict]]:
+  """The records of `unit` when an earlier attempt (a retried bundle) or run published it, else None."""
+  if not is_published(output, unit):
+    return None
+  return list(iter_jsonl(unit_index_uri(output, unit)))
 
 
 def unit_indexes(output: str) -> List[str]:

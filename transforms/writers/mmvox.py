@@ -31,7 +31,7 @@ from transforms.fileio import delete_quietly, iter_jsonl, read_bytes, write_atom
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 from transforms.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.sketch import pencil_sketch
-from transforms.writers.folders import is_published, publish_unit, unit_index_uri, unit_indexes
+from transforms.writers.folders import publish_unit, published_records, unit_indexes
 
 STAGE = 'write'
 LAYOUT = 'mmvox'
@@ -128,9 +128,10 @@ class WriteTube(beam.DoFn):
     task = clip.task
     key = task.clip_id
     files = clip.files
-    if is_published(self.output, key):  # a retried bundle: the tube's media went once it was published
+    published = published_records(self.output, key)
+    if published is not None:  # a retried bundle: the tube's media went once it was published
       delete_quietly([clip.mp4_uri, *files.values()])
-      yield from iter_jsonl(unit_index_uri(self.output, key))
+      yield from published
       return
     if self.tube_format == 'mp4':
       write_atomic(_join(self.output, 'video', key + '.mp4'), read_bytes(clip.mp4_uri))

@@ -32,10 +32,10 @@ from transforms import nerf_frames as nf
 from transforms.deadletter import DeadLetter, describe
 from transforms.depth_analysis import ARCHIVE as DEPTH  # the depth analyzer's frame archive, with --depth
 from transforms.features import wav_samples
-from transforms.fileio import delete_quietly, iter_jsonl, put_file, write_atomic
+from transforms.fileio import delete_quietly, put_file, write_atomic
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 from transforms.frame_store import FrameArchive, archive_uri, read_frame_archive
-from transforms.writers.folders import is_published, publish_unit, unit_index_uri
+from transforms.writers.folders import publish_unit, published_records
 
 STAGE = 'write'
 FRAMES = 'nerf'  # the render pass's frame archive (RenderedClip.files key and archive name)
@@ -257,8 +257,9 @@ class WriteSubject(beam.DoFn):
     return FileSystems.join(self.output, subject, *parts)
 
   def _subject(self, subject: str, clips: List[NerfClip], bc_jpeg: bytes):
-    if is_published(self.output, subject):
-      yield from self._already_published(subject, clips)
+    published = published_records(self.output, subject)
+    if published is not None:
+      yield from self._already_published(subject, clips, published)
       return
     size, fps = clips[0].size, clips[0].fps
     bc = nf.decode_image(bc_jpeg)
@@ -333,10 +334,10 @@ class WriteSubject(beam.DoFn):
       for name, data in read_frame_archive(clip.depth_uri):
         write_atomic(self._uri(subject, 'depth', f'{first + int(name.rsplit(".", 1)[0])}.npy'), data)
 
-  def _already_published(self, subject: str, clips: List[NerfClip]):
+  def _already_published(self, subject: str, clips: List[NerfClip], records: List[dict]):
     """A retried bundle finds its subject published: the same records again. Clips of a subject that an
     earlier run wrote without them are rejected: adding them would renumber the published frames."""
-    published = {record['id']: record for record in iter_jsonl(unit_index_uri(self.output, subject))}
+    published = {record['id']: record for record in records}
     for clip in clips:
       if clip.task.clip_id in published:
         yield published[clip.task.clip_id]
