@@ -54,6 +54,14 @@ class Reject:
     return dict(dataclasses.asdict(self), planned_id=self.planned)
 
 
+class ReasonError(Exception):
+  """An expected failure named by its reject reason code (`reason`); the message is the reject's detail."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeInfo:
   """What a decodable media file holds."""

@@ -54,7 +54,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_pipeline.elements import ClipSpec, MediaFile, Reject, Source
+from beam_pipeline.elements import ClipSpec, MediaFile, ReasonError, Reject, Source
 from transforms.fileio import put_file, read_bytes, write_atomic
 from transforms.manifest import VIDEO_EXTENSIONS
 from transforms.probe import ProbeError, probe
@@ -72,11 +72,10 @@ COUNTERS = ('sources_downloaded', 'sources_cached', 'sources_failed', 'sections_
             'internal_errors')
 
 
-class DownloadError(Exception):
+class DownloadError(ReasonError):
 
   def __init__(self, reason: str, detail: str, retryable: bool = False, retry_after: Optional[float] = None):
-    super().__init__(detail)
-    self.reason = reason
+    super().__init__(reason, detail)
     self.retryable = retryable
     self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After)
 

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optiona
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline.elements import ClipSpec, Reject, Source
+from beam_pipeline.elements import ClipSpec, ReasonError, Reject, Source
 from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of, \
   unsafe_id_reason
 from transforms.sources.frames import FrameFolderOptions, FrameFolders, ListedFolder
@@ -45,12 +45,8 @@ MAX_ID_LENGTH = 120
 OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
 
 
-class ManifestError(ValueError):
+class ManifestError(ReasonError, ValueError):
   """A manifest entry that cannot be planned; its message is the reject detail."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
 
 
 def sanitize_id(raw: str) -> str:

@@ -21,7 +21,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from beam_pipeline.elements import ProbeInfo
+from beam_pipeline.elements import ProbeInfo, ReasonError
 
 MIN_SIDE_PX = 16  # smaller frames cannot hold a usable face
 CHILD_START_S = 20.0  # allowance on top of the probe time limit for the child's interpreter to start
@@ -32,12 +32,8 @@ _CHILD = ('import sys; root = sys.argv.pop(1); sys.path[:0] = [] if root in sys.
 _IMAGE_FORMATS = ('image2',)  # plus every '*_pipe' image demuxer (png_pipe, jpeg_pipe, ...)
 
 
-class ProbeError(Exception):
+class ProbeError(ReasonError):
   """The file is not usable media; `reason` is the reject code, the message says why."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
 
 
 def open_media(uri: str):

@@ -22,6 +22,8 @@ import socket
 import urllib.parse
 from typing import List, Optional, Tuple
 
+from beam_pipeline.elements import ReasonError
+
 DEFAULT_SCHEMES = ('http', 'https', 'gs', 'file')
 ANY_BUCKET = '*'
 _CONTROL = re.compile(r'[\x00-\x1f\x7f]')
@@ -37,12 +39,8 @@ _NAT64 = ipaddress.ip_network('64:ff9b::/96')
 _ALWAYS = ('a cloud metadata address', 'an unspecified address', 'a multicast address')  # whatever the flag
 
 
-class UnsafeInput(ValueError):
+class UnsafeInput(ReasonError, ValueError):
   """An input refused by policy; `reason` is the reject code."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from beam_pipeline.elements import Reject, Source
+from beam_pipeline.elements import ReasonError, Reject, Source
 from transforms.fileio import put_file, write_atomic
 from transforms.safety import InputPolicy, UnsafeInput, safe_member_name
 from transforms.unpack import FRAME_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, _open, \
@@ -63,12 +63,8 @@ _FLOAT_FIELDS = ('fps', 'timeout_s')
 _STR_FIELDS = ('archive', 'kind', 'folder', 'file', 'list_digest', 'list_uri', 'list_inline')
 
 
-class FrameError(Exception):
+class FrameError(ReasonError):
   """A folder that cannot become a video; `reason` is the reject code."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import Reject
+from beam_pipeline.elements import ReasonError, Reject
 from model_handlers.dwpose import NUM_POINTS, face_only_keypoints, faces_bbox
 from model_handlers.in_process import SharedModel
 from model_handlers.stylize import StyleFailed, stylize_clip
@@ -156,11 +156,8 @@ class MakeCopies(beam.DoFn):
     return target
 
 
-class CopyFailed(Exception):
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
+class CopyFailed(ReasonError):
+  """A styled or swapped copy that could not be made; `reason` is the reject code."""
 
 
 # ----------------------------------------------------------------------------- the sample
