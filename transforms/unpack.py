@@ -108,6 +108,11 @@ def _size_of(uri: str) -> Optional[int]:
   return found[0].size_in_bytes if found else None
 
 
+def unpacked_uri(work_dir: str, file: str) -> str:
+  """Where an archive member (or an encoded frame folder) lives once unpacked: `work_dir/archives/<file>`."""
+  return FileSystems.join(work_dir, 'archives', *file.split('/'))
+
+
 def _open(archive: str, policy: InputPolicy):
   """The archive checked against the policy again (a listing may be old), opened for raw byte reads."""
   url = check_url(archive, policy)
@@ -148,7 +153,7 @@ class Unpacker:
     self.passes = Metrics.counter(STAGE, 'compressed_archive_passes')
 
   def target(self, member: ArchiveMember) -> str:
-    return FileSystems.join(self.work_dir, 'archives', *member.file.split('/'))
+    return unpacked_uri(self.work_dir, member.file)
 
   def unpack_one(self, source: Source) -> Iterator[Union[Source, Reject]]:
     """A member of an uncompressed tar or a zip: seek to it, copy it, nothing else is read."""

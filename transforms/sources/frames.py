@@ -49,7 +49,7 @@ from beam_pipeline.elements import ReasonError, Reject, Source
 from transforms.fileio import put_file, write_atomic
 from transforms.safety import InputPolicy, UnsafeInput, safe_member_name
 from transforms.unpack import FRAME_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, _open, \
-  _zip_member
+  _zip_member, unpacked_uri
 
 STAGE = 'unpack'  # frames are read and encoded where archive members are unpacked
 LISTINGS = 'frame_listings'  # work-dir folder of the listing files
@@ -420,7 +420,7 @@ class FolderEncoder:
     self.frames = Metrics.counter(STAGE, 'folder_frames_encoded')
 
   def target(self, folder: FrameFolder) -> str:
-    return FileSystems.join(self.work_dir, 'archives', *folder.file.split('/'))
+    return unpacked_uri(self.work_dir, folder.file)
 
   def encode(self, source: Source) -> Iterator[Union[Source, Reject]]:
     try:
