@@ -27,7 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.elements import ClipTask, Reject
-from model_handlers.audio_features import AudioFeatureError
+from model_handlers.audio_features import AudioFeatureError, HubertHandler, audio_features
+from model_handlers.in_process import SharedModel
 from transforms import nerf_frames as nf
 from transforms.deadletter import DeadLetter, describe
 from transforms.depth_analysis import ARCHIVE as DEPTH  # the depth analyzer's frame archive, with --depth
@@ -228,8 +229,6 @@ class WriteSubject(beam.DoFn):
 
   def setup(self):
     if self.audio_kind == 'hubert':
-      from model_handlers.audio_features import HubertHandler
-      from model_handlers.in_process import SharedModel
       self.hubert = SharedModel(HubertHandler(self.hubert_model))
       self.hubert.setup()
 
@@ -303,7 +302,6 @@ class WriteSubject(beam.DoFn):
         frames_json.discard()
     wav = _wav_bytes(np.concatenate(pcm))
     write_atomic(self._uri(subject, 'audio.wav'), wav)
-    from model_handlers.audio_features import audio_features
     features = audio_features(self.audio_kind, _pcm(wav), first, fps, self.hubert)
     write_atomic(self._uri(subject, f'audio_{self.audio_kind}.npy'), nf.npy_bytes(features.astype(np.float32)))
     for name, ids in nf.split_ids(sorted(poses), self.val_every).items():
