@@ -17,14 +17,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from beam_pipeline import progress
-from beam_pipeline import native_log
+from beam_pipeline import native_log, progress
 from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
 from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.base import apply_defaults
-from transforms import write
 from transforms.crash_guard import CrashGuard
+from transforms.writers import shards as write
 
 
 DISTRIBUTED_RUNNERS = ('DataflowRunner', 'FlinkRunner', 'SparkRunner', 'PortableRunner')

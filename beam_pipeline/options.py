@@ -238,7 +238,8 @@ class TalkingFaceOptions(PipelineOptions):
     avatar.add_argument('--flame_model', default=None,
                         help='Your licensed FLAME model, local or gs://: the official generic_model.pkl (FLAME 2020 or '
                         '2023; a pickle, read only with --trust_pickle and then only its arrays) or the pickle-free '
-                        '.npz `python -m model_handlers.flame convert` makes from it. Unset: no FLAME fit.')
+                        '.npz `python -m beam_pipeline.recipes.avatar.flame convert` makes from it. Unset: no FLAME '
+                        'fit.')
     avatar.add_argument('--flame_landmarks', default=None,
                         help='The FLAME landmark embedding when the --flame_model file does not bundle it: DECA\'s '
                         'landmark_embedding.npy (static 51 + yaw-dependent contour 17; a pickle: --trust_pickle), '

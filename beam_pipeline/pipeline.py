@@ -11,27 +11,25 @@ from beam_pipeline import progress
 from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.recipes import get_recipe
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
+from transforms.core.layout import work_dir_of
 from transforms.deadletter import DeadLetter
-from transforms.download import DownloadSource
 from transforms.filters import ScoreAndFilter, Thresholds
 from transforms.frame_analysis import FaceLandmarks
 from transforms.incremental import CarryRejects, ReadCarriedRejects
-from transforms.manifest import ReadSources
+from transforms.lib.safety import InputPolicy
 from transforms.plan import PlanClips
 from transforms.render import RenderClips
 from transforms.resume import SkipDoneClips, SkipDoneTasks
-from transforms.safety import InputPolicy
+from transforms.sources.archives import MIB
+from transforms.sources.download import DownloadSource
 from transforms.sources.frames import FrameFolderOptions
+from transforms.sources.manifest import ReadSources
+from transforms.sources.unpack import UnpackMembers
 from transforms.track import DetectAndTrack
-from transforms.unpack import MIB, UnpackMembers
-from transforms.write import ReadPublished, WriteRunSummary
+from transforms.writers.summary import ReadPublished, WriteRunSummary
 
 
 MAX_TRACKED_FACES = 4  # faces the detector and the landmarker report per frame, largest first
-
-
-def work_dir_of(opts: TalkingFaceOptions) -> str:
-  return opts.work_dir or FileSystems.join(opts.output, '_work')
 
 
 def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Optional[str] = None) -> Dict:

@@ -44,15 +44,15 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.features import wav_samples
-from transforms.fileio import iter_jsonl, write_atomic
-from transforms.write import sample_key
+from transforms.core.fileio import iter_jsonl, write_atomic
+from transforms.filters import REJECT_THUMBNAILS
+from transforms.lib.features import wav_samples
+from transforms.writers.shards import sample_key
 
 REPORT = 'report.html'
 MEDIA = 'report_media'
 FIGURES = f'{MEDIA}/figures'
 SAMPLE_VIDEOS = f'{MEDIA}/samples'
-REJECT_THUMBNAILS = 'rejects'  # under the media dir ScoreAndFilter is given: <output>/report_media
 THUMB = 192  # contact sheet tiles
 PREVIEW = 256  # kept-sample videos: side in pixels, seconds at most, how many
 PREVIEW_S = 4.0
@@ -152,11 +152,6 @@ def flatten(record: dict, prefix: str = '') -> Dict[str, object]:
     else:
       out[name] = value
   return out
-
-
-def reject_thumbnail_uri(media_dir: str, clip_id: str) -> str:
-  """Where a rejected clip's thumbnail goes: named by its (file-safe, bounded) sample key."""
-  return FileSystems.join(media_dir, REJECT_THUMBNAILS, sample_key(clip_id) + '.jpg')
 
 
 def _reject_thumbnail_name(clip_id: str) -> str:

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.run import _load, machine  # noqa: E402
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
+from bench.run import _load, machine  # noqa: E402
 
 RECIPES = ('hdtf', 'nerf', 'avatar', 'megactor', 'mmvox')
 SECTION = '## Recipes'

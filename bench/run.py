@@ -260,7 +260,7 @@ def landmarks_and_sharpness(model, frames: List[np.ndarray], source_scale: float
 
   Returns the frames the model failed on (`ModelError`), so a broken model cannot pass for a fast one."""
   from model_handlers.in_process import ModelError
-  from transforms.features import face_sharpness
+  from transforms.lib.features import face_sharpness
   failed = 0
   for image, face in zip(frames, model.infer(frames)):
     if isinstance(face, ModelError):
@@ -375,8 +375,8 @@ def measure_floor(clips: List[Clip], scratch: str) -> dict:
 def measure_baseline(clips: List[Clip], scratch: str) -> dict:
   """Seed-script style, one clip after another: ffmpeg cut+crop+resize to a temp mp4, then separate
   passes over that file for frames (jpg, as AD-NeRF's process_video.py), landmarks and audio."""
-  from beam_pipeline.elements import FaceResult
-  from transforms.features import face_sharpness
+  from transforms.core.elements import FaceResult
+  from transforms.lib.features import face_sharpness
   model = _landmarker()
   load = _load()
   began = time.monotonic()

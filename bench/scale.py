@@ -143,7 +143,7 @@ def fake_output(output: str, rows: int, written: int, carried: int, shard_size: 
     with open(os.path.join(shards, name + '.jsonl'), 'w') as handle:
       handle.write(text)
     open(os.path.join(shards, name + '.tar'), 'wb').close()
-  from beam_pipeline.elements import Reject
+  from transforms.core.elements import Reject
   from transforms.incremental import PERMANENT_REASONS
   transient = [reason for _, reason in PERMANENT if reason not in PERMANENT_REASONS]
   if transient:

@@ -14,7 +14,7 @@ handler's namespace. Models the handler wants shared across processes (`share_mo
 are still loaded once per process here.
 
 What it adds: a frame the model fails on is a `ModelError`, not an empty result, and a process where
-most frames fail stops the job (`transforms.deadletter.FatalError`) instead of rejecting every clip.
+most frames fail stops the job (`transforms.core.elements.FatalError`) instead of rejecting every clip.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.utils import shared
 
-from transforms.deadletter import FatalError
+from transforms.core.elements import FatalError
 
 DEFAULT_BATCH_SIZE = 32
 FATAL_AFTER_FRAMES = 200  # a process judges its model only after this many frames...

@@ -21,12 +21,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_pipeline.elements import Detection, FaceResult
 from model_handlers import registry
 from model_handlers.in_process import ModelError
+from transforms.core.elements import NUM_BLENDSHAPES, NUM_LANDMARKS, Detection, FaceResult
 
-NUM_LANDMARKS = 478
-NUM_BLENDSHAPES = 52
 # The landmarker's blendshape categories, in its output order (checked against the model in the tests).
 BLENDSHAPE_NAMES = (
     '_neutral', 'browDownLeft', 'browDownRight', 'browInnerUp', 'browOuterUpLeft', 'browOuterUpRight',

@@ -152,7 +152,7 @@ def deca_embedding_npy(embedding) -> bytes:
 
 
 def write_npz(path, model, embedding, iris) -> str:
-  """The converter's layout (what `python -m model_handlers.flame convert` writes) for this model."""
+  """The converter's layout (what `python -m beam_pipeline.recipes.avatar.flame convert` writes) for this model."""
   arrays = {key: value for key, value in model.items() if not isinstance(value, str)}
   arrays.update({key: value for key, value in embedding.items() if not key.startswith('full_')})
   arrays['iris_vertices'] = iris

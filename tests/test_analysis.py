@@ -9,14 +9,14 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, _sprite, write_video
-from beam_pipeline.elements import ClipTask, MediaFile
 from model_handlers.in_process import ModelError
 from model_handlers.mediapipe_face import (BLENDSHAPE_NAMES, FaceDetectorModelHandler, FaceLandmarkerModelHandler,
                                            _mp_image)
-from transforms import features
+from transforms.core.elements import ClipTask, MediaFile
 from transforms.filters import ScoreAndFilter, Thresholds, failures
 from transforms.frame_analysis import FaceLandmarks
-from transforms.probe import probe
+from transforms.lib import features
+from transforms.lib.probe import probe
 from transforms.render import RenderClips
 from transforms.track import DetectAndTrack
 

@@ -20,9 +20,10 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.elements import Reject, Source
-from transforms.manifest import ReadSources, list_input, read_input
-from transforms.unpack import MEMBER_SCHEME, ArchiveMember, UnpackMembers, is_member_url
+from transforms.core.elements import Reject, Source
+from transforms.sources.archives import MEMBER_SCHEME, ArchiveMember, is_member_url
+from transforms.sources.manifest import ReadSources, list_input, read_input
+from transforms.sources.unpack import UnpackMembers
 
 MIB = 1024 * 1024
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from model_handlers import audio_features as af
+from beam_pipeline.recipes.nerf import audio_features as af
 from model_handlers.weights import WeightsError
 
 RATE = 16000

@@ -2,8 +2,8 @@
 import random
 import re
 
-from transforms.attributes import ATTRIBUTES
-from transforms.captions import VERB, captions, phrase_name, sayable, seed_of
+from beam_pipeline.recipes.mmvox.attributes import ATTRIBUTES
+from beam_pipeline.recipes.mmvox.captions import VERB, captions, phrase_name, sayable, seed_of
 
 ALL_KNOWN = (True,) * len(ATTRIBUTES)
 

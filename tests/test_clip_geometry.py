@@ -8,9 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, ProbeInfo, Reject, RenderedClip, Source
+from transforms.core.elements import ClipSpec, ClipTask, MediaFile, ProbeInfo, Reject, RenderedClip, Source
+from transforms.lib.probe import probe
 from transforms.plan import PlanClips
-from transforms.probe import probe
 from transforms.render import RenderClips, render
 
 GREY = 128

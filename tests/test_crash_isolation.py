@@ -13,15 +13,15 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, Source
 from tests.helpers import REPO
 from tests.test_clip_geometry import write_disc_video
-from transforms import probe as probe_module
+from transforms.core.elements import ClipSpec, ClipTask, MediaFile, Source
 from transforms.crash_guard import CrashGuard
-from transforms.download import DownloadSource
 from transforms.incremental import PERMANENT_REASONS
-from transforms.probe import ProbeError, probe
+from transforms.lib import probe as probe_module
+from transforms.lib.probe import ProbeError, probe
 from transforms.render import RenderClips
+from transforms.sources.download import DownloadSource
 
 # Loaded by every Python started with this directory on PYTHONPATH (the probe children of the test): opening
 # a file named crash*.mp4 reads address 0 (a real SIGSEGV); hang*.mp4 blocks as a stuck decoder would.

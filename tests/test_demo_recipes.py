@@ -9,7 +9,7 @@ import pytest
 from beam_pipeline.demo import _EYES, VideoSpec, _background, _sprite, face_position, gaze, render_frame
 from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
 from tests.helpers import read_jsonl, run_cli
-from transforms import features
+from transforms.lib import features
 
 CROP = 512
 

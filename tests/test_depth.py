@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from model_handlers import depth as dp  # noqa: E402
+from beam_pipeline.recipes.nerf import depth_model as dp  # noqa: E402
 from model_handlers.weights import WeightsError  # noqa: E402
-from transforms.frame_store import read_frame_archive  # noqa: E402
+from transforms.core.frame_store import read_frame_archive  # noqa: E402
 
 
 def _randomise(module):
@@ -131,7 +131,7 @@ def test_pickled_code_is_refused(tmp_path, dagan):
 
 
 def _task(clip_id):
-  from beam_pipeline.elements import ClipTask, MediaFile
+  from transforms.core.elements import ClipTask, MediaFile
   return ClipTask(clip_id, 'subject', 'file:///subject.mp4', MediaFile('subject.mp4', None), 0.0, 1.0,
                   window=(0, 0, 64, 64))
 
@@ -144,8 +144,8 @@ def half_depth(tmp_path_factory):
 
 
 def test_depth_maps_fill_the_clip_archive(tmp_path, half_depth):
+  from beam_pipeline.recipes.nerf.depth import DepthMaps
   from model_handlers.in_process import ModelError
-  from transforms.depth_analysis import DepthMaps
   from transforms.frame_analysis import Frame
   analyzer = DepthMaps(dp.DepthHandler(half_depth), str(tmp_path / 'work'))
   analyzer.setup()
@@ -191,9 +191,9 @@ def test_depth_runs_in_the_render_pass(tmp_path, dagan):
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that
   from beam_pipeline.demo import VideoSpec, write_video
-  from beam_pipeline.elements import ClipTask, MediaFile
-  from transforms.depth_analysis import DepthMaps
-  from transforms.probe import probe
+  from beam_pipeline.recipes.nerf.depth import DepthMaps
+  from transforms.core.elements import ClipTask, MediaFile
+  from transforms.lib.probe import probe
   from transforms.render import RenderClips
 
   video = write_video(str(tmp_path / 'talk.mp4'), VideoSpec(duration=0.24, fps=25.0, width=160, height=120))

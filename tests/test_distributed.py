@@ -13,12 +13,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.__main__ import prepare
-from beam_pipeline.elements import Reject, SampleRef, ShardBatch
 from beam_pipeline.pipeline import build_pipeline
-from transforms import write
-from transforms.write import (PublishShard, WriteRunSummary, WriteShards, sample_key, shard_name,
-                              tar_members)
 from tests.helpers import read_jsonl, read_shards
+from transforms.core.elements import Reject, SampleRef, ShardBatch
+from transforms.writers import shards as write
+from transforms.writers.shards import PublishShard, WriteShards, sample_key, shard_name, tar_members
+from transforms.writers.summary import WriteRunSummary
 
 
 def _ref(work, clip_id: str, frames: int = 3) -> SampleRef:

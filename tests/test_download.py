@@ -8,12 +8,12 @@ import apache_beam as beam
 import imageio_ffmpeg
 import pytest
 
-from beam_pipeline.elements import ClipSpec, Source
 from tests.download_server import download_server
 from tests.helpers import media_server
-from transforms.download import DownloadError, DownloadSource, http_download, ytdlp_download
-from transforms.probe import probe
-from transforms.safety import InputPolicy
+from transforms.core.elements import ClipSpec, Source
+from transforms.lib.probe import probe
+from transforms.lib.safety import InputPolicy
+from transforms.sources.download import DownloadError, DownloadSource, http_download, ytdlp_download
 
 LOOPBACK = InputPolicy(allow_private_hosts=True)  # these tests serve on 127.0.0.1
 

@@ -13,12 +13,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.elements import ClipSpec, Source
 from tests.corpus import reencode
 from tests.download_server import download_server
+from transforms.core.elements import ClipSpec, Source
 from transforms.deadletter import DeadLetter
-from transforms.download import DownloadSource
-from transforms.safety import InputPolicy
+from transforms.lib.safety import InputPolicy
+from transforms.sources.download import DownloadSource
 
 LOOPBACK = InputPolicy(allow_private_hosts=True)
 DELAY_S = 3.0  # each server waits this long before answering a request

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from model_handlers import dwpose
+from beam_pipeline.recipes.megactor import dwpose
 from model_handlers.in_process import SharedModel
 from model_handlers.weights import WeightsError
 

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from transforms import faceswap
+from beam_pipeline.recipes.megactor import faceswap
 
 SWAP = '''
 import shutil, sys

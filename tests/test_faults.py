@@ -10,15 +10,15 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, RenderedClip, Source
 from tests.corpus import reencode
 from tests.helpers import media_server, request_log
+from transforms.core.elements import ClipSpec, ClipTask, MediaFile, RenderedClip, Source
 from transforms.deadletter import DeadLetter, owed_clips, settled_clips
-from transforms.download import DownloadError, DownloadSource, http_download, ytdlp_download
+from transforms.lib.probe import ProbeError, probe
+from transforms.lib.safety import InputPolicy
 from transforms.plan import PlanClips
-from transforms.probe import ProbeError, probe
 from transforms.render import RenderClips
-from transforms.safety import InputPolicy
+from transforms.sources.download import DownloadError, DownloadSource, http_download, ytdlp_download
 
 LOOPBACK = InputPolicy(allow_private_hosts=True)  # these tests serve on 127.0.0.1
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from model_handlers import flame, flame_fit
+from beam_pipeline.recipes.avatar import flame, flame_fit
 from model_handlers.weights import WeightsError
 from tests import flame_synthetic
 

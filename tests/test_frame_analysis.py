@@ -12,16 +12,16 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from beam_pipeline.demo import VideoSpec, _sprite, write_video
-from beam_pipeline.elements import ClipTask, FaceSamples, MediaFile, RenderedClip
 from model_handlers.in_process import FATAL_AFTER_FRAMES, ModelError, SharedModel
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
-from transforms.crop import SampleFrames
-from transforms.deadletter import DeadLetter, FatalError
+from transforms.core.elements import ClipTask, FaceSamples, FatalError, MediaFile, RenderedClip
+from transforms.deadletter import DeadLetter
 from transforms.filters import ScoreAndFilter, Thresholds, failures
 from transforms.frame_analysis import FaceLandmarks
 from transforms.incremental import PERMANENT_REASONS
-from transforms.probe import probe
+from transforms.lib.probe import probe
 from transforms.render import RenderClips
+from transforms.sampling import SampleFrames
 from transforms.track import DetectAndTrack, TrackFaces
 
 SIZE = 256  # output side: small keeps the tests fast, the logic is the same at 512

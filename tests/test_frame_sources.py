@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from beam_pipeline.demo import VideoSpec, _background, _sprite, render_frame, write_video
-from beam_pipeline.elements import Reject, Source
-from transforms.manifest import list_input, read_input
-from transforms.probe import probe_here
-from transforms.safety import InputPolicy
+from transforms.core.elements import Reject, Source
+from transforms.lib.probe import probe_here
+from transforms.lib.safety import InputPolicy
+from transforms.sources.archives import is_frame_url, is_member_url
 from transforms.sources.frames import FolderEncoder, FrameFolder, FrameFolderOptions
-from transforms.unpack import is_frame_url, is_member_url
+from transforms.sources.manifest import list_input, read_input
 
 FPS = 30.0
 

@@ -13,10 +13,10 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beam_pipeline.elements import Reject, Source
-from transforms.manifest import (MAX_ID_LENGTH, ManifestError, _hdtf_set, parse_manifest, parse_range, parse_stamp,
-                                 sanitize_id, source_from_record)
-from transforms.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of
+from transforms.core.elements import Reject, Source
+from transforms.lib.safety import InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of
+from transforms.sources.manifest import (MAX_ID_LENGTH, ManifestError, _hdtf_set, parse_manifest, parse_range,
+                                         parse_stamp, sanitize_id, source_from_record)
 
 SAFE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,13 +13,13 @@ import urllib.request
 import apache_beam as beam
 import pytest
 
-from beam_pipeline.elements import ClipSpec, Reject, Source
 from beam_pipeline.options import TalkingFaceOptions
 from tests.download_server import download_server
 from tests.helpers import media_server, request_log
-from transforms.download import DownloadError, DownloadSource, GuardedHTTPConnection, Redirects, http_download
-from transforms.manifest import list_input
-from transforms.safety import InputPolicy, UnsafeInput, address_refusal, check_url, checked_addresses
+from transforms.core.elements import ClipSpec, Reject, Source
+from transforms.lib.safety import InputPolicy, UnsafeInput, address_refusal, check_url, checked_addresses
+from transforms.sources.download import DownloadError, DownloadSource, GuardedHTTPConnection, Redirects, http_download
+from transforms.sources.manifest import list_input
 
 DEFAULT = InputPolicy()
 LOOPBACK = InputPolicy(allow_private_hosts=True)

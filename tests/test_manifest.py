@@ -6,9 +6,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipeline.elements import ClipSpec, Reject, Source
-from transforms.manifest import (ManifestError, ReadSources, detect_format, parse_range, parse_stamp, read_input,
-                                 sanitize_id)
+from transforms.core.elements import ClipSpec, Reject, Source
+from transforms.sources.manifest import (ManifestError, ReadSources, detect_format, parse_range, parse_stamp,
+                                         read_input, sanitize_id)
 
 
 def write_hdtf(root):

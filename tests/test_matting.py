@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
+from beam_pipeline.recipes.avatar.matting import MattingChunk, MattingModelHandler, MattingSession  # noqa: E402
 from model_handlers.in_process import SharedModel  # noqa: E402
-from model_handlers.matting import MattingChunk, MattingModelHandler, MattingSession  # noqa: E402
 from model_handlers.weights import WeightsError  # noqa: E402
 
 STEP = 0.25  # what the tiny model's state grows by per frame

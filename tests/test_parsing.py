@@ -12,7 +12,7 @@ from model_handlers.face_parsing import BiSeNet, FaceParsingModelHandler, MEAN, 
 from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
 from model_handlers.mediapipe_segmentation import PersonSegmenterModelHandler
 from model_handlers.weights import WeightsError
-from transforms import parsing
+from transforms.analyzers import parsing
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 
 
@@ -273,9 +273,9 @@ class _RecorderPass(ClipPass):
 
 def test_render_pass_segments_and_parses_every_frame(tmp_path):
   from argparse import Namespace
-  from beam_pipeline.elements import ClipTask, MediaFile
+  from transforms.core.elements import ClipTask, MediaFile
   from transforms.frame_analysis import FaceLandmarks
-  from transforms.probe import probe
+  from transforms.lib.probe import probe
   from transforms.render import RenderClips
   path = str(tmp_path / 'talking.mp4')
   demo.write_video(path, demo.VideoSpec(duration=1.0, fps=25.0))

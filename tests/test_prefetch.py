@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from transforms.prefetch import prefetch
+from transforms.lib.prefetch import prefetch
 
 
 def _numbers(n, fail_at=None, closed=None):

@@ -12,9 +12,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
 from beam_pipeline import progress
-from beam_pipeline.elements import ClipSpec, Source
 from tests.helpers import background, free_port
 from transforms import resume
+from transforms.core.elements import ClipSpec, Source
 
 LINE = re.compile(r'clips (\d+)/(\d+) done.*: (\d+) rendered, (\d+) written, (\d+) rejected \| .*\| job (\w+)$')
 

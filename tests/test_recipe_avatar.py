@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from beam_pipeline.recipes.avatar.crop import hravatar_box, hravatar_window
+from beam_pipeline.recipes.avatar.writer import iris_json, keypoint_json
 from tests.helpers import read_jsonl
-from transforms.avatar_crop import box_in_square, hravatar_box, hravatar_window
-from transforms.writers.avatar import iris_json, keypoint_json
+from transforms.lib.geometry import box_in_square
 
 
 def _face(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_keypoint_and_iris_json_layout():
 
 
 def _task(clip_id: str):
-  from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+  from transforms.core.elements import ClipTask, MediaFile, ProbeInfo
   info = ProbeInfo(duration=1.0, width=64, height=64, fps=25.0, has_audio=True, interlaced=False, video_codec='h264')
   return ClipTask(clip_id, 'subject', 'file://clip.mp4', MediaFile('clip.mp4', info), 0.0, 1.0)
 
@@ -87,7 +88,7 @@ def _frames_with_parsing(count: int, person: float = 1.0):
 
 
 def _archive_alphas(uri: str):
-  from transforms.frame_store import read_frame_archive
+  from transforms.core.frame_store import read_frame_archive
   found = []
   for name, data in read_frame_archive(uri):
     rgba = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -97,7 +98,7 @@ def _archive_alphas(uri: str):
 
 @pytest.mark.parametrize('drop_cloth', [False, True])
 def test_avatar_frames_alpha_is_person_matte_times_parsing_foreground(tmp_path, drop_cloth):
-  from transforms.avatar import ARCHIVE, AvatarFrames
+  from beam_pipeline.recipes.avatar.frames import ARCHIVE, AvatarFrames
   analyzer = AvatarFrames(str(tmp_path), None, drop_cloth)
   analyzer.setup()
   frames = _frames_with_parsing(3, person=0.6)
@@ -115,9 +116,9 @@ def test_avatar_frames_alpha_is_person_matte_times_parsing_foreground(tmp_path, 
 
 def test_avatar_frames_carry_the_matting_state_through_the_clip(tmp_path):
   torch = pytest.importorskip('torch')
-  from model_handlers.matting import MattingModelHandler
+  from beam_pipeline.recipes.avatar.frames import ARCHIVE, AvatarFrames
+  from beam_pipeline.recipes.avatar.matting import MattingModelHandler
   from tests.test_matting import STEP, CountingMatte
-  from transforms.avatar import ARCHIVE, AvatarFrames
   weights = tmp_path / 'rvm_mobilenetv3_fp32.torchscript'
   torch.jit.script(CountingMatte()).save(str(weights))
   analyzer = AvatarFrames(str(tmp_path), MattingModelHandler(str(weights), device='cpu'), drop_cloth=True)
@@ -134,7 +135,7 @@ def test_avatar_frames_carry_the_matting_state_through_the_clip(tmp_path):
 
 
 def test_an_abandoned_pass_leaves_no_archive(tmp_path):
-  from transforms.avatar import AvatarFrames
+  from beam_pipeline.recipes.avatar.frames import AvatarFrames
   clip = AvatarFrames(str(tmp_path), None).start(_task('gone'), 2, 32)
   clip.add(_frames_with_parsing(2))
   clip.abandon()

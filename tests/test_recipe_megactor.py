@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from beam_pipeline.demo import VideoSpec, write_frame_folders, write_video
-from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
-from model_handlers.dwpose import to_openpose
-from model_handlers.stylize import OpenCVStyler
-from transforms.faceswap import FaceSwap
-from transforms.filters import Analysis
-from transforms.writers.megactor import MakeCopies, copy_uri
+from beam_pipeline.recipes.megactor.dwpose import to_openpose
+from beam_pipeline.recipes.megactor.faceswap import FaceSwap
+from beam_pipeline.recipes.megactor.stylize import OpenCVStyler
+from beam_pipeline.recipes.megactor.writer import MakeCopies, copy_uri
 from tests.helpers import load_npy, read_jsonl, read_shards, run_cli
 from tests.test_dwpose import constant_graph, detector_output, expected_region, simcc_for
 from tests.test_frame_sources import _add, _Marker, astronaut_frames, png, write_frame_zip
+from transforms.core.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
+from transforms.filters import Analysis
 
 FACE = slice(24, 92)
 BASE = ('--recipe=megactor', '--size=256', '--no_progress', '--no_report')

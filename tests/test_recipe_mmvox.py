@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from beam_pipeline.demo import VideoSpec, write_video
+from beam_pipeline.recipes.mmvox.attributes import (ATTRIBUTES, AttributeFileError, Labels, from_file, infer_attributes,
+                                                    parse_attribute_file)
+from beam_pipeline.recipes.mmvox.sketch import pencil_sketch
+from beam_pipeline.recipes.mmvox.writer import CACHE_NAME, loader_cache
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
-from transforms.attributes import (ATTRIBUTES, AttributeFileError, Labels, from_file, infer_attributes,
-                                   parse_attribute_file)
-from transforms.sketch import pencil_sketch
-from transforms.writers.mmvox import CACHE_NAME, loader_cache
 from tests.helpers import read_jsonl, run_cli
 
 ACTIVE = ('Male', 'Smiling', 'Eyeglasses', 'No_Beard')
@@ -122,7 +122,7 @@ def test_mmvox_layout_end_to_end(hd_clip, tmp_path):
   assert _files(output, 'mask', key) == every_4th
   assert _files(output, 'draw', 'style1', key) == every_4th
   mask = cv2.imread(os.path.join(output, 'mask', key, every_4th[3]))[..., ::-1]
-  from transforms.parsing import PALETTE, SKIN
+  from transforms.analyzers.parsing import PALETTE, SKIN
   assert mask.shape == (256, 256, 3) and (mask == PALETTE[SKIN]).all(-1).mean() > 0.1  # a face in the mask
   drawing = cv2.imread(os.path.join(output, 'draw', 'style1', key, every_4th[3]), cv2.IMREAD_UNCHANGED)
   assert drawing.shape == (256, 256) and np.median(drawing) > 200

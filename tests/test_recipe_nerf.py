@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from beam_pipeline.recipes.nerf import frames as nf
 from tests.helpers import read_jsonl
-from transforms import nerf_frames as nf
 
 
 def _person(size: int, centre_x: int, radius: int = 8) -> np.ndarray:
@@ -124,9 +124,9 @@ def test_a_published_subject_is_not_rewritten(tmp_path):
   """A retried bundle finds its subject published and gives the same records; a clip the published subject
   lacks is rejected (adding it would renumber published frames). The clips' work files go either way."""
   from apache_beam.pvalue import TaggedOutput
-  from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+  from beam_pipeline.recipes.nerf.writer import NerfClip, WriteSubject
+  from transforms.core.elements import ClipTask, MediaFile, ProbeInfo
   from transforms.writers.folders import publish_unit
-  from transforms.writers.nerf import NerfClip, WriteSubject
   media = MediaFile('talker.mp4', ProbeInfo(2.0, 64, 64, 25.0, True, False, 'h264'))
   leftovers = []
 
@@ -229,7 +229,7 @@ def nerf_weights_run(tmp_path_factory):
 
 
 def test_hubert_features_come_from_the_users_model(nerf_weights_run):
-  from model_handlers.audio_features import HubertHandler, audio_features
+  from beam_pipeline.recipes.nerf.audio_features import HubertHandler, audio_features
   from model_handlers.in_process import SharedModel
   folder = nerf_weights_run['folder']
   (record,) = read_jsonl(os.path.join(nerf_weights_run['output'], 'index.jsonl'))
@@ -345,7 +345,7 @@ def test_background_holds_no_face(nerf_run):
 
 def test_dataset_loads_a_batch(nerf_run):
   from torch.utils.data import DataLoader
-  from beam_pipeline.nerf_dataset import NerfSubjectDataset
+  from beam_pipeline.recipes.nerf.dataset import NerfSubjectDataset
   train = NerfSubjectDataset(nerf_run['folder'], 'train')
   assert len(train) + len(NerfSubjectDataset(nerf_run['folder'], 'val')) == 60
   batch = next(iter(DataLoader(train, batch_size=4, shuffle=False)))

@@ -8,10 +8,10 @@ import pytest
 
 from beam_pipeline.recipes import NAMES, get_recipe
 from beam_pipeline.recipes.base import Recipe, apply_defaults, explicit_flags
+from transforms.core.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
-from transforms.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.writers.folders import is_published, publish_unit
-from transforms.write import published_indexes
+from transforms.writers.summary import published_indexes
 
 
 def test_every_recipe_is_registered():
@@ -104,10 +104,10 @@ def test_analyzers_see_the_landmarks_of_each_frame(tmp_path):
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that
   from beam_pipeline.demo import VideoSpec, write_video
-  from beam_pipeline.elements import ClipTask, MediaFile
   from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
+  from transforms.core.elements import ClipTask, MediaFile
   from transforms.frame_analysis import FaceLandmarks
-  from transforms.probe import probe
+  from transforms.lib.probe import probe
   from transforms.render import RenderClips
 
   video = write_video(str(tmp_path / 'talk.mp4'), VideoSpec(duration=1.0, fps=25.0, width=320, height=240))

@@ -23,16 +23,16 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.__main__ import prepare
 from beam_pipeline.demo import VideoSpec, write_video
-from beam_pipeline.elements import ShardBatch
 from beam_pipeline.pipeline import build_pipeline
-from transforms import filters, write
-from transforms.write import PublishShard, sample_key
-from transforms.writers import avatar as avatar_writer
-from transforms.writers import folders
-from transforms.writers import megactor as megactor_writer
-from transforms.writers import mmvox as mmvox_writer
-from transforms.writers import nerf as nerf_writer
+from beam_pipeline.recipes.avatar import writer as avatar_writer
+from beam_pipeline.recipes.megactor import writer as megactor_writer
+from beam_pipeline.recipes.mmvox import writer as mmvox_writer
+from beam_pipeline.recipes.nerf import writer as nerf_writer
 from tests.helpers import read_jsonl, read_shards
+from transforms import filters
+from transforms.core.elements import ShardBatch
+from transforms.writers import folders, shards as write
+from transforms.writers.shards import PublishShard, sample_key
 
 QUIET = ('--no_report', '--no_progress')
 RUN_FILES = {'index.jsonl', 'rejects.jsonl', 'stats.json', mmvox_writer.CACHE_NAME}  # one per run, not per unit
@@ -330,7 +330,7 @@ def test_a_writer_failing_half_way_keeps_its_media_and_the_retry_completes(recip
 
 
 def _megactor_parts(run):
-  from model_handlers.stylize import make_styler
+  from beam_pipeline.recipes.megactor.stylize import make_styler
   opts = run.opts
   copies = megactor_writer.MakeCopies(run.work, make_styler(opts.style, opts.sdxl_model, opts.style_prompt), None,
                                       opts.crf, opts.x264_preset)

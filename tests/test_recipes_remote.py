@@ -155,12 +155,12 @@ def test_nerf_subject_through_portable_runner(job_service, tmp_path):
 
 WEIGHTS_CHILD = r'''
 import sys, numpy as np
-from model_handlers.audio_features import HubertHandler, check_hubert_dir
-from model_handlers.depth import DepthHandler, check_depth_weights
+from beam_pipeline.recipes.nerf.audio_features import HubertHandler, check_hubert_dir
+from beam_pipeline.recipes.nerf.depth_model import DepthHandler, check_depth_weights
 from model_handlers.weights import WeightsError
 hubert_uri, depth_uri, missing_uri, faces_uri = sys.argv[1:5]
 from model_handlers.weights import local_copy
-from transforms.faceswap import find_source_images
+from beam_pipeline.recipes.megactor.faceswap import find_source_images
 (face,) = find_source_images(faces_uri)
 assert face == faces_uri + 'a.png', face
 assert open(local_copy(face, '--source_images', 'a face image'), 'rb').read() == b'not really a png'
@@ -185,7 +185,7 @@ def test_user_weights_load_from_gcs(gcs, tmp_path):
   the model loads."""
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  from model_handlers import depth as dp
+  from beam_pipeline.recipes.nerf import depth_model as dp
   bucket = gcs['bucket']
   torch.manual_seed(0)
   hubert = tmp_path / 'hubert'

@@ -4,9 +4,9 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from beam_pipeline.elements import ClipTask, MediaFile
-from transforms.plan import fit_window, scale_window
-from transforms.probe import probe
+from transforms.core.elements import ClipTask, MediaFile
+from transforms.lib.geometry import fit_window, scale_window
+from transforms.lib.probe import probe
 from transforms.render import render
 
 
@@ -107,11 +107,11 @@ def test_crop_window_scaling_and_fitting():
 
 def test_section_download_keeps_source_time(tmp_path):
   """A yt-dlp section starts near, not at, the requested time; the cut must still land on source frame 90."""
-  from beam_pipeline.elements import ClipSpec, Source
   from tests.helpers import media_server
-  from transforms.download import DownloadSource
-  from transforms.safety import InputPolicy
+  from transforms.core.elements import ClipSpec, Source
+  from transforms.lib.safety import InputPolicy
   from transforms.plan import PlanClips
+  from transforms.sources.download import DownloadSource
   served = tmp_path / 'served'
   served.mkdir()
   write_counter_video(served / 'counter.mp4', frames=150, gop=40)  # keyframes off the section start

@@ -22,7 +22,7 @@ from beam_pipeline import report
 from beam_pipeline.demo import VideoSpec, write_video
 from tests.helpers import REPO, background, free_port, read_jsonl, run_cli
 from transforms.filters import Thresholds, failures
-from transforms.write import sample_key
+from transforms.writers.shards import sample_key
 
 
 @pytest.fixture(scope='module')

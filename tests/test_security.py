@@ -10,12 +10,12 @@ import zipfile
 
 import pytest
 
-from beam_pipeline.elements import Reject, Source
 from tests.corpus import Evil
 from tests.helpers import REPO, media_server
-from transforms.download import DownloadError, http_download
-from transforms.manifest import read_input
-from transforms.safety import InputPolicy, UnsafeInput, check_url, safe_member_name, unsafe_id_reason
+from transforms.core.elements import Reject, Source
+from transforms.lib.safety import InputPolicy, UnsafeInput, check_url, safe_member_name, unsafe_id_reason
+from transforms.sources.download import DownloadError, http_download
+from transforms.sources.manifest import read_input
 
 
 @pytest.mark.parametrize('url,reason', [
@@ -160,7 +160,7 @@ def test_no_shell_and_no_stray_pickle_loading():
     for match in re.finditer(r'pickle\.loads?\(|cloudpickle\.loads?\(|dill\.loads?\(|allow_pickle\s*=\s*True', text):
       pickles.append((path, text[:match.start()].count('\n') + 1))
   assert shells == []
-  assert [path for path, _ in pickles] == ['transforms/manifest.py']
+  assert [path for path, _ in pickles] == ['transforms/sources/manifest.py']
 
 
 def test_unreadable_sidecars_are_rejected_not_fatal(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from model_handlers import stylize
+from beam_pipeline.recipes.megactor import stylize
 from model_handlers.weights import WeightsError
 
 SIZE = 64  # the tiny pipeline runs at 64 x 64 (the handler's default is SDXL-Turbo's 512)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipeline.elements import ClipTask, MediaFile, ProbeInfo
+from transforms.core.elements import ClipTask, MediaFile, ProbeInfo
 from transforms.deadletter import DeadLetter
-from transforms.plan import fit_window
+from transforms.lib.geometry import fit_window
 from transforms.subject_window import UnionOfWindows, face_box_in_source, union_window
 
 
@@ -102,9 +102,9 @@ def test_one_window_per_subject_in_a_pipeline():
 def first_frame(tmp_path_factory):
   """EarliestFirstFrame with the real face landmarker, and a maker of clips of generated videos."""
   from beam_pipeline.demo import VideoSpec, write_video
+  from beam_pipeline.recipes.avatar.track import EarliestFirstFrame
   from model_handlers.mediapipe_face import FaceLandmarkerModelHandler
-  from transforms.avatar import EarliestFirstFrame
-  from transforms.probe import probe_here
+  from transforms.lib.probe import probe_here
   root = tmp_path_factory.mktemp('subject_window')
   choose = EarliestFirstFrame(FaceLandmarkerModelHandler(max_faces=4, max_batch_size=1), 2.2)
   choose.setup()
@@ -159,8 +159,8 @@ def test_avatar_clips_rejected_with_their_own_reasons_when_no_first_frame_has_a_
 def test_avatar_small_face_in_a_wide_frame_found_through_the_detector(first_frame, tmp_path):
   """A face about 190 px across (its 68 points) in a 1080p frame: the landmarker's short-range detector misses it on the whole frame; the
   full-range detector finds it and the landmarker runs on a square around it, its points mapped back."""
+  from beam_pipeline.recipes.avatar.track import EarliestFirstFrame
   from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
-  from transforms.avatar import EarliestFirstFrame
   plain, clip, spec = first_frame
   wide = spec(duration=1.0, fps=25.0, width=1920, height=1080, face_scale=2.0, motion_px=0.0, seed=3)
   task = clip('wide', wide, 0.0)

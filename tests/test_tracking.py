@@ -8,10 +8,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, write_video
-from beam_pipeline.elements import ClipTask, FaceSamples, MediaFile
 from model_handlers.mediapipe_face import FaceDetectorModelHandler
-from transforms.crop import ShotCuts, follow_crop
-from transforms.probe import probe
+from transforms.core.elements import ClipTask, FaceSamples, MediaFile
+from transforms.lib.geometry import follow_crop
+from transforms.lib.probe import probe
+from transforms.sampling import ShotCuts
 from transforms.track import DetectAndTrack, Track, TrackFaces, choose_tracks, follow_path, piece_ids, track_faces
 
 FACE = np.array([100, 100, 200, 220], np.float32)

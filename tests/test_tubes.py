@@ -6,10 +6,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, write_video
-from beam_pipeline.elements import ClipTask, FaceSamples, MediaFile, ProbeInfo
+from beam_pipeline.recipes.mmvox.tubes import (CutTubes, TrackTubes, TubeRules, aspect_preserved_box, cut_tubes,
+                                               tube_window)
 from model_handlers.mediapipe_face import FaceDetectorModelHandler
-from transforms.probe import probe
-from transforms.tubes import CutTubes, TrackTubes, TubeRules, aspect_preserved_box, cut_tubes, tube_window
+from transforms.core.elements import ClipTask, FaceSamples, MediaFile, ProbeInfo
+from transforms.lib.probe import probe
 
 FPS = 25.0
 WIDTH, HEIGHT = 1920, 1080

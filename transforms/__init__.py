@@ -1,1 +1,4 @@
-"""PTransforms and DoFns for each stage: manifest, download, plan, crop, render, write."""
+"""The spine's stages: plan, track, render, filter here; inputs in sources/, outputs in writers/.
+
+core/ and lib/ below them hold what every layer uses; analyzers/ the per-frame analyzers recipes share.
+"""

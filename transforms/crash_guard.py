@@ -25,8 +25,8 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipTask, Reject
-from transforms.fileio import delete_quietly, write_atomic
+from transforms.core.elements import ClipTask, Reject
+from transforms.core.fileio import delete_quietly, write_atomic
 
 REASON = 'decoder_crash'
 _PLAIN_NAME = re.compile(r'[A-Za-z0-9_-]{1,160}')

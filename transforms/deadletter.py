@@ -20,13 +20,9 @@ from typing import Iterable, List, Tuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipTask, Reject, RenderedClip, SampleRef, ShardBatch, Source
+from transforms.core.elements import ClipTask, FatalError, Reject, RenderedClip, SampleRef, ShardBatch, Source
 
 REASON = 'internal_error'
-
-
-class FatalError(Exception):
-  """A failure that is not the element's fault: DeadLetter re-raises it so that the job stops loudly."""
 
 
 def owed_clips(element) -> List[Tuple[str, str]]:

@@ -11,15 +11,17 @@ from typing import List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from scipy import ndimage
 
-from beam_pipeline import report
-from beam_pipeline.elements import Reject, RenderedClip
-from transforms import features
-from transforms.fileio import delete_quietly, write_atomic
+from transforms.core.elements import Reject, RenderedClip
+from transforms.core.fileio import delete_quietly, write_atomic
+from transforms.lib import features
+from transforms.writers.shards import sample_key
 
 STAGE = 'filter'
+REJECT_THUMBNAILS = 'rejects'  # under the media dir ScoreAndFilter is given: <output>/report_media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,11 @@ def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str, Optional[floa
           for code, failed, value, threshold, detail in checks if failed]
 
 
+def reject_thumbnail_uri(media_dir: str, clip_id: str) -> str:
+  """Where a rejected clip's thumbnail goes (report.html shows it): named by its (file-safe, bounded) sample key."""
+  return FileSystems.join(media_dir, REJECT_THUMBNAILS, sample_key(clip_id) + '.jpg')
+
+
 class ScoreAndFilter(beam.DoFn):
   """RenderedClip (its per-frame arrays packed by the render pass) -> Analysis, or a `Reject` on tag
   `rejects` (the rendered mp4 is removed from the work dir then)."""
@@ -155,7 +162,7 @@ class ScoreAndFilter(beam.DoFn):
     retry finds them gone, and nothing here reads them)."""
     self.rejected.inc()
     if self.media_dir and clip.thumbnail:
-      write_atomic(report.reject_thumbnail_uri(self.media_dir, clip.task.clip_id), clip.thumbnail)
+      write_atomic(reject_thumbnail_uri(self.media_dir, clip.task.clip_id), clip.thumbnail)
     delete_quietly([clip.mp4_uri, *clip.files.values()])
     return beam.pvalue.TaggedOutput('rejects', Reject(
         clip.task.clip_id, STAGE, reason, detail, clip.task.source_id, planned_id=clip.task.planned_id, value=value,

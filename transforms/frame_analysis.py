@@ -18,9 +18,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from beam_pipeline.elements import ClipTask
 from model_handlers.in_process import ModelError, SharedModel
-from transforms.features import FaceArrays, face_sharpness
+from transforms.core.elements import ClipTask
+from transforms.lib.features import FaceArrays, face_sharpness
 
 MAX_FACE_JUMP = 1.0  # a candidate more than this far (in face sizes, plus size change) from the reference is not it
 FOLLOW_FRAMES = 12  # the face chosen this many frames ago still guides the choice; older, the track's box does

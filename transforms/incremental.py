@@ -15,8 +15,8 @@ from typing import Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline.elements import Reject
-from transforms.fileio import iter_jsonl
+from transforms.core.elements import Reject
+from transforms.core.fileio import iter_jsonl
 
 REJECTS = 'rejects.jsonl'
 
@@ -32,7 +32,7 @@ PERMANENT_REASONS = frozenset({
     'no_face', 'no_frames',
     # frame folders (transforms/sources/frames.py): the images themselves
     'bad_frame', 'mixed_frame_sizes',
-    # mmvox face tubes (transforms/tubes.py): the tube's frames against video-preprocessing's rules
+    # mmvox face tubes (beam_pipeline/recipes/mmvox/tubes.py): the tube's frames against video-preprocessing's rules
     'tube_too_short', 'tube_too_small', 'tube_out_of_frame',
 })
 

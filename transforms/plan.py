@@ -3,47 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipSpec, ClipTask, MediaFile, Padding, Reject, Source, Window
+from transforms.core.elements import ClipSpec, ClipTask, MediaFile, Reject, Source
+from transforms.lib.geometry import fit_window, scale_window
 
 STAGE = 'plan'
 END_TOLERANCE_S = 1.0  # annotations often overshoot the last frame by a little
-
-
-def scale_window(window: Window, reference_height: Optional[int], actual_height: int) -> Window:
-  """A fixed window given at the reference resolution, in pixels of the file we got."""
-  if not reference_height or reference_height == actual_height:
-    return window
-  s = actual_height / reference_height
-  x, y, w, h = window
-  return int(round(x * s)), int(round(y * s)), int(round(w * s)), int(round(h * s))
-
-
-def _place(start: int, side: int, extent: int) -> Tuple[int, int, int, int]:
-  """(crop start, crop length, padding before, padding after) of a `side`-long span on an axis of `extent`
-  pixels: shifted inside when it fits, else the whole axis with the rest as padding, as near `start` as can be."""
-  if side <= extent:
-    return min(max(start, 0), extent - side), side, 0, 0
-  start = min(max(start, extent - side), 0)
-  return 0, extent, -start, side - extent + start
-
-
-def fit_window(window: Window, width: int, height: int) -> Optional[Tuple[Window, Padding]]:
-  """A window made square (its longer side, same centre) and shifted into the frame, so the 1:1 output never
-  stretches the picture; where the square is larger than the frame, the frame's extent is cropped and the
-  rest is padding. Returns (crop window, (left, top, right, bottom) padding), or None when the window
-  does not overlap the frame at all."""
-  x, y, w, h = window
-  if w < 1 or h < 1 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
-    return None
-  side = max(w, h)
-  left, crop_w, pad_left, pad_right = _place(x + (w - side) // 2, side, width)
-  top, crop_h, pad_top, pad_bottom = _place(y + (h - side) // 2, side, height)
-  return (left, top, crop_w, crop_h), (pad_left, pad_top, pad_right, pad_bottom)
 
 
 class PlanClips(beam.DoFn):

@@ -23,13 +23,13 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipTask, Reject, RenderedClip
+from transforms.core.elements import ClipTask, Reject, RenderedClip
+from transforms.core.fileio import delete_quietly, put_file
 from transforms.crash_guard import CrashGuard, crash_guarded
-from transforms.crop import follow_crop
-from transforms.fileio import delete_quietly, put_file
 from transforms.frame_analysis import Frame, FrameAnalyzer
-from transforms.prefetch import prefetch
-from transforms.probe import open_media
+from transforms.lib.geometry import follow_crop
+from transforms.lib.prefetch import prefetch
+from transforms.lib.probe import open_media
 
 STAGE = 'render'
 WAV_RATE = 16000

@@ -12,7 +12,7 @@ import dataclasses
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import Source
+from transforms.core.elements import Source
 
 STAGE = 'resume'
 

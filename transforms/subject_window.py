@@ -1,5 +1,4 @@
-"""One crop window for every clip of a subject (a source video), for the recipes whose models see a subject as
-one fixed camera.
+"""One crop window for every clip of a subject (a source video): nerf and avatar see a subject as one camera.
 
 A subject can have several clips (manifest clips, --max_clip_s pieces, face-track pieces), and per-clip tracking
 gives each its own window. AD-NeRF merges its background (bc.jpg) pixel by pixel over all of a subject's frames
@@ -25,10 +24,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from beam_pipeline.elements import ClipTask, Padding, Reject, Window
-from transforms.avatar_crop import box_in_square
+from transforms.core.elements import ClipTask, Padding, Reject, Window
 from transforms.deadletter import DeadLetter
-from transforms.plan import fit_window
+from transforms.lib.geometry import box_in_square, fit_window
 
 STAGE = 'track'
 

@@ -1,5 +1,7 @@
-"""Face tracks on the sampled detector frames: IoU tracking within shots, splits where a face is lost
-for longer than `--max_gap` frames, the `--multi_face` policy, and one stable crop window per track.
+"""Face tracks on the sampled detector frames, and one stable crop window per track.
+
+IoU tracking within shots, splits where a face is lost for longer than `--max_gap` frames, the
+`--multi_face` policy.
 
 A planned clip becomes one clip per kept track (a "piece"). A single piece keeps the planned clip's id;
 several pieces are named from their start time, `<clip>_f<start in ms>` (see `piece_ids`), so a rerun
@@ -19,9 +21,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 from scipy import ndimage
 
-from beam_pipeline.elements import ClipTask, FaceSamples, Reject
-from transforms.crop import SampleFrames, square_window
+from transforms.core.elements import ClipTask, FaceSamples, Reject
 from transforms.deadletter import DeadLetter
+from transforms.lib.geometry import square_window
+from transforms.sampling import SampleFrames
 
 STAGE = 'track'
 MIN_IOU = 0.3  # a detection continues a track when it overlaps the track's last box at least this much
@@ -253,7 +256,7 @@ class SampleAndTrack(beam.PTransform):
   `tasks`), and `rejects`. Per clip, one DoFn decodes the frames sampled at `detect_fps` and runs the
   detector on them in-process (no per-frame element), and `tracker` (a DoFn: FaceSamples -> ClipTasks)
   follows without a shuffle; an unexpected error in either is an `internal_error` reject of that clip.
-  The spine's face tracks and mmvox's face tubes (transforms/tubes.py) are two such trackers."""
+  The spine's face tracks and mmvox's face tubes (beam_pipeline/recipes/mmvox/tubes.py) are two such trackers."""
 
   def __init__(self, detector: ModelHandler, detect_fps: float, shot_threshold: float, tracker: beam.DoFn,
                label: str, stage: str = STAGE):

@@ -1,4 +1,4 @@
-"""The dataset pipelines this job reproduces, one module each: `--recipe=<name>` picks one.
+"""The dataset pipelines this job reproduces, one folder each (hdtf: a module): `--recipe=<name>` picks one.
 
 A recipe adds stages and a writer to the shared spine (`beam_pipeline.pipeline.build_pipeline`); it never
 copies it. Modules are imported when chosen, so a recipe's heavy dependencies load only for its jobs.

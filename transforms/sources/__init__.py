@@ -1,1 +1,1 @@
-"""Input layouts beyond plain videos: frame-folder archives and WebDataset sample tars."""
+"""The job's inputs: listed into Sources, unpacked from archives and frame folders, downloaded into the work dir."""

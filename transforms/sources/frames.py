@@ -1,6 +1,6 @@
 """Frame folders (VFHQ layout: one folder of numbered images per clip) as video sources.
 
-The listing (transforms.manifest) shows every member of a zip or uncompressed tar to `FrameFolders`,
+The listing (transforms.sources.manifest) shows every member of a zip or uncompressed tar to `FrameFolders`,
 which keeps the numbered images. A folder of them that holds no video and at least two images becomes
 one source. Images beside a video, and a lone image in an archive that holds videos, are thumbnails or
 posters: ordinary members, ignored as before (rejected only as any member is: link, encrypted, too
@@ -12,7 +12,7 @@ work dir (`frame_listings/<sha256 of the content>.jsonl`: a retried listing rewr
 under the same name), and the source url (`frame-folder:?...`) names the archive, the folder, and the
 byte range and sha256 of its line, a few hundred bytes however many frames the folder has. (Listed in
 one process with no work dir, e.g. `read_input`, the line rides in the url: nothing crosses a shuffle.)
-After the shuffle, `encode_folder` (run by transforms.unpack.UnpackMembers) reads the line back, checks
+After the shuffle, `encode_folder` (run by transforms.sources.unpack.UnpackMembers) reads the line back, checks
 it, and streams the frames one at a time from the archive into a lossless video in the work dir
 (`archives/<archive id>/<folder id>.mkv`, H.264 RGB at crf 0) at the frame rate the listing fixed
 (--fps), so the rest of the pipeline sees an ordinary video. Frames of odd width or height lose their
@@ -45,17 +45,19 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from beam_pipeline.elements import ReasonError, Reject, Source
-from transforms.fileio import put_file, write_atomic
-from transforms.safety import InputPolicy, UnsafeInput, safe_member_name
-from transforms.unpack import FRAME_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, _open, \
-  _zip_member, unpacked_uri
+from transforms.core.elements import ReasonError, Reject, Source
+from transforms.core.fileio import put_file, write_atomic
+from transforms.core.layout import work_dir_of
+from transforms.lib.probe import VIDEO_EXTENSIONS
+from transforms.lib.safety import InputPolicy, UnsafeInput, safe_member_name
+from transforms.sources.archives import (FRAME_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember, _open,
+                                         _zip_member, unpacked_uri)
 
 STAGE = 'unpack'  # frames are read and encoded where archive members are unpacked
 LISTINGS = 'frame_listings'  # work-dir folder of the listing files
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 MIN_FRAMES = 2  # one image is a still, not a clip
-MIN_SIDE_PX = 16  # as transforms.probe: smaller frames cannot hold a usable face
+MIN_SIDE_PX = 16  # as transforms.lib.probe: smaller frames cannot hold a usable face
 _NUMBERED = re.compile(r'^(?P<stem>.*?)(?P<number>\d+)$')
 _SHA256 = re.compile(r'^[0-9a-f]{64}$')
 _INT_FIELDS = ('before', 'size', 'max_pixels', 'list_count', 'list_at', 'list_length')
@@ -78,7 +80,6 @@ class FrameFolderOptions:
 
   @classmethod
   def from_options(cls, opts) -> 'FrameFolderOptions':
-    from beam_pipeline.pipeline import work_dir_of  # that module builds on this one
     return cls(float(opts.fps), int(opts.max_folder_frames), int(opts.max_pixels or 0), float(opts.max_render_s),
                FileSystems.join(work_dir_of(opts), LISTINGS))
 
@@ -210,7 +211,6 @@ class FrameFolders:
   """Collects the numbered images of one archive listing, folder by folder, and which folders hold videos."""
 
   def __init__(self, options: FrameFolderOptions, max_member_bytes: int):
-    from transforms.manifest import VIDEO_EXTENSIONS  # that module builds on this one
     self.video_extensions = VIDEO_EXTENSIONS
     self.options = options
     self.max_member_bytes = max_member_bytes
@@ -409,7 +409,7 @@ def encode_folder(folder: FrameFolder, frames: Tuple[Frame, ...], target: str, p
 
 class FolderEncoder:
   """Frame-folder Sources -> Sources of their encoded videos (or rejects); shared by the pipeline step and
-  transforms.unpack.unpack_in_process."""
+  transforms.sources.unpack.unpack_in_process."""
 
   def __init__(self, work_dir: str, policy: InputPolicy = InputPolicy(), max_total_bytes: int = 65536 * MIB):
     self.work_dir = work_dir

@@ -7,7 +7,7 @@ refused (`pickle_refused`) unless the user passes --trust_pickle, and even then 
 members are read. A sample whose `json` member (this pipeline's) gives its frame size keeps that full
 frame as its crop window, so a re-processed clip is not cropped a second time.
 
-The archive listing (transforms.manifest) hands every member to `SampleTar.take` first; a tar is a
+The archive listing (transforms.sources.manifest) hands every member to `SampleTar.take` first; a tar is a
 sample tar when some key has both an `mp4` member and a member only a sample has (an array, `.pyd`,
 wav, `mp4_styled`...). Other tars are listed as before.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Set, Tuple
 
-from beam_pipeline.elements import Reject
+from transforms.core.elements import Reject
 
 SAMPLE_VIDEO = 'mp4'
 PICKLED = 'pyd'  # webdataset's extension for pickled values

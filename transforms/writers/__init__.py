@@ -1,1 +1,1 @@
-"""Writers that lay out a recipe's output (per-subject or per-tube folders; shards are transforms/write.py)."""
+"""Outputs: WebDataset shards, published folder units (per subject or per tube), and the run's summary."""

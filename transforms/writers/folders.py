@@ -12,7 +12,7 @@ from typing import Iterable, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.fileio import iter_jsonl, write_atomic
+from transforms.core.fileio import iter_jsonl, write_atomic
 
 PUBLISHED = 'published'
 

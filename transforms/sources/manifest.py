@@ -1,0 +1,662 @@
+"""Read the job's input into `Source` elements: HDTF annotation dirs, manifests, globs.
+
+Parsing never raises on a bad line: a clip that cannot be planned becomes a
+`Reject` with stage `manifest`, so every planned clip is accounted for. Ids
+that would climb out of a folder are refused; others are sanitised. Tar and
+zip inputs are only listed here: each member video becomes a Source whose url
+names the member, and `transforms.sources.unpack.UnpackMembers` unpacks it after the
+shuffle. Members that are pickles are never loaded unless the user trusts them.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import tarfile
+import zipfile
+from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.core.elements import ClipSpec, ReasonError, Reject, Source
+from transforms.lib.probe import VIDEO_EXTENSIONS
+from transforms.lib.safety import (InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of,
+                                   unsafe_id_reason)
+from transforms.sources.archives import (MEMBER_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember,
+                                         Unpacker, is_member_url)
+from transforms.sources.frames import FrameFolderOptions, FrameFolders, ListedFolder
+from transforms.sources.megactor_tars import SampleTar
+from transforms.sources.unpack import unpack_in_process
+
+STAGE = 'manifest'
+HDTF_KINDS = ('video_url', 'resolution', 'annotion_time', 'crop_wh', 'crop_ratio')
+MANIFEST_EXTENSIONS = ('.csv', '.jsonl', '.json', '.parquet')
+ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.zip')
+PICKLE_EXTENSIONS = ('.pkl', '.pickle')
+COMPRESSED_MAGIC = (b'\x1f\x8b', b'BZh', b'\xfd7zXZ\x00')  # gzip, bzip2, xz: a tar in one cannot seek
+RESERVED = f'URLs of scheme {MEMBER_SCHEME}: name listed archive members; an input cannot give one'
+MAX_SIDECAR_BYTES = 1 << 20  # a <stem>.json / .pkl metadata record is read whole into memory
+_ID_UNSAFE = re.compile(r'[^A-Za-z0-9._-]+')
+MAX_ID_LENGTH = 120
+OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
+
+
+class ManifestError(ReasonError, ValueError):
+  """A manifest entry that cannot be planned; its message is the reject detail."""
+
+
+def sanitize_id(raw: str) -> str:
+  """A path-safe id: letters, digits, '.', '_' and '-', no leading dots, bounded length.
+
+  An id with nothing usable left (e.g. all non-Latin) gets a stable hash-based fallback.
+  """
+  text = _ID_UNSAFE.sub('_', str(raw).replace('\x00', ''))
+  text = re.sub(r'_+', '_', re.sub(r'\.{2,}', '_', text)).strip('._-')[:MAX_ID_LENGTH].rstrip('._-')
+  return text or 'id_' + hashlib.sha1(str(raw).encode('utf-8', 'surrogatepass')).hexdigest()[:10]
+
+
+def parse_stamp(text: str) -> float:
+  """Seconds from `SS(.f)`, `MM:SS(.f)` or `HH:MM:SS(.fff)`."""
+  text = str(text).strip()
+  if not text:
+    raise ManifestError('bad_timestamp', 'empty time stamp')
+  parts = text.split(':')
+  if len(parts) > 3 or any(not re.fullmatch(r'[0-9]+(\.[0-9]+)?', p) for p in parts):
+    raise ManifestError('bad_timestamp', f'malformed time stamp {text!r}')
+  if any('.' in p for p in parts[:-1]):
+    raise ManifestError('bad_timestamp', f'fraction before the seconds field in {text!r}')
+  seconds = 0.0
+  for part in parts:
+    seconds = seconds * 60 + float(part)
+  if seconds == float('inf'):
+    raise ManifestError('bad_timestamp', f'time stamp {text[:40]!r} is out of range')
+  if len(parts) > 1 and any(float(p) >= 60 for p in parts[1:]):
+    raise ManifestError('bad_timestamp', f'minutes or seconds >= 60 in {text!r}')
+  return seconds
+
+
+def parse_range(value: Union[str, Sequence]) -> Tuple[float, float]:
+  """A clip range from `START-END` text or a `[start, end]` pair of seconds or stamps."""
+  if isinstance(value, str):
+    pieces = value.strip().split('-')
+    if len(pieces) != 2:
+      raise ManifestError('bad_timestamp', f'time range {value!r} is not START-END')
+    start, end = (parse_stamp(p) for p in pieces)
+  else:
+    if len(value) != 2:
+      raise ManifestError('bad_timestamp', f'time range {value!r} is not [start, end]')
+    start, end = (_seconds(v) for v in value)
+  if end <= start:
+    raise ManifestError('bad_range', f'clip ends ({end:.3f}s) at or before it starts ({start:.3f}s)')
+  return start, end
+
+
+def _seconds(value) -> float:
+  if isinstance(value, bool):
+    raise ManifestError('bad_timestamp', f'time stamp {value!r} is not a number')
+  if isinstance(value, (int, float)):
+    if value != value or value < 0 or value in (float('inf'),):
+      raise ManifestError('bad_timestamp', f'time stamp {value!r} is not a non-negative number')
+    return float(value)
+  return parse_stamp(str(value))
+
+
+def drop_overlaps(clips: Sequence[ClipSpec], source_id: str) -> Tuple[List[ClipSpec], List[Reject]]:
+  """Keep clips in order; a clip overlapping a kept one by more than a frame is rejected (duplicate data)."""
+  kept, rejects = [], []
+  for clip in clips:
+    if clip.start is not None and clip.end is not None:
+      other = next((k for k in kept if k.start is not None and k.end is not None and
+                    min(clip.end, k.end) - max(clip.start, k.start) > OVERLAP_TOLERANCE_S), None)
+      if other is not None:
+        rejects.append(Reject(clip.clip_id, STAGE, 'overlapping_clip',
+                              f'{clip.start:.3f}-{clip.end:.3f}s overlaps {other.clip_id} '
+                              f'({other.start:.3f}-{other.end:.3f}s)', source_id))
+        continue
+    kept.append(clip)
+  return kept, rejects
+
+
+def _read_text(path: str) -> str:
+  with FileSystems.open(path) as handle:
+    return handle.read().decode('utf-8-sig', errors='replace')
+
+
+def _lines(text: str) -> Iterator[List[str]]:
+  """Whitespace-split fields of each non-empty line (BOM, CRLF and trailing spaces tolerated)."""
+  for line in text.replace('\ufeff', '').splitlines():
+    fields = line.split()
+    if fields and not fields[0].startswith('#'):
+      yield fields
+
+
+def _stem(name: str) -> str:
+  base = os.path.basename(name)
+  for ext in VIDEO_EXTENSIONS:
+    if base.lower().endswith(ext):
+      return base[:-len(ext)]
+  return base
+
+
+# ----------------------------------------------------------------------------- HDTF
+
+def hdtf_sets(directory: str) -> Dict[str, Dict[str, str]]:
+  """{set name: {kind: path}} for every `{SET}_{kind}.txt` in an HDTF annotation dir."""
+  sets: Dict[str, Dict[str, str]] = {}
+  pattern = re.compile(r'^(?P<set>.+)_(?P<kind>%s)\.txt$' % '|'.join(HDTF_KINDS))
+  for metadata in FileSystems.match([FileSystems.join(directory, '*.txt')])[0].metadata_list:
+    match = pattern.match(os.path.basename(metadata.path))
+    if match:
+      sets.setdefault(match.group('set'), {})[match.group('kind')] = metadata.path
+  return sets
+
+
+def parse_hdtf(directory: str) -> Iterator[Union[Source, Reject]]:
+  """Sources and rejects from an HDTF annotation directory (any set names)."""
+  sets = hdtf_sets(directory)
+  if not sets:
+    raise FileNotFoundError(f'no {{SET}}_video_url.txt files in {directory}')
+  for set_name in sorted(sets):
+    files = sets[set_name]
+    tables = {kind: list(_lines(_read_text(path))) for kind, path in files.items()}
+    yield from _hdtf_set(set_name, tables)
+
+
+def _hdtf_set(set_name: str, tables: Dict[str, List[List[str]]]) -> Iterator[Union[Source, Reject]]:
+  urls: Dict[str, str] = {}
+  for fields in tables.get('video_url', []):
+    if len(fields) >= 2:
+      urls.setdefault(_stem(fields[0]), fields[1])
+  resolution = {}
+  for fields in tables.get('resolution', []):
+    if len(fields) >= 2 and re.fullmatch(r'\d+', fields[1]):
+      resolution[_stem(fields[0])] = int(fields[1])
+  crops = {}
+  for fields in tables.get('crop_wh', []):
+    if len(fields) >= 5 and all(re.fullmatch(r'-?\d+', f) for f in fields[1:5]):
+      x, w, y, h = (int(f) for f in fields[1:5])  # HDTF order: x, width, y, height
+      crops[_stem(fields[0])] = (x, y, w, h)
+  ratios = {}
+  for fields in tables.get('crop_ratio', []):
+    try:
+      ratios[_stem(fields[0])] = float(fields[1])
+    except (IndexError, ValueError):
+      continue
+  annotated = set()
+  for fields in tables.get('annotion_time', []):
+    name = _stem(fields[0])
+    annotated.add(name)
+    source_id = sanitize_id(name)
+    unsafe = unsafe_id_reason(fields[0])
+    if unsafe:
+      yield Reject(source_id, STAGE, 'unsafe_id', f'video name {fields[0][:80]!r} {unsafe}', source_id)
+      continue
+    url = urls.get(name)
+    clips, rejects = [], []
+    for index, stamp in enumerate(fields[1:]):
+      clip_id = f'{source_id}_{index}'
+      try:
+        start, end = parse_range(stamp)
+      except ManifestError as error:
+        rejects.append(Reject(clip_id, STAGE, error.reason, str(error), source_id))
+        continue
+      window = crops.get(f'{name}_{index}')
+      if window is not None and (window[2] <= 0 or window[3] <= 0):
+        rejects.append(Reject(clip_id, STAGE, 'bad_crop', f'crop window {window} has no area', source_id))
+        continue
+      clips.append(ClipSpec(clip_id, index, start, end, window, ratios.get(f'{name}_{index}')))
+    clips, overlapping = drop_overlaps(clips, source_id)
+    rejects.extend(overlapping)
+    if url is None or is_member_url(url):
+      reason, why = ('no_url', f'{name} is not in {set_name}_video_url.txt') if url is None else ('bad_url', RESERVED)
+      rejects.extend(Reject(c.clip_id, STAGE, reason, why, source_id) for c in clips)
+      clips = []
+    yield from rejects
+    if clips:
+      height = resolution.get(name) or None  # 0 means "unknown" in HDTF's files
+      yield Source(source_id, url, tuple(clips), height)
+  for name in sorted(set(urls) - annotated):
+    yield Reject(sanitize_id(name), STAGE, 'no_annotation',
+                 f'{name} has a URL but no line in {set_name}_annotion_time.txt', sanitize_id(name))
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def _records(path: str) -> Iterator[dict]:
+  lower = path.lower()
+  if lower.endswith('.parquet'):
+    import pyarrow.parquet as pq
+    with FileSystems.open(path) as handle:
+      table = pq.read_table(io.BytesIO(handle.read()))
+    yield from table.to_pylist()
+  elif lower.endswith('.csv'):
+    yield from csv.DictReader(io.StringIO(re.sub(r'\r\n?', '\n', _read_text(path))))  # mixed line endings
+  else:
+    text = _read_text(path)
+    if lower.endswith('.json') and text.lstrip().startswith('['):
+      for number, record in enumerate(json.loads(text)):
+        yield record if isinstance(record, dict) else {'__error__': f'item {number} is not an object'}
+      return
+    for number, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as error:
+          record = {'__error__': f'line {number}: {error}'}
+        yield record if isinstance(record, dict) else {'__error__': f'line {number} is not an object'}
+
+
+def _maybe_json(value):
+  if isinstance(value, str) and value.strip()[:1] in ('[', '{'):
+    return json.loads(value)
+  return value
+
+
+def _clip_options(record: dict) -> Tuple[Optional[tuple], Optional[float], Optional[int], object]:
+  """crop window, crop ratio, height and the raw clips value of a manifest record (or sidecar)."""
+  crop = _maybe_json(record.get('crop'))
+  window = tuple(int(v) for v in crop) if crop not in (None, '') else None
+  if window is not None and (len(window) != 4 or window[2] <= 0 or window[3] <= 0):
+    raise ManifestError('bad_crop', f'crop {crop!r} is not [x, y, w, h] with positive size')
+  ratio = record.get('crop_ratio')
+  ratio = float(ratio) if ratio not in (None, '') else None
+  if ratio is not None and not 0 < ratio < float('inf'):
+    raise ManifestError('bad_crop', f'crop_ratio {ratio!r} is not a positive number')
+  height = record.get('height')
+  height = int(height) if height not in (None, '') else None
+  return window, ratio, height, _maybe_json(record.get('clips'))
+
+
+def _clips_of(source_id: str, record: dict) -> Iterator[Union[ClipSpec, Reject, Tuple[str, object]]]:
+  """ClipSpecs and clip rejects for one record; ('height', h) first. Raises ManifestError/ValueError/TypeError."""
+  window, ratio, height, clips_value = _clip_options(record)
+  yield 'height', height
+  if clips_value in (None, '', []):
+    yield ClipSpec(f'{source_id}_0', 0, None, None, window, ratio)
+    return
+  if isinstance(clips_value, str):
+    clips_value = [c for c in re.split(r'[;\s]+', clips_value) if c]
+  if not isinstance(clips_value, (list, tuple)):
+    raise ManifestError('bad_timestamp', f'clips {str(clips_value)[:80]!r} is not a list of [start, end]')
+  clips, rejects = [], []
+  for index, value in enumerate(clips_value):
+    clip_id = f'{source_id}_{index}'
+    try:
+      start, end = parse_range(value)
+    except (ManifestError, TypeError, ValueError) as error:
+      rejects.append(Reject(clip_id, STAGE, getattr(error, 'reason', 'bad_timestamp'), str(error)[:300], source_id))
+      continue
+    clips.append(ClipSpec(clip_id, index, start, end, window, ratio))
+  clips, overlapping = drop_overlaps(clips, source_id)
+  yield from rejects + overlapping
+  yield from clips
+
+
+def source_from_record(record: dict, row: int, context: Optional['_ArchiveContext'] = None
+                       ) -> Iterator[Union[Source, Reject]]:
+  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`).
+
+  A `url` naming a tar or zip of videos (local or gs://) expands into one source per
+  member video, `<id>_<member>`, with this row's clips and crop.
+  """
+  raw_id = record.get('id') if isinstance(record, dict) else None
+  raw_id = '' if raw_id is None else str(raw_id)
+  source_id = sanitize_id(raw_id) if raw_id.strip() else f'row{row}'
+  if not isinstance(record, dict) or '__error__' in record:
+    detail = record.get('__error__') if isinstance(record, dict) else f'row {row} is not an object'
+    yield Reject(source_id, STAGE, 'bad_manifest_row', str(detail)[:300], source_id)
+    return
+  url = str(record.get('url') or '').strip()
+  if not raw_id.strip() or not url:
+    yield Reject(source_id, STAGE, 'bad_manifest_row', f'row {row} needs both id and url', source_id)
+    return
+  unsafe = unsafe_id_reason(raw_id)
+  if unsafe:
+    yield Reject(source_id, STAGE, 'unsafe_id', f'id {raw_id[:80]!r} {unsafe}', source_id)
+    return
+  if is_member_url(url):
+    yield Reject(source_id, STAGE, 'bad_url', f'row {row}: {RESERVED}', source_id)
+    return
+  if url.lower().endswith(ARCHIVE_EXTENSIONS) and context is not None:
+    yield from context.expand(url, source_id + '_', record)
+    return
+  try:
+    items = list(_clips_of(source_id, record))
+  except (ValueError, TypeError) as error:
+    reason = getattr(error, 'reason', 'bad_manifest_row')
+    yield Reject(source_id, STAGE, reason, f'row {row}: {error}'[:300], source_id)
+    return
+  (_, height), clips = items[0], [c for c in items[1:] if isinstance(c, ClipSpec)]
+  yield from (r for r in items[1:] if isinstance(r, Reject))
+  if clips:
+    yield Source(source_id, url, tuple(clips), height or None)
+
+
+def parse_manifest(path: str, context: Optional['_ArchiveContext'] = None) -> Iterator[Union[Source, Reject]]:
+  for row, record in enumerate(_records(path)):
+    yield from source_from_record(record, row, context)
+
+
+# ----------------------------------------------------------------------------- archives
+
+def _is_pickle(name: str, head: bytes) -> bool:
+  """By name or by content: protocol 2+ pickles start with 0x80 and the protocol number."""
+  return name.lower().endswith(PICKLE_EXTENSIONS) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+class _SequentialReader:
+  """read(n): the member's next n bytes, from one stream opened on first use (a tar stream cannot go back)."""
+
+  def __init__(self, open_member: Callable[[], BinaryIO]):
+    self.open_member = open_member
+    self.stream = None
+
+  def __call__(self, size: int) -> bytes:
+    if self.stream is None:
+      self.stream = self.open_member()
+    return self.stream.read(size)
+
+
+class _Listed(NamedTuple):
+  """One archive member as the listing sees it; `read(n)` works only until the next member is listed."""
+  name: str
+  size: int
+  regular: bool
+  encrypted: bool
+  where: dict  # ArchiveMember fields: kind, offset (and zip's method, compressed_size, crc, flags)
+  read: Callable[[int], bytes]
+
+
+class _ArchiveContext:
+  """Lists tar/zip members; no video member is read. Each becomes a Source whose url names the member.
+
+  Members whose names are absolute or climb out (`../`), links and devices are
+  refused (`unsafe_member`); pickles are refused (`pickle_refused`) unless
+  `policy.trust_pickle`, when a `<stem>.pkl` beside `<stem>.mp4` may carry its
+  clips like a `<stem>.json` sidecar does. Every member is size-bounded. A member
+  video's url (transforms.sources.unpack.ArchiveMember) says where it sits and that it
+  unpacks to `work_dir/archives/<archive id>/<member id><ext>`; `UnpackMembers`
+  unpacks it after the shuffle. A compressed tar is read once here, in order.
+  Folders of numbered images become one source each (transforms/sources/frames.py); a WebDataset
+  sample tar gives one source per sample's `mp4` (transforms/sources/megactor_tars.py).
+  """
+
+  def __init__(self, policy: InputPolicy, max_member_bytes: int, frames: Optional[FrameFolderOptions] = None):
+    self.policy = policy
+    self.max_member_bytes = max_member_bytes
+    self.frames = frames or FrameFolderOptions()  # frame folders: transforms/sources/frames.py
+
+  def expand(self, url: str, prefix: str, defaults: dict) -> Iterator[Union[Source, Reject]]:
+    archive_id = sanitize_id(prefix.rstrip('_') or _archive_stem(url))
+    try:
+      url = check_url(url, self.policy)
+      if scheme_of(url) not in ('file', 'gs'):
+        raise UnsafeInput('bad_url', f'{url[:200]}: archives are read from local or gs:// paths only')
+      path = local_path(url, self.policy) if scheme_of(url) == 'file' else url
+      listed_count, rejects, sidecars, videos = self._classify(path, prefix, archive_id)
+    except UnsafeInput as error:
+      yield Reject(archive_id, STAGE, error.reason, str(error)[:300], archive_id)
+      return
+    except UNPACK_ERRORS as error:
+      yield Reject(archive_id, STAGE, 'bad_archive', f'{url[:200]}: {error}'[:300], archive_id)
+      return
+    yield from rejects
+    if not listed_count:
+      yield Reject(archive_id, STAGE, 'empty_input', f'{url[:200]} holds no members', archive_id)
+    seen = set()
+    before = 0  # listed sizes of the members planned so far: their share of --max_archive_mb
+    for safe, member_id, listed in videos:
+      if member_id in seen:
+        yield Reject(member_id, STAGE, 'duplicate_id', f'member {safe} has the same sanitised id as another',
+                     archive_id)
+        continue
+      seen.add(member_id)
+      record = dict(defaults)
+      record.update(sidecars.get(os.path.splitext(safe)[0]) or {})
+      try:
+        items = list(_clips_of(member_id, record))
+      except (ValueError, TypeError) as error:
+        yield Reject(member_id, STAGE, getattr(error, 'reason', 'bad_manifest_row'), str(error)[:300], archive_id)
+        continue
+      clips = [c for c in items[1:] if isinstance(c, ClipSpec)]
+      yield from (r for r in items[1:] if isinstance(r, Reject))
+      if clips:
+        if isinstance(listed, ListedFolder):  # frame folder: encoded to a video after the shuffle (sources/frames.py)
+          media_url = listed.url(url, before, f'{archive_id}/{member_id}.mkv', self.frames)
+        else:
+          media_url = ArchiveMember(archive=url, name=listed.name, size=listed.size, before=before,
+                                    file=f'{archive_id}/{member_id}{os.path.splitext(safe)[1].lower()}',
+                                    **listed.where).url
+        before += listed.size
+        yield Source(member_id, media_url, tuple(clips), items[0][1] or None)
+
+  def _classify(self, path: str, prefix: str, archive_id: str):
+    """(members listed, member rejects, {stem: sidecar record}, [(safe name, member id, _Listed)] of videos).
+
+    Raises on an archive that does not list to its end: then nothing of it is planned.
+    """
+    rejects: List[Reject] = []
+    sidecars: Dict[str, dict] = {}
+    videos = []
+    count = 0
+    # Input layouts beyond member videos (transforms/sources/): frame folders and WebDataset sample tars.
+    frames, samples = FrameFolders(self.frames, self.max_member_bytes), SampleTar(VIDEO_EXTENSIONS)
+    for count, listed in enumerate(self._members(path), 1):
+      safe = safe_member_name(listed.name)
+      if safe is not None and (frames.take(safe, listed) or samples.take(safe, listed)):
+        continue
+      member_ref = sanitize_id(prefix + (safe or listed.name))  # rejects name the member, extension and all
+      if safe is None or not listed.regular:
+        why = 'is not a regular file' if safe is not None else 'is absolute or climbs out of the archive'
+        rejects.append(Reject(member_ref, STAGE, 'unsafe_member', f'member {listed.name[:120]!r} {why}', archive_id))
+        continue
+      lower = safe.lower()
+      if listed.encrypted:
+        rejects.append(Reject(member_ref, STAGE, 'bad_archive', f'member {safe} is encrypted', archive_id))
+      elif listed.size > self.max_member_bytes:
+        rejects.append(Reject(member_ref, STAGE, 'too_large', f'member {safe} is {listed.size} bytes, over the '
+                              f'limit', archive_id))
+      elif lower.endswith(VIDEO_EXTENSIONS):
+        videos.append((safe, sanitize_id(prefix + os.path.splitext(safe)[0]), listed))
+      else:
+        head, is_json = listed.read(2), lower.endswith('.json')
+        if not is_json and not _is_pickle(safe, head):
+          continue  # text, images...: not ours to read
+        if not is_json and not self.policy.trust_pickle:
+          rejects.append(Reject(member_ref, STAGE, 'pickle_refused',
+                                f'member {safe} is a pickle; it is never loaded without --trust_pickle', archive_id))
+          continue
+        try:
+          sidecars[os.path.splitext(safe)[0]] = self._sidecar(listed, head, pickled=not is_json)
+        except ManifestError as error:
+          rejects.append(Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id))
+    if samples.is_sample_tar(videos):
+      videos, sidecars, refused = samples.restrict(videos, sidecars, self.policy.trust_pickle, path, archive_id)
+      rejects.extend(refused)
+    elif not self.policy.trust_pickle:
+      rejects.extend(Reject(sanitize_id(prefix + name), STAGE, 'pickle_refused', f'member {name} is a pickle; it is '
+                            'never loaded without --trust_pickle', archive_id) for name in samples.pickled)
+    for found in frames.listed(prefix, archive_id, sanitize_id):
+      if isinstance(found, Reject):
+        rejects.append(found)
+      else:
+        videos.append(found)
+    return count, rejects, sidecars, videos
+
+  @staticmethod
+  def _members(path: str) -> Iterator[_Listed]:
+    """Members in archive order. Zips: the central directory. Uncompressed tars: headers, seeking over
+    the data. Compressed tars: one sequential pass (members are read while they are current)."""
+    with FileSystems.open(path, mime_type='application/octet-stream', compression_type='uncompressed') as handle:
+      if path.lower().endswith('.zip'):
+        archive = zipfile.ZipFile(handle)  # pylint: disable=consider-using-with  # closed with its handle
+        for info in archive.infolist():
+          if info.is_dir():
+            continue
+          is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+          where = {'kind': ZIP, 'offset': info.header_offset, 'method': info.compress_type,
+                   'compressed_size': info.compress_size, 'crc': info.CRC, 'flags': info.flag_bits}
+          yield _Listed(info.filename, info.file_size, not is_link, bool(info.flag_bits & 0x1), where,
+                        _SequentialReader(lambda info=info: archive.open(info)))
+        return
+      compressed = handle.read(8).startswith(COMPRESSED_MAGIC)
+      handle.seek(0)
+      kind = TAR_STREAM if compressed else TAR
+      with tarfile.open(fileobj=handle, mode='r|*' if compressed else 'r:') as archive:
+        for info in archive:
+          if info.isdir():
+            continue
+          yield _Listed(info.name, info.size, info.isreg(), False, {'kind': kind, 'offset': info.offset_data},
+                        _SequentialReader(lambda info=info: archive.extractfile(info)))
+
+  @staticmethod
+  def _sidecar(listed: _Listed, head: bytes, pickled: bool) -> dict:
+    """A member's metadata record (clips, crop, ...): JSON, or a pickle only with --trust_pickle."""
+    if listed.size > MAX_SIDECAR_BYTES:
+      raise ManifestError('bad_sidecar', f'metadata is {listed.size} bytes, over {MAX_SIDECAR_BYTES}')
+    try:
+      data = head + listed.read(listed.size - len(head))
+      value = pickle.loads(data) if pickled else json.loads(data.decode('utf-8-sig'))
+    except Exception as error:  # pylint: disable=broad-except  # unpickling can raise anything
+      raise ManifestError('bad_sidecar', f'unreadable metadata: {type(error).__name__}: {error}') from error
+    if not isinstance(value, dict):
+      raise ManifestError('bad_sidecar', f'metadata is a {type(value).__name__}, not a record')
+    return value
+
+
+def _archive_stem(path: str) -> str:
+  base = os.path.basename(path.rstrip('/'))
+  for ext in ARCHIVE_EXTENSIONS:
+    if base.lower().endswith(ext):
+      return base[:-len(ext)]
+  return base
+
+
+# ----------------------------------------------------------------------------- globs
+
+def parse_glob(pattern: str) -> Iterator[Source]:
+  """Each matching video file is one source with one whole-video clip."""
+  for metadata in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+    source_id = sanitize_id(_stem(metadata.path))
+    yield Source(source_id, metadata.path, (ClipSpec(f'{source_id}_0', 0),))
+
+
+def detect_format(spec: str) -> str:
+  """`hdtf`, `manifest`, `archive` or `glob` for an `--input` value."""
+  lower = spec.lower().rstrip('/')
+  if lower.endswith(MANIFEST_EXTENSIONS):
+    return 'manifest'
+  if lower.endswith(ARCHIVE_EXTENSIONS):
+    return 'archive'
+  if any(ch in spec for ch in '*?[') or lower.endswith(VIDEO_EXTENSIONS):
+    return 'glob'
+  return 'hdtf'
+
+
+def list_input(spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
+               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None
+               ) -> Iterator[Union[Source, Reject]]:
+  """Sources and rejects of an input, lazily. Archives are listed, not unpacked: see `read_input`.
+  `frames` fixes the frame rate and limits of frame folders (transforms/sources/frames.py)."""
+  fmt = detect_format(spec) if input_format == 'auto' else input_format
+  context = _ArchiveContext(policy, int(max_member_mb * MIB), frames)
+  if fmt == 'hdtf':
+    return parse_hdtf(spec)
+  if fmt == 'manifest':
+    return parse_manifest(spec, context)
+  if fmt == 'glob':
+    return parse_glob(spec)
+  if fmt == 'archive':
+    if any(ch in spec for ch in '*?['):  # a glob of archives, e.g. a packed dataset's tars to re-process
+      paths = sorted(m.path for m in FileSystems.match([spec])[0].metadata_list)
+      return (item for path in paths for item in context.expand(path, '', {}))
+    return context.expand(spec, '', {})
+  raise ValueError(f'unknown input format {input_format!r}')
+
+
+def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = None,
+               policy: InputPolicy = InputPolicy(), max_member_mb: float = 4096, max_archive_mb: float = 65536,
+               frames: Optional[FrameFolderOptions] = None) -> Iterator[Union[Source, Reject]]:
+  """`list_input`, with archive members unpacked (frame folders encoded) in this process into `work_dir`
+  when one is given.
+
+  For tools and tests; the pipeline lists in its parse step and unpacks after a shuffle (`ReadSources`).
+  """
+  items = list_input(spec, input_format, policy, max_member_mb, frames)
+  if not work_dir:
+    return items
+  return unpack_in_process(items, Unpacker(work_dir, policy, int(max_member_mb * MIB), int(max_archive_mb * MIB)))
+
+
+class ReadSources(beam.PTransform):
+  """Input spec -> {'sources': Sources, 'rejects': Rejects, 'planned': planned ids}.
+
+  Every clip the input plans is listed, already written or not: the pipeline skips done clips
+  afterwards (transforms/resume.py), whose shuffle also spreads the sources over workers. An input
+  that holds nothing, or stops parsing half-way, leaves a reject that says so. Archives are only
+  listed here; their members are unpacked later (transforms/unpack.UnpackMembers), and only those of
+  clips still to do.
+  """
+
+  def __init__(self, spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
+               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None):
+    super().__init__()
+    self.spec = spec
+    self.input_format = input_format
+    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb, 'frames': frames}
+
+  def expand(self, pbegin):
+    parsed = (
+        pbegin
+        | 'InputSpec' >> beam.Create([self.spec])
+        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.read_options)).with_outputs(
+            'rejects', 'planned', main='sources'))
+    return {'sources': parsed.sources, 'rejects': parsed.rejects, 'planned': parsed.planned}
+
+
+class _ParseInput(beam.DoFn):
+
+  def __init__(self, input_format: str, read_options: Optional[dict] = None):
+    self.input_format = input_format
+    self.read_options = read_options or {}
+
+  def process(self, spec):
+    seen = set()
+    count = 0
+    items = list_input(spec, self.input_format, **self.read_options)
+    input_id = sanitize_id(os.path.basename(spec.rstrip('/')) or 'input')
+    while True:
+      try:
+        item = next(items)
+      except StopIteration:
+        break
+      except (ValueError, UnicodeDecodeError, KeyError, csv.Error) as error:
+        item = Reject(input_id, STAGE, 'bad_manifest', f'{spec}: parsing stopped after {count} entries: {error}'[:500],
+                      input_id)
+        items = iter(())
+      count += 1
+      if isinstance(item, Reject):
+        yield beam.pvalue.TaggedOutput('planned', item.id)
+        yield beam.pvalue.TaggedOutput('rejects', item)
+        continue
+      clips = []
+      for clip in item.clips:
+        yield beam.pvalue.TaggedOutput('planned', clip.clip_id)
+        if clip.clip_id in seen:
+          yield beam.pvalue.TaggedOutput('rejects', Reject(
+              clip.clip_id, STAGE, 'duplicate_id', 'an earlier entry already plans this clip id',
+              item.source_id))
+          continue
+        seen.add(clip.clip_id)
+        clips.append(clip)
+      if clips:
+        yield Source(item.source_id, item.url, tuple(clips), item.height)
+    if not count:
+      yield beam.pvalue.TaggedOutput('planned', input_id)
+      yield beam.pvalue.TaggedOutput('rejects', Reject(input_id, STAGE, 'empty_input',
+                                                       f'{spec} holds no entries', input_id))
