@@ -22,6 +22,7 @@ from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
 from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.base import apply_defaults
+from model_handlers.weights import WeightsError
 from transforms.crash_guard import CrashGuard
 from transforms.writers import shards as write
 
@@ -193,7 +194,10 @@ def main() -> None:
   if {'-h', '--help'} & set(sys.argv[1:]):
     print_help()
     return
-  run(sys.argv[1:])
+  try:
+    run(sys.argv[1:])
+  except WeightsError as error:  # a weights flag to fix: the message names it and says how
+    raise SystemExit(f'error: {error}') from None
 
 
 if __name__ == '__main__':

@@ -127,12 +127,19 @@ class TalkingFaceOptions(PipelineOptions):
     safe.add_argument('--max_archive_mb', type=float, default=65536,
                       help='Most MiB unpacked from one input archive (sum of its member videos, in archive order); '
                       'members past it are rejected as too_large. Each member is also bounded by --max_download_mb.')
-    safe.add_argument('--trust_pickle', action='store_true',
-                      help='Load <stem>.pkl metadata members of input archives, and accept WebDataset sample tars '
-                      'holding .pyd members (MegActor\'s pickled arrays; only their mp4 members are read, the '
-                      '.pyd never). Off: pickles are never loaded (they run code) and are rejected as '
-                      'pickle_refused, a sample tar with .pyd members as a whole. Also lets a pickled '
-                      '--flame_model / --flame_landmarks load, through an unpickler that rebuilds arrays only.')
+    safe.add_argument('--read_input_pickles', action='store_true',
+                      help='Read pickles that come inside inputs: <stem>.pkl metadata members of input archives, '
+                      'through an unpickler that rebuilds plain data and arrays only and refuses any other global '
+                      '(so no code in them runs); and accept WebDataset sample tars holding .pyd members '
+                      '(MegActor\'s pickled arrays: only their mp4 members are read, the .pyd never). Off: such '
+                      'pickles are never read and are rejected as pickle_refused, a sample tar with .pyd members '
+                      'as a whole. Plain pickle.loads is never used, under any flag.')
+    safe.add_argument('--trust_weight_pickles', action='store_true',
+                      help='Let your own weights files named by a flag be Python pickles: --flame_model '
+                      '(FLAME\'s generic_model.pkl) and --flame_landmarks (DECA\'s landmark_embedding.npy), read '
+                      'through an unpickler that rebuilds arrays only. Off: a pickled weights file is refused with '
+                      'an error naming its flag (convert it once: python -m beam_pipeline.recipes.avatar.flame '
+                      'convert). Says nothing about pickles inside inputs (--read_input_pickles).')
     safe.add_argument('--max_folder_frames', type=int, default=54000,
                       help='Frame folders (a zip or tar of folders of numbered images, VFHQ layout, read at --fps) '
                       'with more images are rejected (too_many_frames).')

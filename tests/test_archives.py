@@ -21,6 +21,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.core.elements import Reject, Source
+from transforms.sources import archives
 from transforms.sources.archives import MEMBER_SCHEME, ArchiveMember, is_member_url
 from transforms.sources.manifest import ReadSources, list_input, read_input
 from transforms.sources.unpack import UnpackMembers
@@ -247,6 +248,30 @@ def test_truncated_compressed_tar_rejects_only_undelivered_members(tmp_path):
                 equal_to([('clips_v1_0', 'unpack', 'bad_archive'), ('clips_v2_0', 'unpack', 'bad_archive')]),
                 label='rejects')
   assert sorted(_unpacked(work, 'in')) == ['clips_v0.mp4']  # no half member, no scratch file
+
+
+def test_an_unexpected_error_in_the_one_pass_unpack_rejects_only_what_it_owed(tmp_path, monkeypatch):
+  """A bug or a failing disk while a compressed tar is unpacked: the member already unpacked goes on, the others
+  are `internal_error` rejects of the unpack stage (no clip in both), and the job finishes instead of failing."""
+  payloads = _payloads(3)
+  archive = _tar(tmp_path / 'in.tar.gz', payloads, 'w:gz')
+  listed = [s for s in list_input(archive) if isinstance(s, Source)]
+  real_put = archives.put_file
+  published = []
+
+  def put_then_fail(path, uri, move=False):
+    if published:
+      raise RuntimeError('disk went away')
+    published.append(uri)
+    real_put(path, uri, move)
+
+  monkeypatch.setattr(archives, 'put_file', put_then_fail)
+  with _pipeline() as p:
+    unpacked = p | beam.Create(listed) | UnpackMembers(str(tmp_path / 'work'))
+    assert_that(unpacked['sources'] | beam.Map(lambda s: s.source_id), equal_to(['clips_v0']), label='sources')
+    assert_that(unpacked['rejects'] | beam.Map(lambda r: (r.id, r.stage, r.reason)),
+                equal_to([('clips_v1_0', 'unpack', 'internal_error'), ('clips_v2_0', 'unpack', 'internal_error')]),
+                label='rejects')
 
 
 def test_one_pass_serves_every_row_naming_the_archive(tmp_path, opens):

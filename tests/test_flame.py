@@ -128,11 +128,11 @@ def test_pickle_is_refused_without_trust_pickle_and_nothing_runs(tmp_path, files
   path = tmp_path / 'generic_model.pkl'
   path.write_bytes(payload)
   with pytest.raises(WeightsError) as refused:
-    flame.load_flame(str(path), trust_pickle=False, landmarks_path=files['npz'])
-  assert '--flame_model' in str(refused.value) and '--trust_pickle' in str(refused.value)
+    flame.load_flame(str(path), trust_weight_pickles=False, landmarks_path=files['npz'])
+  assert '--flame_model' in str(refused.value) and '--trust_weight_pickles' in str(refused.value)
   assert not marker.exists()
   with pytest.raises(WeightsError) as restricted:  # trusted, yet only arrays are rebuilt
-    flame.load_flame(str(path), trust_pickle=True, landmarks_path=files['npz'])
+    flame.load_flame(str(path), trust_weight_pickles=True, landmarks_path=files['npz'])
   assert 'mkdir' in str(restricted.value)
   assert not marker.exists()
   pickle.loads(payload)  # the payload is live: a plain unpickler runs it
@@ -140,13 +140,13 @@ def test_pickle_is_refused_without_trust_pickle_and_nothing_runs(tmp_path, files
 
 
 def test_pickled_landmark_embedding_needs_trust_pickle(files):
-  with pytest.raises(WeightsError, match='--flame_landmarks.*--trust_pickle'):
-    flame.load_flame(files['npz'], trust_pickle=False, landmarks_path=files['npy'])
+  with pytest.raises(WeightsError, match='--flame_landmarks.*--trust_weight_pickles'):
+    flame.load_flame(files['npz'], trust_weight_pickles=False, landmarks_path=files['npy'])
 
 
 def test_official_pickle_loads_with_trust_pickle_like_the_npz(files, layer):
   """chumpy shapedirs, scipy.sparse J_regressor and DECA's torch tensors are read as plain arrays."""
-  trusted = flame.load_flame(files['pkl'], trust_pickle=True, landmarks_path=files['npy'],
+  trusted = flame.load_flame(files['pkl'], trust_weight_pickles=True, landmarks_path=files['npy'],
                              shape_components=flame_synthetic.SHAPE)
   assert trusted.contour == 'dynamic' and trusted.has_iris
   shape, expression, pose, _ = smooth_sequence(4)
@@ -157,11 +157,11 @@ def test_official_pickle_loads_with_trust_pickle_like_the_npz(files, layer):
 def test_converter_round_trip(files, layer, tmp_path, capsys):
   out = tmp_path / 'converted.npz'
   args = ['convert', files['pkl'], files['npy'], str(out), '--shape_components', str(flame_synthetic.SHAPE)]
-  assert flame.main(args) == 2  # pickles need --trust_pickle
-  assert '--trust_pickle' in capsys.readouterr().err and not out.exists()
-  assert flame.main(args + ['--trust_pickle']) == 0
+  assert flame.main(args) == 2  # pickles need --trust_weight_pickles
+  assert '--trust_weight_pickles' in capsys.readouterr().err and not out.exists()
+  assert flame.main(args + ['--trust_weight_pickles']) == 0
   first = out.read_bytes()
-  assert flame.main(args + ['--trust_pickle']) == 0 and out.read_bytes() == first  # deterministic bytes
+  assert flame.main(args + ['--trust_weight_pickles']) == 0 and out.read_bytes() == first  # deterministic bytes
   converted = flame.load_flame(str(out))  # no pickle left: loads without trust
   assert converted.num_shape == flame_synthetic.SHAPE and converted.contour == 'dynamic'
   shape, expression, pose, _ = smooth_sequence(4)
@@ -175,7 +175,7 @@ def test_static_only_embedding_leaves_the_contour_out(files, tmp_path):
   embedding = files['embedding']
   static.write_bytes(pickle.dumps({'lmk_face_idx': embedding['static_lmk_faces_idx'],
                                    'lmk_b_coords': embedding['static_lmk_bary_coords']}, protocol=2))
-  model = flame.load_flame(files['pkl'], trust_pickle=True, landmarks_path=str(static),
+  model = flame.load_flame(files['pkl'], trust_weight_pickles=True, landmarks_path=str(static),
                            shape_components=flame_synthetic.SHAPE)
   assert model.contour is None and not model.has_iris  # a 250-vertex model has no FLAME iris vertices
   assert model.keypoint_mask.sum() == 51

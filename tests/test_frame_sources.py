@@ -253,8 +253,8 @@ def test_pickled_sample_members_refuse_the_tar_and_are_never_loaded(tmp_path):
   archive = sample_tar(str(tmp_path / 'megactor.tar'), b'\0' * 64, pyd_marker=str(marker))
   (refused,) = list_input(archive)
   assert (refused.id, refused.reason) == ('megactor', 'pickle_refused')
-  assert 'clip2.dwpose_result.pyd' in refused.detail and '--trust_pickle' in refused.detail
-  trusted = list(list_input(archive, policy=InputPolicy(trust_pickle=True)))
+  assert 'clip2.dwpose_result.pyd' in refused.detail and '--read_input_pickles' in refused.detail
+  trusted = list(list_input(archive, policy=InputPolicy(read_input_pickles=True)))
   assert [s.source_id for s in trusted] == ['clip1', 'clip2']
   assert not marker.exists()  # neither listing loaded the pickle
 

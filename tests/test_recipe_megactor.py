@@ -91,7 +91,7 @@ def test_reprocessing_the_tars_gives_the_same_keypoints(megactor_run, tmp_path):
 @pytest.fixture(scope='module')
 def pyd_runs(megactor_run):
   """A produced shard rewritten as MegActor's 2.generate_dwpose leaves it (a `.pyd` pickle beside the mp4), run
-  once as is and once with --trust_pickle; the trusted run keeps the recipe's eye-motion filter (no
+  once as is and once with --read_input_pickles; the trusted run keeps the recipe's eye-motion filter (no
   --min_eye_motion_var=0)."""
   root = megactor_run['root']
   tar_path = sorted(glob.glob(os.path.join(megactor_run['output'], 'shards', '*.tar')))[0]
@@ -106,7 +106,7 @@ def pyd_runs(megactor_run):
     _add(target, f'{min(keys)}.dwpose_result.pyd', pickle.dumps(_Marker(str(marker))))
   refused, trusted = root / 'refused', root / 'trusted'
   run_cli(f'--input={packed}', f'--output={refused}', *COMMON)
-  run_cli(f'--input={packed}', f'--output={trusted}', '--trust_pickle', *BASE)
+  run_cli(f'--input={packed}', f'--output={trusted}', '--read_input_pickles', *BASE)
   return {'refused': refused, 'trusted': trusted, 'keys': keys, 'marker': marker}
 
 
@@ -114,7 +114,7 @@ def test_a_tar_with_pyd_members_is_refused_and_never_unpickled(pyd_runs):
   (reject,) = read_jsonl(str(pyd_runs['refused'] / 'rejects.jsonl'))
   assert (reject['id'], reject['reason']) == ('group124_dwpose', 'pickle_refused')
   assert read_shards(str(pyd_runs['refused'])) == []
-  # With --trust_pickle the tar is read: each sample's mp4 is rendered and scored (the filter below rejects
+  # With --read_input_pickles the tar is read: each sample's mp4 is rendered and scored (the filter below rejects
   # them), and the pickle is still never loaded.
   rejects = read_jsonl(str(pyd_runs['trusted'] / 'rejects.jsonl'))
   assert sorted(r['source_id'] for r in rejects) == sorted(pyd_runs['keys'])

@@ -97,7 +97,7 @@ def test_pickles_in_archives_are_never_loaded_by_default(tmp_path):
 
 def test_trusted_pickle_sidecar_gives_clips(tmp_path):
   archive = _tar(tmp_path / 'in.tar.gz', [('clip.mp4', b'x'), ('clip.pkl', pickle.dumps({'clips': [[1, 2], [3, 4]]}))])
-  items = list(read_input(archive, work_dir=str(tmp_path / 'work'), policy=InputPolicy(trust_pickle=True)))
+  items = list(read_input(archive, work_dir=str(tmp_path / 'work'), policy=InputPolicy(read_input_pickles=True)))
   (source,) = items
   assert [(c.clip_id, c.start, c.end) for c in source.clips] == [('clip_0', 1.0, 2.0), ('clip_1', 3.0, 4.0)]
 
@@ -152,21 +152,25 @@ def _project_sources():
 
 
 def test_no_shell_and_no_stray_pickle_loading():
-  """External commands get argument lists; pickle.load(s) appears only behind --trust_pickle."""
-  shells, pickles = [], []
+  """External commands get argument lists; no plain pickle loading anywhere, under any flag: the only unpickler
+  is the restricted one (transforms/lib/pickles.py)."""
+  shells, pickles, unpicklers = [], [], []
   for path, text in _project_sources():
     if re.search(r'shell\s*=\s*True|os\.system\(|os\.popen\(|commands\.getoutput', text):
       shells.append(path)
-    for match in re.finditer(r'pickle\.loads?\(|cloudpickle\.loads?\(|dill\.loads?\(|allow_pickle\s*=\s*True', text):
+    for match in re.finditer(r'pickle\.loads?\(|cloudpickle\.loads?\(|dill\.loads?\(|allow_pickle\s*=\s*True'
+                             r'|torch\.load\((?!.*weights_only=True)', text):
       pickles.append((path, text[:match.start()].count('\n') + 1))
+    unpicklers += [path for _ in re.finditer(r'pickle\.Unpickler\b', text)]
   assert shells == []
-  assert [path for path, _ in pickles] == ['transforms/sources/manifest.py']
+  assert pickles == []
+  assert unpicklers == ['transforms/lib/pickles.py']
 
 
 def test_unreadable_sidecars_are_rejected_not_fatal(tmp_path):
   archive = _tar(tmp_path / 'in.tar', [('a.mp4', b'x'), ('a.json', b'{not json'), ('b.mp4', b'x'),
                                         ('b.pkl', b'\x80\x04garbage'), ('c.mp4', b'x'), ('c.json', b'[1, 2]')])
-  items = list(read_input(archive, work_dir=str(tmp_path / 'work'), policy=InputPolicy(trust_pickle=True)))
+  items = list(read_input(archive, work_dir=str(tmp_path / 'work'), policy=InputPolicy(read_input_pickles=True)))
   assert {r.id: r.reason for r in items if isinstance(r, Reject)} == {
       'a.json': 'bad_sidecar', 'b.pkl': 'bad_sidecar', 'c.json': 'bad_sidecar'}
   assert sorted(s.source_id for s in items if isinstance(s, Source)) == ['a', 'b', 'c']  # whole-video clips

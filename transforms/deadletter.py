@@ -69,13 +69,15 @@ def describe(error: Exception) -> str:
 
 
 def settled_clips(output) -> Iterable[str]:
-  """Clip ids an output accounts for: a reject, a planned task, a rendered or analysed clip, a sample."""
+  """Clip ids an output accounts for: a reject, a source, a planned task, a rendered or analysed clip, a sample."""
   if isinstance(output, beam.pvalue.TaggedOutput):
     if output.tag == 'rejects':
       return [output.value.id]
     return []
   if isinstance(output, Reject):
     return [output.id]
+  if isinstance(output, Source):  # e.g. an unpacked archive member, still to download
+    return [c.clip_id for c in output.clips]
   if isinstance(output, ClipTask):  # a piece settles its planned clip too: the clip is on its way
     return [output.clip_id, output.planned]
   if isinstance(output, SampleRef):

@@ -48,7 +48,7 @@ class InputPolicy:
   """What inputs may reach: URL schemes, local directories, pickles, hosts, gs:// buckets (picklable for Beam)."""
   schemes: Tuple[str, ...] = DEFAULT_SCHEMES
   roots: Tuple[str, ...] = ()  # empty: any local path
-  trust_pickle: bool = False
+  read_input_pickles: bool = False
   allow_private_hosts: bool = False  # loopback, private and link-local hosts (never metadata addresses)
   buckets: Optional[Tuple[str, ...]] = None  # gs:// buckets inputs may read; None or ('*',): any
 
@@ -67,7 +67,7 @@ class InputPolicy:
     if not listed:
       buckets = [bucket_of(opts.output or ''), bucket_of(opts.input or '')]
     buckets.append(bucket_of(work_dir))
-    return cls(schemes, tuple(os.path.realpath(r) for r in roots), bool(opts.trust_pickle),
+    return cls(schemes, tuple(os.path.realpath(r) for r in roots), bool(opts.read_input_pickles),
                bool(opts.allow_private_hosts), tuple(dict.fromkeys(b for b in buckets if b)))
 
 

@@ -14,16 +14,17 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import tarfile
 import zipfile
 from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.core.elements import ClipSpec, ReasonError, Reject, Source
+from transforms.lib.pickles import load_restricted
 from transforms.lib.probe import VIDEO_EXTENSIONS
 from transforms.lib.safety import (InputPolicy, UnsafeInput, check_url, local_path, safe_member_name, scheme_of,
                                    unsafe_id_reason)
@@ -349,6 +350,17 @@ def _is_pickle(name: str, head: bytes) -> bool:
   return name.lower().endswith(PICKLE_EXTENSIONS) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+def _plain_data(value):
+  """Arrays in a pickled record as lists, so a pickled sidecar reads like its JSON twin."""
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, dict):
+    return {key: _plain_data(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain_data(item) for item in value]
+  return value
+
+
 class _SequentialReader:
   """read(n): the member's next n bytes, from one stream opened on first use (a tar stream cannot go back)."""
 
@@ -377,7 +389,7 @@ class _ArchiveContext:
 
   Members whose names are absolute or climb out (`../`), links and devices are
   refused (`unsafe_member`); pickles are refused (`pickle_refused`) unless
-  `policy.trust_pickle`, when a `<stem>.pkl` beside `<stem>.mp4` may carry its
+  `policy.read_input_pickles`, when a `<stem>.pkl` beside `<stem>.mp4` may carry its
   clips like a `<stem>.json` sidecar does. Every member is size-bounded. A member
   video's url (transforms.sources.unpack.ArchiveMember) says where it sits and that it
   unpacks to `work_dir/archives/<archive id>/<member id><ext>`; `UnpackMembers`
@@ -467,20 +479,21 @@ class _ArchiveContext:
         head, is_json = listed.read(2), lower.endswith('.json')
         if not is_json and not _is_pickle(safe, head):
           continue  # text, images...: not ours to read
-        if not is_json and not self.policy.trust_pickle:
+        if not is_json and not self.policy.read_input_pickles:
           rejects.append(Reject(member_ref, STAGE, 'pickle_refused',
-                                f'member {safe} is a pickle; it is never loaded without --trust_pickle', archive_id))
+                                f'member {safe} is a pickle; it is never loaded without --read_input_pickles',
+                                archive_id))
           continue
         try:
           sidecars[os.path.splitext(safe)[0]] = self._sidecar(listed, head, pickled=not is_json)
         except ManifestError as error:
           rejects.append(Reject(member_ref, STAGE, error.reason, f'member {safe}: {error}'[:300], archive_id))
     if samples.is_sample_tar(videos):
-      videos, sidecars, refused = samples.restrict(videos, sidecars, self.policy.trust_pickle, path, archive_id)
+      videos, sidecars, refused = samples.restrict(videos, sidecars, self.policy.read_input_pickles, path, archive_id)
       rejects.extend(refused)
-    elif not self.policy.trust_pickle:
+    elif not self.policy.read_input_pickles:
       rejects.extend(Reject(sanitize_id(prefix + name), STAGE, 'pickle_refused', f'member {name} is a pickle; it is '
-                            'never loaded without --trust_pickle', archive_id) for name in samples.pickled)
+                            'never loaded without --read_input_pickles', archive_id) for name in samples.pickled)
     for found in frames.listed(prefix, archive_id, sanitize_id):
       if isinstance(found, Reject):
         rejects.append(found)
@@ -516,12 +529,13 @@ class _ArchiveContext:
 
   @staticmethod
   def _sidecar(listed: _Listed, head: bytes, pickled: bool) -> dict:
-    """A member's metadata record (clips, crop, ...): JSON, or a pickle only with --trust_pickle."""
+    """A member's metadata record (clips, crop, ...): JSON, or with --read_input_pickles a pickle, read by the
+    restricted unpickler (plain data and arrays; a pickle naming any other global is a bad_sidecar)."""
     if listed.size > MAX_SIDECAR_BYTES:
       raise ManifestError('bad_sidecar', f'metadata is {listed.size} bytes, over {MAX_SIDECAR_BYTES}')
     try:
       data = head + listed.read(listed.size - len(head))
-      value = pickle.loads(data) if pickled else json.loads(data.decode('utf-8-sig'))
+      value = _plain_data(load_restricted(data)) if pickled else json.loads(data.decode('utf-8-sig'))
     except Exception as error:  # pylint: disable=broad-except  # unpickling can raise anything
       raise ManifestError('bad_sidecar', f'unreadable metadata: {type(error).__name__}: {error}') from error
     if not isinstance(value, dict):

@@ -3,7 +3,7 @@
 Re-processing a packed dataset reads each sample's `mp4` member as a source named by its key; the other
 members (`mp4_styled`, `swapped.mp4`, keypoint arrays, wav) are recomputed, not read. MegActor's arrays
 are `.pyd` members: pickles, which run code when loaded. They are never loaded; a tar holding one is
-refused (`pickle_refused`) unless the user passes --trust_pickle, and even then only its `mp4`
+refused (`pickle_refused`) unless the user passes --read_input_pickles, and even then only its `mp4`
 members are read. A sample whose `json` member (this pipeline's) gives its frame size keeps that full
 frame as its crop window, so a re-processed clip is not cropped a second time.
 
@@ -64,13 +64,13 @@ class SampleTar:
     key, suffix = split_key(safe)
     return key if suffix == SAMPLE_VIDEO else None
 
-  def restrict(self, videos, sidecars: Dict[str, dict], trust_pickle: bool, archive_url: str, archive_id: str):
+  def restrict(self, videos, sidecars: Dict[str, dict], read_input_pickles: bool, archive_url: str, archive_id: str):
     """(videos, sidecars, rejects) of a sample tar: each sample's `mp4` member, its full-frame crop from its
-    json when known; or, with `.pyd` members and no --trust_pickle, one reject for the whole tar."""
-    if self.pickled and not trust_pickle:
+    json when known; or, with `.pyd` members and no --read_input_pickles, one reject for the whole tar."""
+    if self.pickled and not read_input_pickles:
       detail = (f'{os.path.basename(archive_url)[:120]} holds {len(self.pickled)} pickled members (e.g. '
-                f'{self.pickled[0][:80]}); a tar with pickles is read only with --trust_pickle, and its pickles are '
-                f'never loaded')
+                f'{self.pickled[0][:80]}); a tar with pickles is read only with --read_input_pickles, and its '
+                f'pickles are never loaded')
       return [], {}, [Reject(archive_id, 'manifest', 'pickle_refused', detail, archive_id)]
     kept = [(safe, member_id, listed) for safe, member_id, listed in videos if self._main_video(safe) is not None]
     crops = {}

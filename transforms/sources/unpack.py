@@ -91,7 +91,8 @@ class UnpackMembers(beam.PTransform):
     archives = (streamed
                 | 'KeyByArchive' >> beam.Map(lambda s: (ArchiveMember.from_url(s.url).archive, s))
                 | 'ByArchive' >> beam.GroupByKey()
-                | 'UnpackArchive' >> beam.ParDo(_UnpackArchive(self.unpacker)).with_outputs('rejects', main='sources'))
+                | 'UnpackArchive' >> beam.ParDo(DeadLetter(_UnpackArchive(self.unpacker), STAGE))
+                .with_outputs('rejects', main='sources'))
     spread = archives.sources | 'SpreadArchiveMembers' >> beam.Reshuffle()  # one pass yields them all on one worker
     return {'sources': (other, members.sources, spread, encoded.sources) | 'Unpacked' >> beam.Flatten(),
             'rejects': (members.rejects, archives.rejects, encoded.rejects) | 'UnpackRejects' >> beam.Flatten()}

@@ -48,7 +48,7 @@ def subject_flame_fit(opts):
   here once, so wrong files fail before any work (a WeightsError naming the flag)."""
   if not opts.flame_model:
     return None
-  fit = SubjectFlameFit(opts.flame_model, opts.flame_landmarks, opts.trust_pickle, opts.size, opts.fx, opts.fy,
+  fit = SubjectFlameFit(opts.flame_model, opts.flame_landmarks, opts.trust_weight_pickles, opts.size, opts.fx, opts.fy,
                         opts.cx, opts.cy, opts.shape_from, opts.flame_iterations)
   fit.layer()
   return fit

@@ -3,13 +3,13 @@
 Files the user gives (nothing is downloaded; the model is licensed per user at flame.is.tue.mpg.de):
 - `--flame_model`: the official `generic_model.pkl` (FLAME 2020 / 2023; keys v_template, shapedirs, posedirs,
   J_regressor, weights, kintree_table, f; chumpy and scipy.sparse objects inside). A pickle can run code
-  when loaded, so it is read only with `--trust_pickle`, and then by a restricted unpickler that rebuilds
+  when loaded, so it is read only with `--trust_weight_pickles`, and then by a restricted unpickler that rebuilds
   numpy arrays, chumpy arrays (as plain arrays, chumpy not needed) and sparse matrices, and refuses every
   other global. Or the `.npz` that `python -m beam_pipeline.recipes.avatar.flame convert` writes (read with
   allow_pickle=False; it can bundle the landmark embedding, so one file is enough).
 - `--flame_landmarks`: the landmark embedding, a separate file in the real distribution: DECA's
   `landmark_embedding.npy` (static 51 + dynamic 17-point contour chosen by head yaw, a pickled dict: needs
-  `--trust_pickle`), FLAME's `flame_static_embedding.pkl` (51 points only: the 17 contour points are then
+  `--trust_weight_pickles`), FLAME's `flame_static_embedding.pkl` (51 points only: the 17 contour points are then
   not predicted and the fit uses the other 51), or an `.npz` with DECA's key names. Not needed when the
   model `.npz` bundles it.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import pickle
 import sys
 import zipfile
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ from torch import nn
 
 from model_handlers.weights import WeightsError, read_weights
 from transforms.core.fileio import write_atomic
+from transforms.lib.pickles import load_restricted
 
 MODEL_FLAG = '--flame_model'
 LANDMARKS_FLAG = '--flame_landmarks'
@@ -83,34 +83,11 @@ def _load_storage_from_bytes(data: bytes):
   return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _numpy_globals() -> Dict[Tuple[str, str], object]:
-  try:
-    from numpy._core import multiarray  # pylint: disable=import-outside-toplevel
-  except ImportError:  # numpy 1.x
-    from numpy.core import multiarray  # pylint: disable=import-outside-toplevel
-  found = {}
-  for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-    found[(module, '_reconstruct')] = multiarray._reconstruct  # pylint: disable=protected-access
-    found[(module, 'scalar')] = multiarray.scalar
-  found[('numpy', 'ndarray')] = np.ndarray
-  found[('numpy', 'dtype')] = np.dtype
-  return found
-
-
-def _allowed_globals() -> Dict[Tuple[str, str], object]:
-  import collections  # pylint: disable=import-outside-toplevel
-  import copyreg  # pylint: disable=import-outside-toplevel
+def _flame_globals() -> Dict[Tuple[str, str], object]:
+  """What FLAME and DECA pickles hold besides numpy arrays: torch tensors and scipy.sparse matrices (shims)."""
   from torch import _utils as torch_utils  # pylint: disable=import-outside-toplevel
-  allowed = _numpy_globals()
-  for module in ('copy_reg', 'copyreg'):
-    allowed[(module, '_reconstructor')] = copyreg._reconstructor  # pylint: disable=protected-access
-  for module in ('__builtin__', 'builtins'):
-    for name, value in (('object', object), ('set', set), ('frozenset', frozenset), ('slice', slice)):
-      allowed[(module, name)] = value
-  allowed[('_codecs', 'encode')] = __import__('codecs').encode
-  allowed[('collections', 'OrderedDict')] = collections.OrderedDict
-  allowed[('torch._utils', '_rebuild_tensor_v2')] = torch_utils._rebuild_tensor_v2  # pylint: disable=protected-access
-  allowed[('torch.storage', '_load_from_bytes')] = _load_storage_from_bytes
+  allowed = {('torch._utils', '_rebuild_tensor_v2'): torch_utils._rebuild_tensor_v2,  # pylint: disable=protected-access
+             ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes}
   for module in ('scipy.sparse.csc', 'scipy.sparse._csc'):
     allowed[(module, 'csc_matrix')] = _CscMatrix
   for module in ('scipy.sparse.csr', 'scipy.sparse._csr'):
@@ -118,25 +95,10 @@ def _allowed_globals() -> Dict[Tuple[str, str], object]:
   return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Rebuilds arrays only: numpy, torch tensors, chumpy (as a shim) and sparse matrices; other globals refused."""
-
-  def __init__(self, handle, allowed):
-    super().__init__(handle, encoding='latin1')
-    self._allowed = allowed
-
-  def find_class(self, module, name):
-    if module == 'chumpy' or module.startswith('chumpy.'):
-      return _ChumpyArray
-    found = self._allowed.get((module, name))
-    if found is None:
-      raise pickle.UnpicklingError(f'refers to {module}.{name}, which is not an array type this loader rebuilds')
-    return found
-
-
 def _restricted_unpickle(data: bytes, flag: str, path: str, what: str):
+  """Arrays only (transforms/lib/pickles.py), chumpy's arrays read as a shim without chumpy."""
   try:
-    return _RestrictedUnpickler(io.BytesIO(data), _allowed_globals()).load()
+    return load_restricted(data, _flame_globals(), {'chumpy': lambda name: _ChumpyArray})
   except Exception as error:  # pylint: disable=broad-except  # any failure means the file is not what we read
     raise WeightsError(flag, path, f'not a pickle of plain arrays ({what}): {type(error).__name__}: '
                        f'{str(error)[:200]}') from error
@@ -144,10 +106,10 @@ def _restricted_unpickle(data: bytes, flag: str, path: str, what: str):
 
 def _refuse_pickle(flag: str, path: str, what: str):
   raise WeightsError(flag, path, f'is a Python pickle ({what}); pickles can run code when loaded, so it is not '
-                     'read without --trust_pickle. Pass --trust_pickle (it is then read by a restricted unpickler '
-                     'that only rebuilds arrays), or convert it once with '
+                     'read without --trust_weight_pickles. Pass --trust_weight_pickles (it is then read by a '
+                     'restricted unpickler that only rebuilds arrays), or convert it once with '
                      '`python -m beam_pipeline.recipes.avatar.flame convert generic_model.pkl '
-                     'landmark_embedding.npy flame.npz --trust_pickle` and pass the .npz')
+                     'landmark_embedding.npy flame.npz --trust_weight_pickles` and pass the .npz')
 
 
 def _plain(value, flag: str, path: str, key: str):
@@ -181,8 +143,8 @@ def _densify(matrix: _SparseMatrix, flag: str, path: str, key: str) -> np.ndarra
   return dense
 
 
-def _read_dict(path: str, flag: str, what: str, trust_pickle: bool) -> Dict[str, np.ndarray]:
-  """The arrays of an .npz, an .npy holding a pickled dict, or a pickle; pickles only with trust_pickle."""
+def _read_dict(path: str, flag: str, what: str, trust_weight_pickles: bool) -> Dict[str, np.ndarray]:
+  """The arrays of an .npz, an .npy holding a pickled dict, or a pickle; pickles only with trust_weight_pickles."""
   data = read_weights(path, flag, what)
   if data[:4] == b'PK\x03\x04':
     try:
@@ -197,12 +159,12 @@ def _read_dict(path: str, flag: str, what: str, trust_pickle: bool) -> Dict[str,
     _, _, dtype = read_header(handle)
     if not dtype.hasobject:
       raise WeightsError(flag, path, f'holds a plain array, not a dict ({what})')
-    if not trust_pickle:
+    if not trust_weight_pickles:
       _refuse_pickle(flag, path, what)
     loaded = _restricted_unpickle(data[handle.tell():], flag, path, what)
     loaded = loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
   else:
-    if not trust_pickle:
+    if not trust_weight_pickles:
       _refuse_pickle(flag, path, what)
     loaded = _restricted_unpickle(data, flag, path, what)
   if not isinstance(loaded, Mapping):
@@ -273,13 +235,13 @@ LANDMARK_KEYS = {'static_faces': 'static_lmk_faces_idx', 'static_bary': 'static_
                  'iris_vertices': 'iris_vertices'}
 
 
-def read_flame_files(path: str, trust_pickle: bool = False, landmarks_path: Optional[str] = None,
+def read_flame_files(path: str, trust_weight_pickles: bool = False, landmarks_path: Optional[str] = None,
                      shape_components: Optional[int] = None) -> Dict[str, np.ndarray]:
   """The model's and the embedding's arrays, checked, in the converter's layout (see LANDMARK_KEYS)."""
-  raw = _read_dict(path, MODEL_FLAG, MODEL_WHAT, trust_pickle)
+  raw = _read_dict(path, MODEL_FLAG, MODEL_WHAT, trust_weight_pickles)
   arrays = _model_arrays(raw, MODEL_FLAG, path)
   if landmarks_path:
-    landmarks = _landmark_arrays(_read_dict(landmarks_path, LANDMARKS_FLAG, LANDMARKS_WHAT, trust_pickle),
+    landmarks = _landmark_arrays(_read_dict(landmarks_path, LANDMARKS_FLAG, LANDMARKS_WHAT, trust_weight_pickles),
                                  LANDMARKS_FLAG, landmarks_path)
   elif 'static_lmk_faces_idx' in raw or 'lmk_face_idx' in raw:
     landmarks = _landmark_arrays(raw, MODEL_FLAG, path)
@@ -330,10 +292,10 @@ def npz_bytes(arrays: Mapping[str, np.ndarray], compress: bool = True) -> bytes:
   return buffer.getvalue()
 
 
-def convert(model_path: str, landmarks_path: Optional[str], trust_pickle: bool,
+def convert(model_path: str, landmarks_path: Optional[str], trust_weight_pickles: bool,
             shape_components: Optional[int] = None) -> bytes:
   """The .npz a pickle-free run loads: the model's arrays (float32, dense J_regressor) and the embedding."""
-  arrays = read_flame_files(model_path, trust_pickle, landmarks_path, shape_components)
+  arrays = read_flame_files(model_path, trust_weight_pickles, landmarks_path, shape_components)
   out = {}
   for key, value in arrays.items():
     value = np.asarray(value)
@@ -493,10 +455,10 @@ class FlameLayer(nn.Module):
     return torch.einsum('blc,blck->blk', weights, corners)
 
 
-def load_flame(path: str, trust_pickle: bool = False, landmarks_path: Optional[str] = None,
+def load_flame(path: str, trust_weight_pickles: bool = False, landmarks_path: Optional[str] = None,
                shape_components: Optional[int] = None) -> FlameLayer:
   """The FLAME layer of `--flame_model` (and `--flame_landmarks`); WeightsError naming the flag otherwise."""
-  return FlameLayer(read_flame_files(path, trust_pickle, landmarks_path, shape_components))
+  return FlameLayer(read_flame_files(path, trust_weight_pickles, landmarks_path, shape_components))
 
 
 def split_pose(pose: np.ndarray) -> Dict[str, np.ndarray]:
@@ -512,10 +474,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m beam_pipeline.recipes.avatar.flame',
                                    description=__doc__.split('\n')[0])
   commands = parser.add_subparsers(dest='command', required=True)
-  conv = commands.add_parser('convert', help='Write the pickle-free .npz a run loads without --trust_pickle.')
+  conv = commands.add_parser('convert', help='Write the pickle-free .npz a run loads without --trust_weight_pickles.')
   conv.add_argument('paths', nargs='+', metavar='PATH',
                     help='generic_model.pkl [landmark_embedding.npy | flame_static_embedding.pkl] out.npz')
-  conv.add_argument('--trust_pickle', action='store_true', help='Read the pickles (restricted to arrays).')
+  conv.add_argument('--trust_weight_pickles', action='store_true', help='Read the pickles (restricted to arrays).')
   conv.add_argument('--shape_components', type=int, default=None,
                     help=f'Leading shapedirs components that are identity (FLAME: {FLAME_SHAPE_COMPONENTS}).')
   args = parser.parse_args(argv)
@@ -523,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error('give the model, optionally the landmark embedding, and the output .npz')
   model, landmarks, out = args.paths[0], (args.paths[1] if len(args.paths) == 3 else None), args.paths[-1]
   try:
-    data = convert(model, landmarks, args.trust_pickle, args.shape_components)
+    data = convert(model, landmarks, args.trust_weight_pickles, args.shape_components)
   except WeightsError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

@@ -73,10 +73,10 @@ class SubjectFlameFit:
   FLAME fit (flame_fit.py) on the worker's GPU when it has one. The FLAME layer loads once per
   process; `--shape_from` reuses another subject's fitted shape."""
 
-  def __init__(self, model: str, landmarks: Optional[str], trust_pickle: bool, size: int, fx: Optional[float],
+  def __init__(self, model: str, landmarks: Optional[str], trust_weight_pickles: bool, size: int, fx: Optional[float],
                fy: Optional[float], cx: Optional[float], cy: Optional[float], shape_from: Optional[str] = None,
                iterations: int = 1000):
-    self.model, self.landmarks, self.trust_pickle = model, landmarks, trust_pickle
+    self.model, self.landmarks, self.trust_weight_pickles = model, landmarks, trust_weight_pickles
     self.iterations = iterations
     self.size, self.focal = size, (fx, fy, cx, cy)
     self.shape_from = shape_from
@@ -87,7 +87,7 @@ class SubjectFlameFit:
     """The FLAME layer (a WeightsError naming the flag when the files are wrong)."""
     from beam_pipeline.recipes.avatar.flame import load_flame
     if self._layer is None:
-      self._layer = load_flame(self.model, self.trust_pickle, self.landmarks)
+      self._layer = load_flame(self.model, self.trust_weight_pickles, self.landmarks)
     return self._layer
 
   def __getstate__(self):
