@@ -1,5 +1,8 @@
 """A decoder that crashes the process (segfault) on one hostile file costs only that file: probing runs in a
-child process, and a clip whose render killed its worker is rejected `decoder_crash` when it is retried."""
+child process, and a clip whose render killed its worker twice (the second time alone) is rejected
+`decoder_crash`; a clip that was only beside it, or on a worker killed from outside, is rendered again."""
+import concurrent.futures
+import json
 import os
 import pickle
 import shutil
@@ -16,6 +19,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from tests.helpers import REPO
 from tests.test_clip_geometry import write_disc_video
 from transforms.core.elements import ClipSpec, ClipTask, MediaFile, Source
+from transforms import crash_guard
 from transforms.crash_guard import CrashGuard
 from transforms.incremental import PERMANENT_REASONS
 from transforms.lib import probe as probe_module
@@ -82,7 +86,9 @@ def test_a_decoder_stuck_in_one_call_is_killed_at_the_time_limit(tmp_path, video
 # ----------------------------------------------------------------------------- render markers
 
 def render_fn(work_dir):
-  return RenderClips(str(work_dir), 64, 25.0, 18, 'ultrafast', run_id='run-1')
+  fn = RenderClips(str(work_dir), 64, 25.0, 18, 'ultrafast', run_id='run-1')
+  fn.crash_guard.stale_s = 1.5  # a dead worker's marker counts as a death after 1.5 s without a heartbeat
+  return fn
 
 
 def clip_task(path, clip_id='good_0', start=0.0, end=1.0):
@@ -116,22 +122,119 @@ fn.setup()
 list(fn.process(task))
 '''
 
+# Two clips render at once in one worker; the culprit's decoder segfaults while the other is still decoding.
+CRASH_BESIDE = '''
+import ctypes, pickle, sys, threading
+import av
+fn, good, culprit = pickle.load(open(sys.argv[1], 'rb'))
+decoding = threading.Event()
+real_open = av.open
 
-def test_a_clip_whose_render_killed_the_worker_is_rejected_on_retry(tmp_path, video):
-  fn, task = render_fn(tmp_path / 'work'), clip_task(video)
+def hostile_open(file, *args, **kwargs):
+  if 'culprit' in str(file):
+    decoding.wait(60)
+    ctypes.string_at(0)
+  decoding.set()
+  threading.Event().wait(60)  # the good clip is still in flight when its neighbour kills the process
+  return real_open(file, *args, **kwargs)
+
+av.open = hostile_open
+fn.setup()
+threads = [threading.Thread(target=lambda task=task: list(fn.process(task))) for task in (good, culprit)]
+for thread in threads:
+  thread.start()
+for thread in threads:
+  thread.join()
+'''
+
+# The worker is killed from outside while it renders (the kernel's OOM killer, a preemption): SIGKILL.
+KILLED_RENDER = '''
+import os, pickle, signal, sys
+import av
+fn, task = pickle.load(open(sys.argv[1], 'rb'))
+av.open = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+fn.setup()
+list(fn.process(task))
+'''
+
+
+def die_in_a_worker(tmp_path, script, *elements):
+  """Run `script` on pickled (RenderClips, tasks...) in a child process that dies as a worker would."""
   with open(tmp_path / 'element.pkl', 'wb') as handle:
-    pickle.dump((fn, task), handle)
-  worker = subprocess.run([sys.executable, '-c', textwrap.dedent(CRASHING_RENDER), str(tmp_path / 'element.pkl')],
+    pickle.dump(elements, handle)
+  worker = subprocess.run([sys.executable, '-c', textwrap.dedent(script), str(tmp_path / 'element.pkl')],
                           cwd=REPO, capture_output=True, timeout=120, check=False)
   assert worker.returncode < 0, worker.stderr.decode()[-2000:]  # killed by the signal, as a worker would be
+
+
+def test_a_clip_whose_render_killed_the_worker_twice_is_rejected(tmp_path, video):
+  fn, task = render_fn(tmp_path / 'work'), clip_task(video)
+  die_in_a_worker(tmp_path, CRASHING_RENDER, fn, task)
   assert markers(tmp_path / 'work') == ['good_0']
+  die_in_a_worker(tmp_path, CRASHING_RENDER, fn, task)  # the retry: alone in its worker, and it crashes again
+  (first, second) = fn.crash_guard.deaths('good_0')
+  assert (first.alone, second.alone) == (False, True)
   fn.setup()
   for _ in range(2):  # the runner's retry, and a retry of that
     (output,) = list(fn.process(task))
     assert (output.tag, output.value.reason, output.value.stage) == ('rejects', 'decoder_crash', 'render')
+    assert 'the last 2 attempts' in output.value.detail and 'rendering alone' in output.value.detail
   assert markers(tmp_path / 'work') == ['good_0']
   other_run = RenderClips(str(tmp_path / 'work'), 64, 25.0, 18, 'ultrafast', run_id='run-2')
   assert outcomes(other_run.process(task)) == ['RenderedClip']  # transient: a new run renders it
+
+
+def test_a_clip_beside_a_crash_is_rendered_again_and_kept_and_the_culprit_is_rejected(tmp_path, video):
+  fn = render_fn(tmp_path / 'work')
+  culprit_file = str(shutil.copy(video, tmp_path / 'culprit.mp4'))
+  good, culprit = clip_task(video), clip_task(culprit_file, 'culprit_0')
+  die_in_a_worker(tmp_path, CRASH_BESIDE, fn, good, culprit)
+  assert markers(tmp_path / 'work') == ['culprit_0', 'good_0']  # both were in flight: either may be the cause
+  fn.setup()
+  (kept,) = list(fn.process(good))  # retried alone: it comes through, and says what happened
+  assert type(kept).__name__ == 'RenderedClip' and kept.num_frames == 25
+  assert any('worker died' in note and 'not the cause' in note for note in kept.task.notes)
+  die_in_a_worker(tmp_path, CRASHING_RENDER, fn, culprit)  # the culprit, alone, kills its worker again
+  (rejected,) = list(fn.process(culprit))
+  assert rejected.value.reason == 'decoder_crash'
+  assert markers(tmp_path / 'work') == ['culprit_0']
+
+
+def test_a_worker_killed_from_outside_costs_its_clips_nothing(tmp_path, video):
+  """SIGKILL (the OOM killer, a preempted VM): the clip is rendered again and kept."""
+  fn, task = render_fn(tmp_path / 'work'), clip_task(video)
+  die_in_a_worker(tmp_path, KILLED_RENDER, fn, task)
+  (death,) = fn.crash_guard.deaths('good_0')
+  assert not death.alone and death.pid > 0
+  fn.setup()
+  assert outcomes(fn.process(task)) == ['RenderedClip'] and markers(tmp_path / 'work') == []
+
+
+def test_a_clip_that_was_in_flight_at_a_death_renders_alone(tmp_path, video):
+  """No other render of the process runs beside it (a second death can then only be its own), and a second
+  attempt of it that runs at the same time waits for the first instead of counting it as a death."""
+  fn = render_fn(tmp_path / 'work')
+  suspect, other = clip_task(video, 'suspect_0'), clip_task(video, 'other_0')
+  dead = {'clip_id': 'suspect_0', 'host': 'gone', 'pid': 1, 'beat': time.time() - 600, 'alone': False,
+          'beside': [], 'deaths': []}  # as a worker that died ten minutes ago left it
+  os.makedirs(tmp_path / 'work' / 'markers' / 'run-1')
+  (tmp_path / 'work' / 'markers' / 'run-1' / 'suspect_0').write_text(json.dumps(dead))
+  fn.setup()
+  seen = []
+  render = fn._render  # pylint: disable=protected-access
+
+  def watched(task, tmp):
+    state = crash_guard._PROCESS  # pylint: disable=protected-access
+    seen.append((state._alone, dict(state.in_flight)))  # pylint: disable=protected-access
+    yield from render(task, tmp)
+
+  fn._render = watched  # pylint: disable=protected-access
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda task: outcomes(fn.process(task)), [suspect, other, suspect, other]))
+  assert results == [['RenderedClip']] * 4
+  alone = [in_flight for was_alone, in_flight in seen if was_alone]
+  assert alone and all(in_flight == {'suspect_0': 1} for in_flight in alone)
+  assert markers(tmp_path / 'work') == []
 
 
 def test_marker_names_stay_plain_files(tmp_path):
