@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.__main__ import prepare
 from beam_pipeline.pipeline import build_pipeline
 from tests.helpers import read_jsonl, read_shards
+from transforms.core import fileio
 from transforms.core.elements import Reject, SampleRef, ShardBatch
+from transforms.deadletter import DeadLetter
 from transforms.writers import shards as write
 from transforms.writers.shards import PublishShard, WriteShards, sample_key, shard_name, tar_members
 from transforms.writers.summary import WriteRunSummary
@@ -72,6 +76,70 @@ def test_a_publish_that_fails_half_way_keeps_its_inputs_and_the_retry_completes(
   records = _run(PublishShard(str(output)), batch)
   assert [r['id'] for r in records] == ['clip_0', 'clip_1']
   assert sorted(s['__key__'] for s in read_shards(str(output))) == ['clip_0', 'clip_1']
+
+
+def test_two_attempts_of_a_publish_at_once_give_each_clip_one_record_and_no_reject(tmp_path, monkeypatch):
+  """A backup attempt stops at its first fragment read; the other attempt publishes the shard and deletes the
+  fragments; the backup then fails to read them and re-emits the published shard's records, no reject."""
+  output, work = tmp_path / 'out', tmp_path / 'work'
+  batch = ShardBatch(tuple(_ref(work, f'clip_{i}') for i in range(3)))
+  paused, published = threading.Event(), threading.Event()
+  real_open = FileSystems.open
+
+  def hold(path, *args, **kwargs):
+    if threading.current_thread().name == 'backup' and not paused.is_set():
+      paused.set()
+      assert published.wait(60)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(FileSystems, 'open', hold)
+  outputs = {}
+
+  def attempt(name):
+    outputs[name] = list(DeadLetter(PublishShard(str(output)), 'write').process(batch))
+
+  backup = threading.Thread(target=attempt, args=('backup',), name='backup')
+  backup.start()
+  assert paused.wait(60)
+  attempt('first')
+  published.set()
+  backup.join(60)
+  assert not any(isinstance(o, beam.pvalue.TaggedOutput) for o in outputs['first'] + outputs['backup'])
+  assert outputs['backup'] == outputs['first'] and [r['id'] for r in outputs['first']] == ['clip_0', 'clip_1',
+                                                                                            'clip_2']
+  assert sorted(s['__key__'] for s in read_shards(str(output))) == ['clip_0', 'clip_1', 'clip_2']
+
+
+def test_two_attempts_writing_one_file_at_once_each_use_their_own_scratch_file(tmp_path, monkeypatch):
+  """The first attempt has written its scratch file and is about to rename it when a second attempt writes the
+  same file: with one shared scratch name the second renamed the first's away and the first failed."""
+  target = tmp_path / 'unit' / 'frame.png'
+  ready, second_done = threading.Event(), threading.Event()
+  real_replace = os.replace
+
+  def slow_replace(src, dst):
+    if threading.current_thread().name == 'first':
+      ready.set()
+      assert second_done.wait(30)
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', slow_replace)
+  errors = []
+
+  def write():
+    try:
+      fileio.write_atomic(str(target), b'same bytes, as a retry writes them')
+    except OSError as error:
+      errors.append(error)
+
+  first = threading.Thread(target=write, name='first')
+  first.start()
+  assert ready.wait(30)
+  write()
+  second_done.set()
+  first.join(30)
+  assert errors == [] and target.read_bytes() == b'same bytes, as a retry writes them'
+  assert os.listdir(target.parent) == ['frame.png']
 
 
 def test_duplicated_samples_are_packed_once_and_shards_are_bounded(tmp_path):

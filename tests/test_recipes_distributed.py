@@ -15,6 +15,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import threading
 from typing import Callable, Dict, List, Optional
 
 import apache_beam as beam
@@ -31,6 +32,7 @@ from beam_pipeline.recipes.nerf import writer as nerf_writer
 from tests.helpers import read_jsonl, read_shards
 from transforms import filters
 from transforms.core.elements import ShardBatch
+from transforms.deadletter import DeadLetter
 from transforms.writers import folders, shards as write
 from transforms.writers.shards import PublishShard, sample_key
 
@@ -327,6 +329,58 @@ def test_a_writer_failing_half_way_keeps_its_media_and_the_retry_completes(recip
   assert error is None and rejects == [] and records
   assert tree(output) == clean
   assert not [uri for uri in media if os.path.exists(uri)]
+
+
+def _two_attempts_at_once(fn_a, fn_b, element, module):
+  """A runner's backup attempt B beside a slow attempt A of one bundle: B passes the "already published?" check
+  and stops at its first read of work-dir media; A then runs to the end (publishes, deletes that media); then B
+  goes on. Returns each attempt's (records, rejects) and whether B's DeadLetter found the unit published."""
+  b_paused, a_done = threading.Event(), threading.Event()
+  found_published = []
+  with pytest.MonkeyPatch.context() as patch:
+    for name in ('read_frame_archive', 'read_bytes'):
+      if hasattr(module, name):
+        def hold(*args, _original=getattr(module, name), **kwargs):
+          if threading.current_thread().name == 'attempt-b' and not b_paused.is_set():
+            b_paused.set()
+            assert a_done.wait(120)
+          return _original(*args, **kwargs)
+        patch.setattr(module, name, hold)
+    published = fn_b.published
+    patch.setattr(fn_b, 'published', lambda element: found_published.append(published(element)) or
+                  found_published[-1])
+    results = {}
+
+    def run(name, fn):
+      dead_letter = DeadLetter(fn, 'write')
+      dead_letter.setup()
+      outputs = list(dead_letter.process(element))
+      results[name] = ([o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)],
+                       [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)])
+
+    second = threading.Thread(target=run, args=('b', fn_b), name='attempt-b')
+    second.start()
+    assert b_paused.wait(120)
+    run('a', fn_a)
+    a_done.set()
+    second.join(120)
+  return results['a'], results['b'], found_published
+
+
+@pytest.mark.parametrize('recipe', list(FOLDER_WRITERS))
+def test_two_attempts_of_a_writer_at_once_give_each_clip_one_record_and_no_reject(recipe, request, tmp_path):
+  """The attempt that loses the race finds its media deleted: it re-emits the unit's published records instead
+  of rejecting its clips `internal_error` (which would count a written clip as rejected too)."""
+  spec, run, element, unit, media, clean = _replay(recipe, request)
+  output = str(tmp_path / 'out')
+  (a_records, a_rejects), (b_records, b_rejects), found = _two_attempts_at_once(
+      spec.make(output, run.opts), spec.make(output, run.opts), element, spec.module)
+  assert a_rejects == [] and b_rejects == []
+  assert found and found[-1] is not None  # B failed on the deleted media and took A's published records
+  expected = read_jsonl(os.path.join(run.output, folders.PUBLISHED, unit + '.jsonl'))
+  assert as_json(a_records) == as_json(b_records) == expected
+  assert sorted(r['id'] for r in b_records) == sorted(set(r['id'] for r in b_records))  # one record per clip
+  assert tree(output) == clean
 
 
 def _megactor_parts(run):

@@ -1,21 +1,21 @@
 """Dead letter per element: an unexpected exception in one clip never takes down its bundle.
 
-`DeadLetter` wraps a stage DoFn (in the spirit of Beam's `with_exception_handling`,
-but its dead letters are ordinary `Reject`s on the stage's `rejects` tag). When
-the wrapped `process` raises, every clip the element still owed becomes a
-`Reject(reason='internal_error', stage=<stage>)` with the exception in its
-detail; clips it had already settled (emitted downstream or rejected) are left
-alone, so accounting stays exact. An exception from an element that names no
-clip is re-raised: failing loudly beats losing work silently. So is a
-`FatalError`: a failure of the worker (e.g. its model fails on most frames),
-not of the clip, which would otherwise reject every clip of the run.
+`DeadLetter` wraps a stage DoFn (in the spirit of Beam's `with_exception_handling`, but its dead letters are
+ordinary `Reject`s on the stage's `rejects` tag). When the wrapped `process` raises, every clip the element
+still owed becomes a `Reject(reason='internal_error', stage=<stage>)` with the exception in its detail; clips
+it had already settled (emitted downstream or rejected) are left alone, so accounting stays exact. A writer
+may say, with a `published(element)` method, that another attempt already published the unit (a runner's
+backup attempt that finished first and deleted the inputs this one was reading): its published records then
+stand for those clips, so no clip is both written and rejected. An exception from an element that names no
+clip is re-raised: failing loudly beats losing work silently. So is a `FatalError`: a failure of the worker
+(e.g. its model fails on most frames), not of the clip, which would otherwise reject every clip of the run.
 """
 from __future__ import annotations
 
 import collections.abc
 import logging
 import traceback
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -100,6 +100,7 @@ class DeadLetter(beam.DoFn):
     self.fn = fn
     self.stage = stage
     self.errors = Metrics.counter('dead_letter', f'{stage}_{REASON}')
+    self.recovered = Metrics.counter('dead_letter', f'{stage}_published_by_another_attempt')
 
   def setup(self):
     self.fn.setup()
@@ -113,6 +114,17 @@ class DeadLetter(beam.DoFn):
   def teardown(self):
     self.fn.teardown()
 
+  def _published(self, element) -> Optional[List[dict]]:
+    """The index records of the output unit `element` writes, when some attempt already published it: a writer
+    says so with a `published(element)` method (None: not published)."""
+    published = getattr(self.fn, 'published', None)
+    try:
+      return published(element) if published is not None else None
+    except Exception:  # pylint: disable=broad-except  # the storage failing too: reject as planned
+      logging.warning('%s: could not check whether another attempt published %s', self.stage,
+                      [clip_id for clip_id, _ in owed_clips(element)][:5])
+      return None
+
   def process(self, element, *args, **kwargs):
     settled = set()
     try:
@@ -125,6 +137,14 @@ class DeadLetter(beam.DoFn):
       owed = [clip for clip in _owed(element) if clip[0] not in settled]
       if not owed and not settled:
         raise
+      published = self._published(element)
+      if published:  # another attempt published the unit (and may have deleted what this one was reading)
+        self.recovered.inc()
+        owed_ids = {clip_id for clip_id, _, _ in owed}
+        yield from (record for record in published if record.get('id') in owed_ids)
+        owed = [clip for clip in owed if clip[0] not in {record.get('id') for record in published}]
+        if not owed:
+          return
       self.errors.inc()
       detail = describe(error)
       logging.warning('%s: internal error on %s: %s', self.stage, [clip_id for clip_id, _, _ in owed], detail)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from typing import Iterable, Iterator
 
 from apache_beam.io.filesystem import BeamIOError
@@ -22,10 +23,16 @@ def _is_local(uri: str) -> bool:
   return '://' not in uri
 
 
+def _scratch(uri: str) -> str:
+  """A temporary name beside `uri`, this attempt's own: two attempts writing the same file at once (a runner's
+  backup attempt) never write into one another's half-written file. It ends in PARTIAL (stale ones are swept)."""
+  return f'{uri}.{uuid.uuid4().hex[:12]}{PARTIAL}'
+
+
 def write_atomic(uri: str, data: bytes) -> None:
   """Readers never see half a file."""
   if _is_local(uri):
-    tmp = uri + PARTIAL
+    tmp = _scratch(uri)
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     with open(tmp, 'wb') as handle:
       handle.write(data)
@@ -38,7 +45,7 @@ def write_atomic(uri: str, data: bytes) -> None:
 def put_file(path: str, uri: str, move: bool = False) -> None:
   """Publish a finished local file at `uri` atomically."""
   if _is_local(uri):
-    tmp = uri + PARTIAL
+    tmp = _scratch(uri)
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     (shutil.move if move else shutil.copyfile)(path, tmp)
     os.replace(tmp, uri)

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -38,7 +38,7 @@ from apache_beam.transforms.window import GlobalWindow
 
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
 from transforms.core.elements import SampleRef, ShardBatch
-from transforms.core.fileio import PARTIAL, delete_quietly, put_file, read_bytes, write_atomic
+from transforms.core.fileio import PARTIAL, delete_quietly, iter_jsonl, put_file, read_bytes, write_atomic
 from transforms.deadletter import DeadLetter
 
 STAGE = 'write'
@@ -245,6 +245,13 @@ class PublishShard(beam.DoFn):
     self.shards = Metrics.counter(STAGE, 'shards')
     self.samples = Metrics.counter(STAGE, 'samples')
     self.republished = Metrics.counter(STAGE, 'shards_already_published')
+
+  def published(self, batch: ShardBatch) -> Optional[List[dict]]:
+    """The batch's records when its shard is published (by this attempt's twin), else None (DeadLetter)."""
+    base = FileSystems.join(self.output, SHARDS, shard_name(batch))
+    if FileSystems.exists(base + '.tar') and FileSystems.exists(base + '.jsonl'):
+      return list(iter_jsonl(base + '.jsonl'))
+    return None
 
   def process(self, batch: ShardBatch):
     name = shard_name(batch)

@@ -134,6 +134,10 @@ class WriteSubject(beam.DoFn):
     self.subjects = Metrics.counter(STAGE, 'avatar_subjects')
     self.frames = Metrics.counter(STAGE, 'avatar_frames')
 
+  def published(self, element) -> Optional[List[dict]]:
+    """The subject's records when some attempt published its folder (DeadLetter: a concurrent attempt)."""
+    return published_records(self.output, element[0])
+
   def process(self, element):
     subject, analyses = element
     analyses = sorted(analyses, key=lambda a: (a.clip.task.start, a.clip.task.clip_id))

@@ -14,7 +14,7 @@ publishes the unit (published/<id>.jsonl) last, and only then deletes the tube's
 from __future__ import annotations
 
 import pickle
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 import cv2
@@ -122,6 +122,10 @@ class WriteTube(beam.DoFn):
     self.infer_eyeglasses = infer_eyeglasses
     self.tubes = Metrics.counter(STAGE, 'mmvox_tubes')
     self.inferred = Metrics.counter(STAGE, 'mmvox_labels_inferred')
+
+  def published(self, analysis) -> Optional[List[dict]]:
+    """The tube's record when some attempt published it (DeadLetter: a concurrent attempt)."""
+    return published_records(self.output, analysis.clip.task.clip_id)
 
   def process(self, analysis):
     clip = analysis.clip

@@ -232,6 +232,10 @@ class WriteSubject(beam.DoFn):
       self.hubert = SharedModel(HubertHandler(self.hubert_model))
       self.hubert.setup()
 
+  def published(self, keyed) -> Optional[List[dict]]:
+    """The subject's records when some attempt published its folder (DeadLetter: a concurrent attempt)."""
+    return published_records(self.output, keyed[0])
+
   def process(self, keyed):
     subject, grouped = keyed
     clips = sorted(grouped['clips'], key=lambda clip: clip.order)
