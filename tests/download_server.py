@@ -5,7 +5,8 @@ Path prefixes (they combine in this order, e.g. `/delay/1/drip/a.mp4`):
 request for a path 429 with `Retry-After: <s>`; `/nolength/` sends half the file with no Content-Length and closes; `/drip/` sends the
 body in small pieces with pauses. Files are served with Range support and a content type
 from their extension. Every request is logged with its time (and its Cookie header, if
-any, in `cookies`), and the most requests handled at once is kept.
+any, in `cookies`), and the most requests handled at once is kept. `listener()` is a port that
+only records who connects: where a refused URL points, to show that nothing got there.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import http.server
 import mimetypes
 import os
 import re
+import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 DRIP_BYTES = 16 << 10
 DRIP_PAUSE_S = 0.1
@@ -136,3 +138,30 @@ def download_server(root: str, tls: Optional[Tuple[str, str]] = None) -> Iterato
   finally:
     server.shutdown()
     server.server_close()
+
+
+@contextlib.contextmanager
+def listener() -> Iterator[Tuple[int, List[Tuple[str, int]]]]:
+  """A loopback port that accepts connections, records their peers and closes them; yields (port, peers)."""
+  sock = socket.create_server(('127.0.0.1', 0))
+  sock.settimeout(0.2)
+  peers: List[Tuple[str, int]] = []
+  stop = threading.Event()
+
+  def accept():
+    while not stop.is_set():
+      try:
+        conn, peer = sock.accept()
+      except OSError:
+        continue
+      peers.append(peer)
+      conn.close()
+
+  thread = threading.Thread(target=accept, daemon=True)
+  thread.start()
+  try:
+    yield sock.getsockname()[1], peers
+  finally:
+    stop.set()
+    thread.join()
+    sock.close()

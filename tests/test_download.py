@@ -63,7 +63,8 @@ def test_http_size_limit(tmp_path, server):
 
 
 def test_ytdlp_fetches_only_the_section(tmp_path, server, media_dir):
-  path = ytdlp_download(f'{server}/talking.mp4', str(tmp_path / 'sec'), None, (2.0, 5.0), 10**9, 10, 1e18)
+  path = ytdlp_download(f'{server}/talking.mp4', str(tmp_path / 'sec'), None, (2.0, 5.0), 10**9, 10, 1e18,
+                       policy=LOOPBACK)
   info = probe(path)
   assert info.has_audio and 2.5 <= info.duration <= 4.5
   assert os.path.getsize(path) < os.path.getsize(media_dir / 'talking.mp4')
@@ -139,7 +140,7 @@ def test_size_limit_holds_for_hls_and_section_downloads(tmp_path, hosted):
       folder.mkdir()
       started = time.monotonic()
       with pytest.raises(DownloadError) as error:
-        ytdlp_download(url, str(folder / 'x'), None, section, limit, 10, time.monotonic() + 60)
+        ytdlp_download(url, str(folder / 'x'), None, section, limit, 10, time.monotonic() + 60, policy=LOOPBACK)
       assert error.value.reason == 'too_large' and 'grew past' in str(error.value), (name, error.value)
       assert time.monotonic() - started < 6.0, name  # all of it would take 10 s or more
 
@@ -197,8 +198,9 @@ def test_cookies_file_must_exist(tmp_path):
 
 
 def test_cookies_and_proxy_reach_ytdlp_as_arguments(tmp_path, hosted):
-  """yt-dlp gets --cookies (a private copy: yt-dlp writes cookies back) and --proxy; the proxy here is the
-  loopback server itself, which is asked for the page on port 9 and sees the cookie."""
+  """yt-dlp gets --cookies (a private copy: yt-dlp writes cookies back), and its connections (ffmpeg's for
+  the section too) go through the host filter on to --proxy; the proxy here is the loopback server itself,
+  which is asked for the page on port 9 and sees the cookie."""
   cookies = tmp_path / 'cookies.txt'
   cookies.write_text('# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\tsecret\n')
   before = cookies.read_bytes()

@@ -6,9 +6,12 @@ yt-dlp, run as a child process with an argument list so that the time limit
 (and the size limit, by watching its output folder) can kill it and the ffmpeg
 it starts; gs:// and local files are read in place. Every URL passes the
 scheme, root and bucket checks first, and every host the input policy's
-address check (at connect time for direct downloads, so redirects and DNS
-answers are covered). A download that does not decode is rejected with the
-probe's reason (`download_corrupt`, `no_video`, `too_many_pixels`, ...).
+address check at connect time, so redirects and DNS answers are covered: in
+the connection itself for direct downloads, and for yt-dlp and its ffmpeg in
+the filtering proxy (transforms/lib/egress_proxy.py) that is their only way
+out, with formats restricted to protocols that go through it. A download that
+does not decode is rejected with the probe's reason (`download_corrupt`,
+`no_video`, `too_many_pixels`, ...).
 
 Downloads of one worker run concurrently: `DownloadSource` hands each source
 to a bounded thread pool (IN_FLIGHT x `max_concurrent` sources at once), with
@@ -56,6 +59,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.core.elements import ClipSpec, MediaFile, ReasonError, Reject, Source
 from transforms.core.fileio import put_file, read_bytes, write_atomic
+from transforms.lib.egress_proxy import Session, Upstream, shared_proxy
 from transforms.lib.probe import ProbeError, VIDEO_EXTENSIONS, probe
 from transforms.lib.safety import (InputPolicy, UnsafeInput, check_host, check_url, connect_checked, local_path,
                                    scheme_of)
@@ -67,6 +71,13 @@ IN_FLIGHT = 4  # sources in the pool per attempt slot: the rest of them wait out
 POLL_S = 0.25  # how often a yt-dlp child's deadline and output size are checked
 LIVE_STATUSES = ('is_live', 'is_upcoming')
 TRUNCATABLE = ('download_corrupt', 'empty_file')  # what a body cut short looks like to the probe
+# yt-dlp protocols whose every connection goes over http(s) through the filtering proxy: yt-dlp's own
+# downloaders, or ffmpeg, which yt-dlp gives the proxy as http_proxy. rtmp, rtsp, mms and the like would not.
+PROXIED_PROTOCOLS = ('http', 'https', 'm3u8', 'm3u8_native', 'http_dash_segments', 'http_dash_segments_generator')
+_PROTOCOL_FILTER = f"[protocol~='^({'|'.join(PROXIED_PROTOCOLS)})$']"
+# Proxy variables the children must not see: ffmpeg honours no_proxy even when handed a proxy.
+_PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'all_proxy', 'ftp_proxy', 'no_proxy')
+_PROXY_HEADERS = ('ytdl-request-proxy', 'ytdl-socks-proxy')  # would send that request through another proxy
 COUNTERS = ('sources_downloaded', 'sources_cached', 'sources_failed', 'sections_failed', 'retries', 'bytes',
             'internal_errors')
 
@@ -307,15 +318,15 @@ def folder_bytes(folder: str) -> int:
 
 
 def run_child(args: List[str], what: str, deadline: float, folder: Optional[str] = None,
-              max_bytes: int = 0) -> Tuple[int, str, str]:
-  """(exit code, stdout, stderr) of a child run in its own session.
+              max_bytes: int = 0, env: Optional[Dict[str, str]] = None) -> Tuple[int, str, str]:
+  """(exit code, stdout, stderr) of a child run in its own session (with `env`, else this process's).
 
   Its whole process group (yt-dlp and the ffmpeg it starts) is killed at the
   deadline (`download_timeout`), or once `folder` holds more than `max_bytes`
   (`too_large`: yt-dlp's --max-filesize does not bound section or HLS downloads).
   """
   process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+                             text=True, start_new_session=True, env=env)
   try:
     while True:
       left = deadline - time.monotonic()
@@ -337,25 +348,66 @@ def run_child(args: List[str], what: str, deadline: float, folder: Optional[str]
     raise
 
 
-def _ytdlp_base(timeout_s: float, cookies: Optional[str], proxy: Optional[str]) -> List[str]:
+def _ytdlp_base(timeout_s: float, cookies: Optional[str], session: Session) -> List[str]:
+  """yt-dlp's common arguments; its only way out is the session's filtering proxy."""
   args = [sys.executable, '-m', 'yt_dlp', '--ignore-config', '--no-cache-dir', '--no-playlist', '--no-warnings',
-          '--socket-timeout', f'{timeout_s:g}']
+          '--socket-timeout', f'{timeout_s:g}', '--proxy', session.url]
   if cookies:
     args += ['--cookies', cookies]
-  if proxy:
-    args += ['--proxy', proxy]
   return args
 
 
 def _format(height: Optional[int]) -> str:
-  return f'bv*[height<={height}]+ba/b[height<={height}]/bv*+ba/b' if height else 'bv*+ba/b'
+  """The format choice, each part of it restricted to PROXIED_PROTOCOLS."""
+  p = _PROTOCOL_FILTER
+  return (f'bv*[height<={height}]{p}+ba{p}/b[height<={height}]{p}/bv*{p}+ba{p}/b{p}' if height
+          else f'bv*{p}+ba{p}/b{p}')
+
+
+def _child_env() -> Dict[str, str]:
+  return {name: value for name, value in os.environ.items() if name.lower() not in _PROXY_VARIABLES}
+
+
+def _run_ytdlp(args: List[str], url: str, deadline: float, session: Session, folder: Optional[str] = None,
+               max_bytes: int = 0) -> Tuple[int, str, str]:
+  """run_child for yt-dlp behind the filter. A connection the proxy refused explains the run, however it
+  ended: yt-dlp reports it as an HTTP or proxy error, ffmpeg as an exit code, and an HLS download may
+  even go on without the refused segments."""
+  try:
+    result = run_child(args, url, deadline, folder, max_bytes, _child_env())
+  except DownloadError:
+    _raise_refused(url, session)
+    raise
+  _raise_refused(url, session)
+  return result
+
+
+def _raise_refused(url: str, session: Session) -> None:
+  refusal = session.refused()
+  if refusal:
+    raise DownloadError('host_not_allowed', f'{url[:200]}: yt-dlp asked for a refused host (nothing was sent to '
+                        f'it): {refusal}')
+
+
+def _check_formats(url: str, info: dict) -> None:
+  """The chosen formats' protocols and URL schemes go through the proxy (the format filter already says so;
+  this holds if yt-dlp ever reads the filter otherwise), and no format picks a proxy of its own."""
+  for chosen in info.get('requested_formats') or [info]:
+    protocol, media = chosen.get('protocol'), str(chosen.get('url') or '')
+    if protocol not in PROXIED_PROTOCOLS or scheme_of(media) not in ('http', 'https'):
+      raise DownloadError('scheme_not_allowed', f'{url[:200]}: yt-dlp chose a {protocol} format ({media[:100]}), '
+                          'which would not go through the host filter')
+    if any(name.lower() in _PROXY_HEADERS for name in (chosen.get('http_headers') or {})):
+      raise DownloadError('ytdlp_error', f'{url[:200]}: a format names a proxy of its own')
 
 
 def ytdlp_info(url: str, height: Optional[int], timeout_s: float, deadline: float, cookies: Optional[str] = None,
-               proxy: Optional[str] = None) -> dict:
-  """yt-dlp's metadata for `url` (`-J`, formats chosen), refusing playlists and live streams."""
-  args = _ytdlp_base(timeout_s, cookies, proxy) + ['--flat-playlist', '-J', '-f', _format(height), '--', url]
-  code, out, err = run_child(args, url, deadline)
+               proxy: Optional[str] = None, policy: InputPolicy = InputPolicy()) -> dict:
+  """yt-dlp's metadata for `url` (`-J`, formats chosen), refusing playlists and live streams. Every
+  connection yt-dlp makes is checked against `policy` (through `proxy`, the user's, if given)."""
+  with shared_proxy().session(policy, proxy, timeout_s) as session:
+    args = _ytdlp_base(timeout_s, cookies, session) + ['--flat-playlist', '-J', '-f', _format(height), '--', url]
+    code, out, err = _run_ytdlp(args, url, deadline, session)
   if code != 0:
     raise _last_error(err, code)
   try:
@@ -371,6 +423,7 @@ def ytdlp_info(url: str, height: Optional[int], timeout_s: float, deadline: floa
   if info.get('is_live') or info.get('live_status') in LIVE_STATUSES:
     raise DownloadError('live_refused', f'{url} is a live stream ({info.get("live_status") or "is_live"}): it has '
                         'no fixed end to cut clips from')
+  _check_formats(url, info)
   return info
 
 
@@ -382,25 +435,28 @@ def media_urls(info: dict) -> List[str]:
 
 def ytdlp_download(url: str, dest_stem: str, height: Optional[int], section: Optional[Tuple[float, float]],
                    max_bytes: int, timeout_s: float, deadline: float, info_file: Optional[str] = None,
-                   cookies: Optional[str] = None, proxy: Optional[str] = None) -> str:
+                   cookies: Optional[str] = None, proxy: Optional[str] = None,
+                   policy: InputPolicy = InputPolicy()) -> str:
   """Download with yt-dlp; returns the written file. `section` fetches only that time range.
 
   With `info_file` (from `ytdlp_info`), the media is fetched from that metadata instead
   of extracting the page again. yt-dlp runs as a child process in its own session: at
   the deadline, or once its output folder outgrows `max_bytes`, the whole group
-  (yt-dlp and the ffmpeg it starts) is killed, which no in-process hook can do.
+  (yt-dlp and the ffmpeg it starts) is killed, which no in-process hook can do. Every
+  connection of both is checked against `policy` by the filtering proxy.
   """
   if deadline - time.monotonic() <= 0:
     raise DownloadError('download_timeout', f'{url} did not finish within the time limit')
-  args = _ytdlp_base(timeout_s, cookies, proxy) + [
-      '--no-progress', '--force-overwrites', '--no-mtime', '-f', _format(height), '-o', dest_stem + '.%(ext)s',
-      '--merge-output-format', 'mp4', '--max-filesize', str(max_bytes), '--retries', '2',
-      '--abort-on-unavailable-fragments',
-      '--print', 'after_move:filepath', '--no-simulate', *_ffmpeg_location()]
-  if section is not None:
-    args += ['--download-sections', f'*{section[0]:.3f}-{section[1]:.3f}']
-  args += ['--load-info-json', info_file] if info_file else ['--', url]
-  code, out, err = run_child(args, url, deadline, os.path.dirname(dest_stem), max_bytes)
+  with shared_proxy().session(policy, proxy, timeout_s) as session:
+    args = _ytdlp_base(timeout_s, cookies, session) + [
+        '--no-progress', '--force-overwrites', '--no-mtime', '-f', _format(height), '-o', dest_stem + '.%(ext)s',
+        '--merge-output-format', 'mp4', '--max-filesize', str(max_bytes), '--retries', '2',
+        '--abort-on-unavailable-fragments',
+        '--print', 'after_move:filepath', '--no-simulate', *_ffmpeg_location()]
+    if section is not None:
+      args += ['--download-sections', f'*{section[0]:.3f}-{section[1]:.3f}']
+    args += ['--load-info-json', info_file] if info_file else ['--', url]
+    code, out, err = _run_ytdlp(args, url, deadline, session, os.path.dirname(dest_stem), max_bytes)
   if code != 0:
     raise _last_error(err, code)
   files = [line.strip() for line in out.splitlines() if line.strip()]
@@ -523,6 +579,11 @@ class DownloadSource(beam.DoFn):
       raise ValueError('--max_concurrent_downloads and --max_downloads_per_host must be at least 1')
     if cookies and not FileSystems.exists(cookies):
       raise ValueError(f'--cookies {cookies}: no such file')
+    if proxy:
+      try:
+        Upstream.parse(proxy)
+      except ValueError as error:
+        raise ValueError(f'--proxy: {error}') from None
     self.work_dir = work_dir
     self.max_bytes = int(max_download_mb * 1024 * 1024)
     self.timeout_s = timeout_s
@@ -700,7 +761,8 @@ class DownloadSource(beam.DoFn):
     def attempt():
       try:
         check_host(url, self.policy)
-        info = ytdlp_info(url, height, min(60.0, self.timeout_s), budget.deadline, cookies, self.proxy)
+        info = ytdlp_info(url, height, min(60.0, self.timeout_s), budget.deadline, cookies, self.proxy,
+                          self.policy)
         for media in media_urls(info):
           check_host(media, self.policy)
       except OSError as error:  # the name does not resolve
@@ -769,7 +831,7 @@ class DownloadSource(beam.DoFn):
                           '(yt-dlp metadata)')
     path = self._retrying(url, budget, tally, lambda: ytdlp_download(
         url, stem, height, section, self.max_bytes, min(60.0, self.timeout_s), budget.deadline, info_file,
-        cookies, self.proxy))
+        cookies, self.proxy, self.policy))
     return path, True
 
   def _retrying(self, url: str, budget: Budget, tally: Counter[str], attempt: Callable):
