@@ -191,13 +191,34 @@ def print_help() -> None:
 def main() -> None:
   native_log.filter_native_stderr()
   logging.getLogger().setLevel(logging.WARNING)
+  # The local runner logs a worker's exception and then raises it: the raise is what main() reports (one line
+  # for a weights flag to fix, else the traceback), so the log line would only say it twice.
+  logging.getLogger('apache_beam.runners.common').setLevel(logging.CRITICAL)
   if {'-h', '--help'} & set(sys.argv[1:]):
     print_help()
     return
   try:
     run(sys.argv[1:])
-  except WeightsError as error:  # a weights flag to fix: the message names it and says how
-    raise SystemExit(f'error: {error}') from None
+  except Exception as error:  # pylint: disable=broad-except
+    message = weights_problem(error)
+    if message is None:
+      raise
+    raise SystemExit(f'error: {message}') from None
+
+
+def weights_problem(error: BaseException) -> Optional[str]:
+  """The message of a WeightsError behind `error` (a weights flag to fix: it names the flag and says how), also
+  when a worker raised it while loading the model and the runner re-raised it as its own error; else None."""
+  seen, text = set(), str(error)
+  while error is not None and id(error) not in seen:
+    if isinstance(error, WeightsError):
+      return str(error)
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  name = f'{WeightsError.__module__}.{WeightsError.__name__}: '  # a runner's error carries the worker's as text
+  if name in text:
+    return text.split(name, 1)[1].split(' [while running', 1)[0].splitlines()[0]
+  return None
 
 
 if __name__ == '__main__':

@@ -1,5 +1,7 @@
 """Per-frame analysis and quality filters on generated clips whose truth is known."""
 import json
+import os
+import re
 
 import apache_beam as beam
 import cv2
@@ -12,6 +14,7 @@ from beam_pipeline.demo import VideoSpec, _sprite, write_video
 from model_handlers.in_process import ModelError
 from model_handlers.mediapipe_face import (BLENDSHAPE_NAMES, FaceDetectorModelHandler, FaceLandmarkerModelHandler,
                                            _mp_image)
+from tests.helpers import REPO
 from transforms.core.elements import ClipTask, MediaFile
 from transforms.filters import ScoreAndFilter, Thresholds, failures
 from transforms.frame_analysis import FaceLandmarks
@@ -186,3 +189,19 @@ def test_a_frame_the_model_fails_on_is_a_model_error_and_its_batch_goes_on():
     results = [r.inference for r in handler.run_inference([good, bad, good, good], handler.load_model())]
     assert isinstance(results[1], ModelError) and 'RuntimeError' in results[1].detail
     assert [r.num_faces for i, r in enumerate(results) if i != 1] == [1, 1, 1]
+
+
+def test_a_clip_failing_every_filter_gets_the_first_code_of_the_readme_table():
+  """README's filter table lists the reason codes in the order `failures` checks them; the first one names the
+  reject, so the two must agree."""
+  readme = open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
+  table = readme[readme.index('| flag | default | reason code | what it checks |'):]
+  table = table[:table.index('\n\n')]
+  documented = [code for row in table.splitlines()[2:] if not row.startswith('| `--multi_face`')  # a tracker's
+                for code in re.findall(r'`([a-z_]+)`', row.split('|')[3])]
+  everything_wrong = {'face_ratio': 0.1, 'source_face_px': 10, 'source_resolution': 100, 'duration': 0.2,
+                      'sharpness': 1.0, 'max_abs_yaw': 80.0, 'max_abs_pitch': 60.0, 'eye_motion_var': 0.0,
+                      'sync_corr': -0.5, 'sync_lag_frames': 12}
+  checked = [code for code, _, _, _ in failures(everything_wrong, Thresholds(
+      min_resolution=360, eye_motion=True, max_sync_lag=3))]
+  assert checked == documented

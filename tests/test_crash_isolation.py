@@ -80,7 +80,7 @@ def test_a_decoder_stuck_in_one_call_is_killed_at_the_time_limit(tmp_path, video
   with pytest.raises(ProbeError) as error:
     probe(str(tmp_path / 'hang.mp4'), timeout_s=1.0)
   assert error.value.reason == 'probe_timeout'
-  assert time.monotonic() - began < 10
+  assert time.monotonic() - began < 60  # the decoder blocks for 600 s
 
 
 # ----------------------------------------------------------------------------- render markers

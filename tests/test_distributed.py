@@ -157,6 +157,34 @@ def test_duplicated_samples_are_packed_once_and_shards_are_bounded(tmp_path):
   assert sizes == [1, 3, 3]
 
 
+def test_ids_that_sanitise_alike_keep_their_own_samples(tmp_path):
+  """'a.b_0', 'a,b_0' and 'a_b_0' become the same key once dots and commas are replaced; the digest that keeps
+  them apart is taken from the full id, so each sample is packed and read back with its own bytes."""
+  import webdataset as wds
+  output, work = tmp_path / 'out', tmp_path / 'work'
+  ids = ['a.b_0', 'a,b_0', 'a_b_0']
+  assert len({sample_key(clip_id) for clip_id in ids}) == 3
+  batch = ShardBatch(tuple(sorted((_ref(work, i) for i in ids), key=lambda ref: ref.key)))
+  _run(PublishShard(str(output)), batch)
+  samples = list(wds.WebDataset([str(p) for p in (output / 'shards').glob('*.tar')], shardshuffle=False))
+  assert sorted(json.loads(s['json'])['id'] for s in samples) == sorted(ids)
+  assert all(s['mp4'] == json.loads(s['json'])['id'].encode() * 50 for s in samples)
+
+
+def test_shards_are_bounded_by_bytes(tmp_path):
+  """--shard_max_mb: a shard closes once its samples reach the byte limit (here 2.5 samples' worth: 3 each)."""
+  output, work = tmp_path / 'out', tmp_path / 'work'
+  refs = [_ref(work, f'clip_{i}') for i in range(7)]
+  size = refs[0].size
+  assert all(ref.size == size for ref in refs)
+  with TestPipeline() as p:
+    _ = p | beam.Create(refs) | WriteShards(str(output), max_samples=100, max_mb=2.5 * size / (1024 * 1024),
+                                            writers=1)
+  counts = sorted(len(read_jsonl(str(p))) for p in (output / 'shards').glob('*.jsonl'))
+  assert counts == [1, 3, 3]
+  assert all(p.stat().st_size < 4 * size for p in (output / 'shards').glob('*.tar'))
+
+
 def test_keys_are_webdataset_safe_for_dotted_and_long_ids(tmp_path):
   import webdataset as wds
   output, work = tmp_path / 'out', tmp_path / 'work'
@@ -207,6 +235,21 @@ def test_a_lost_clip_is_reported_unbalanced(tmp_path):
          | WriteRunSummary(str(output)))
   stats = json.loads((output / 'stats.json').read_text())
   assert not stats['balanced'] and stats['unbalanced_examples'] == ['b_0']
+
+
+def test_a_clip_rejected_twice_does_not_cover_for_a_lost_one(tmp_path):
+  """a_0 rejected twice and b_0 lost add up to the right totals (0 written + 2 rejected == 2 planned); the run
+  is still unbalanced, and names both clips."""
+  output = tmp_path / 'out'
+  with TestPipeline() as p:
+    _ = ({'planned': p | 'P' >> beam.Create(['a_0', 'b_0']), 'earlier': p | 'E' >> beam.Create([]),
+          'records': p | 'R' >> beam.Create([]),
+          'rejects': p | 'X' >> beam.Create([Reject('a_0', 'plan', 'too_short'), Reject('a_0', 'render', 'no_frames')]),
+          'carried': p | 'C' >> beam.Create([])}
+         | WriteRunSummary(str(output)))
+  stats = json.loads((output / 'stats.json').read_text())
+  assert stats['written'] + stats['rejected'] == stats['planned'] == 2
+  assert not stats['balanced'] and stats['unbalanced_examples'] == ['a_0', 'b_0']
 
 
 def test_pieces_count_once_against_their_planned_clip(tmp_path):

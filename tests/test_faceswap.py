@@ -114,7 +114,7 @@ def test_hanging_command_is_killed_with_its_children(tmp_path, clip):
   started = time.monotonic()
   reason, detail = swap.swap('clip', clip, str(tmp_path / 'out.mp4'))
   assert reason == 'faceswap_timeout' and '1.5s' in detail
-  assert time.monotonic() - started < 10
+  assert time.monotonic() - started < 30  # the command never ends by itself
   child = int(pid_file.read_text())
   for _ in range(50):  # the grandchild was killed with the group; give the kernel a moment to reap it
     try:

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import tarfile
 import urllib.parse
 import zipfile
@@ -13,7 +14,8 @@ import pytest
 from tests.corpus import Evil
 from tests.helpers import REPO, media_server
 from transforms.core.elements import Reject, Source
-from transforms.lib.safety import InputPolicy, UnsafeInput, check_url, safe_member_name, unsafe_id_reason
+from transforms.lib.safety import (InputPolicy, UnsafeInput, check_url, checked_addresses, safe_member_name,
+                                   unsafe_id_reason)
 from transforms.sources.download import DownloadError, http_download
 from transforms.sources.manifest import read_input
 
@@ -174,3 +176,22 @@ def test_unreadable_sidecars_are_rejected_not_fatal(tmp_path):
   assert {r.id: r.reason for r in items if isinstance(r, Reject)} == {
       'a.json': 'bad_sidecar', 'b.pkl': 'bad_sidecar', 'c.json': 'bad_sidecar'}
   assert sorted(s.source_id for s in items if isinstance(s, Source)) == ['a', 'b', 'c']  # whole-video clips
+
+
+@pytest.mark.parametrize('answers', [('93.184.216.34', '10.0.0.5'), ('93.184.216.34', '127.0.0.1'),
+                                     ('2606:2800:220:1::1', 'fd00::5'), ('10.0.0.5', '93.184.216.34')])
+def test_a_name_with_one_internal_address_among_public_ones_is_refused(monkeypatch, answers):
+  """Every address a name resolves to is checked, not only the first: the connection could use any of them.
+  (Resolution only: nothing is contacted.)"""
+  real = socket.getaddrinfo
+
+  def resolve(host, port, *args, **kwargs):
+    if host != 'mixed.example':
+      return real(host, port, *args, **kwargs)
+    return [(socket.AF_INET6 if ':' in a else socket.AF_INET, socket.SOCK_STREAM, 6, '', (a, port or 0))
+            for a in answers]
+
+  monkeypatch.setattr(socket, 'getaddrinfo', resolve)
+  with pytest.raises(UnsafeInput) as refused:
+    checked_addresses('mixed.example', 443, InputPolicy())
+  assert refused.value.reason == 'host_not_allowed'

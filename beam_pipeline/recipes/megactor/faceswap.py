@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import av
 from apache_beam.io.filesystems import FileSystems
 
-from model_handlers.weights import is_remote, local_copy
+from model_handlers.weights import WeightsError, is_remote, local_copy
 
 PLACEHOLDERS = ('{source}', '{target}', '{output}')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
@@ -124,8 +124,8 @@ class FaceSwap:
     self.timeout_s = float(timeout_s)
     self.sources = find_source_images(source_images)
     if any('{source}' in arg for arg in self.argv) and not self.sources:
-      raise ValueError(f'--source_images: no images ({", ".join(IMAGE_EXTENSIONS)}) found in {source_images!r}; '
-                       '--faceswap_cmd needs one for {source}')
+      raise WeightsError('--source_images', source_images, f'no images ({", ".join(IMAGE_EXTENSIONS)}) found '
+                         'there; --faceswap_cmd needs one for {source}')
 
   @classmethod
   def from_options(cls, opts) -> 'FaceSwap':
