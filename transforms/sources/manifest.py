@@ -6,6 +6,9 @@ that would climb out of a folder are refused; others are sanitised. Tar and
 zip inputs are only listed here: each member video becomes a Source whose url
 names the member, and `transforms.sources.unpack.UnpackMembers` unpacks it after the
 shuffle. Members that are pickles are never loaded unless the user trusts them.
+In the pipeline (`ReadSources`) no worker reads the whole input: globs are listed
+file by file, large manifests parsed in slices (transforms/sources/rows.py) and
+duplicate clip ids settled by a shuffle (transforms/sources/duplicates.py).
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ from transforms.lib.safety import (InputPolicy, UnsafeInput, check_url, local_pa
                                    unsafe_id_reason)
 from transforms.sources.archives import (MEMBER_SCHEME, MIB, TAR, TAR_STREAM, UNPACK_ERRORS, ZIP, ArchiveMember,
                                          Unpacker, is_member_url)
+from transforms.sources.duplicates import DropDuplicateClips
 from transforms.sources.frames import FrameFolderOptions, FrameFolders, ListedFolder
 from transforms.sources.megactor_tars import SampleTar
+from transforms.sources.rows import (ARCHIVE, HDTF, SPLIT_BYTES, VIDEO, WHOLE, Piece, count_slice, jsonl_record,
+                                     normalize_newlines, number_slices, slice_records, split_file)
 from transforms.sources.unpack import unpack_in_process
 
 STAGE = 'manifest'
@@ -229,6 +235,7 @@ def _hdtf_set(set_name: str, tables: Dict[str, List[List[str]]]) -> Iterator[Uni
 # ----------------------------------------------------------------------------- manifests
 
 def _records(path: str) -> Iterator[dict]:
+  """A manifest's records in file order, the whole file at once (large ones are sliced: transforms/sources/rows.py)."""
   lower = path.lower()
   if lower.endswith('.parquet'):
     import pyarrow.parquet as pq
@@ -236,7 +243,7 @@ def _records(path: str) -> Iterator[dict]:
       table = pq.read_table(io.BytesIO(handle.read()))
     yield from table.to_pylist()
   elif lower.endswith('.csv'):
-    yield from csv.DictReader(io.StringIO(re.sub(r'\r\n?', '\n', _read_text(path))))  # mixed line endings
+    yield from csv.DictReader(io.StringIO(normalize_newlines(_read_text(path))))  # mixed line endings
   else:
     text = _read_text(path)
     if lower.endswith('.json') and text.lstrip().startswith('['):
@@ -245,11 +252,7 @@ def _records(path: str) -> Iterator[dict]:
       return
     for number, line in enumerate(text.splitlines(), 1):
       if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as error:
-          record = {'__error__': f'line {number}: {error}'}
-        yield record if isinstance(record, dict) else {'__error__': f'line {number} is not an object'}
+        yield jsonl_record(line, number)
 
 
 def _maybe_json(value):
@@ -553,11 +556,24 @@ def _archive_stem(path: str) -> str:
 
 # ----------------------------------------------------------------------------- globs
 
+def video_source(path: str) -> Source:
+  """A video file as a source with one whole-video clip."""
+  source_id = sanitize_id(_stem(path))
+  return Source(source_id, path, (ClipSpec(f'{source_id}_0', 0),))
+
+
 def parse_glob(pattern: str) -> Iterator[Source]:
   """Each matching video file is one source with one whole-video clip."""
-  for metadata in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
-    source_id = sanitize_id(_stem(metadata.path))
-    yield Source(source_id, metadata.path, (ClipSpec(f'{source_id}_0', 0),))
+  for path in _matching(pattern):
+    yield video_source(path)
+
+
+def _is_glob(spec: str) -> bool:
+  return any(ch in spec for ch in '*?[')
+
+
+def _matching(pattern: str) -> List[str]:
+  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def detect_format(spec: str) -> str:
@@ -567,7 +583,7 @@ def detect_format(spec: str) -> str:
     return 'manifest'
   if lower.endswith(ARCHIVE_EXTENSIONS):
     return 'archive'
-  if any(ch in spec for ch in '*?[') or lower.endswith(VIDEO_EXTENSIONS):
+  if _is_glob(spec) or lower.endswith(VIDEO_EXTENSIONS):
     return 'glob'
   return 'hdtf'
 
@@ -575,20 +591,22 @@ def detect_format(spec: str) -> str:
 def list_input(spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
                max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None
                ) -> Iterator[Union[Source, Reject]]:
-  """Sources and rejects of an input, lazily. Archives are listed, not unpacked: see `read_input`.
-  `frames` fixes the frame rate and limits of frame folders (transforms/sources/frames.py)."""
+  """Sources and rejects of an input, lazily, in one process. Archives are listed, not unpacked: see
+  `read_input`. `frames` fixes the frame rate and limits of frame folders (transforms/sources/frames.py).
+  A glob of manifests or archives is read file after file, in path order."""
   fmt = detect_format(spec) if input_format == 'auto' else input_format
   context = _ArchiveContext(policy, int(max_member_mb * MIB), frames)
   if fmt == 'hdtf':
     return parse_hdtf(spec)
   if fmt == 'manifest':
+    if _is_glob(spec):
+      return (item for path in _matching(spec) for item in parse_manifest(path, context))
     return parse_manifest(spec, context)
   if fmt == 'glob':
     return parse_glob(spec)
   if fmt == 'archive':
-    if any(ch in spec for ch in '*?['):  # a glob of archives, e.g. a packed dataset's tars to re-process
-      paths = sorted(m.path for m in FileSystems.match([spec])[0].metadata_list)
-      return (item for path in paths for item in context.expand(path, '', {}))
+    if _is_glob(spec):  # a glob of archives, e.g. a packed dataset's tars to re-process
+      return (item for path in _matching(spec) for item in context.expand(path, '', {}))
     return context.expand(spec, '', {})
   raise ValueError(f'unknown input format {input_format!r}')
 
@@ -607,70 +625,180 @@ def read_input(spec: str, input_format: str = 'auto', work_dir: Optional[str] = 
   return unpack_in_process(items, Unpacker(work_dir, policy, int(max_member_mb * MIB), int(max_archive_mb * MIB)))
 
 
-class ReadSources(beam.PTransform):
-  """Input spec -> {'sources': Sources, 'rejects': Rejects, 'planned': planned ids}.
+# ----------------------------------------------------------------------------- the pipeline's read
 
-  Every clip the input plans is listed, already written or not: the pipeline skips done clips
-  afterwards (transforms/resume.py), whose shuffle also spreads the sources over workers. An input
-  that holds nothing, or stops parsing half-way, leaves a reject that says so. Archives are only
-  listed here; their members are unpacked later (transforms/unpack.UnpackMembers), and only those of
-  clips still to do.
+STOP_ERRORS = (ValueError, UnicodeDecodeError, KeyError, csv.Error)  # a parse that raises these stops there
+Position = Tuple[int, ...]
+
+
+def list_pieces(spec: str, input_format: str = 'auto') -> Iterator[Piece]:
+  """The files of an input, one piece each, from names and sizes alone: nothing is opened here.
+
+  A glob gives one piece per matching file, numbered in path order (the order duplicates are settled in);
+  an HDTF annotation dir or a single archive is one piece.
+  """
+  fmt = detect_format(spec) if input_format == 'auto' else input_format
+  if fmt == 'hdtf' or (fmt == 'archive' and not _is_glob(spec)):
+    yield Piece(HDTF if fmt == 'hdtf' else ARCHIVE, spec, 0)
+    return
+  if fmt not in ('manifest', 'glob', 'archive'):
+    raise ValueError(f'unknown input format {input_format!r}')
+  kind = {'manifest': WHOLE, 'glob': VIDEO, 'archive': ARCHIVE}[fmt]
+  listed = sorted(FileSystems.match([spec])[0].metadata_list, key=lambda m: m.path)
+  if fmt == 'manifest' and not _is_glob(spec):
+    if not listed:
+      raise FileNotFoundError(f'{spec} does not exist')
+    yield Piece(WHOLE, spec, 0, listed[0].size_in_bytes)
+    return
+  for number, metadata in enumerate(listed):
+    yield Piece(kind, metadata.path, number, metadata.size_in_bytes)
+
+
+class ArchiveRow(NamedTuple):
+  """A manifest row whose url is an archive, listed by a later step so that one worker does not list every
+  archive a manifest names; its members take the row's position."""
+  url: str
+  prefix: str
+  defaults: dict
+  position: Position = ()
+
+
+class _ArchivesLater:
+  """Stands in for the archive context while rows are parsed: a row naming an archive becomes an ArchiveRow."""
+
+  @staticmethod
+  def expand(url: str, prefix: str, defaults: dict) -> Iterator[ArchiveRow]:
+    yield ArchiveRow(url, prefix, defaults)
+
+
+def _numbered(position: Position, items: Iterator) -> Iterator[Tuple[Position, object]]:
+  return ((position + (number,), item) for number, item in enumerate(items))
+
+
+def _row_items(file: int, records: Iterator[Tuple[int, dict]]) -> Iterator[Tuple[Position, object]]:
+  later = _ArchivesLater()
+  for row, record in records:
+    yield from _numbered((file, row), source_from_record(record, row, later))
+
+
+class _PlanPieces(beam.DoFn):
+  """A piece of the input, or an archive a manifest row names -> (position, Source), Rejects and planned ids,
+  the ArchiveRows of its rows (listed by the next step) and how many entries it found.
+
+  Row rules are those of `source_from_record`. An error that stops a parse (a broken JSON array or parquet
+  file, a CSV over the csv module's limits) rejects the rest of the piece `bad_manifest`; what came before
+  stays planned, as in a whole-file parse.
   """
 
-  def __init__(self, spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
-               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None):
-    super().__init__()
-    self.spec = spec
-    self.input_format = input_format
-    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb, 'frames': frames}
+  def __init__(self, read_options: dict):
+    self.read_options = read_options
+    self.context = None
 
-  def expand(self, pbegin):
-    parsed = (
-        pbegin
-        | 'InputSpec' >> beam.Create([self.spec])
-        | 'Parse' >> beam.ParDo(_ParseInput(self.input_format, self.read_options)).with_outputs(
-            'rejects', 'planned', main='sources'))
-    return {'sources': parsed.sources, 'rejects': parsed.rejects, 'planned': parsed.planned}
+  def setup(self):
+    options = self.read_options
+    self.context = _ArchiveContext(options.get('policy') or InputPolicy(),
+                                   int(options.get('max_member_mb', 4096) * MIB), options.get('frames'))
 
-
-class _ParseInput(beam.DoFn):
-
-  def __init__(self, input_format: str, read_options: Optional[dict] = None):
-    self.input_format = input_format
-    self.read_options = read_options or {}
-
-  def process(self, spec):
-    seen = set()
-    count = 0
-    items = list_input(spec, self.input_format, **self.read_options)
-    input_id = sanitize_id(os.path.basename(spec.rstrip('/')) or 'input')
+  def process(self, piece: Union[Piece, ArchiveRow]):
+    items = self._items(piece)
+    found = 0
     while True:
       try:
-        item = next(items)
+        position, item = next(items)
       except StopIteration:
         break
-      except (ValueError, UnicodeDecodeError, KeyError, csv.Error) as error:
-        item = Reject(input_id, STAGE, 'bad_manifest', f'{spec}: parsing stopped after {count} entries: {error}'[:500],
-                      input_id)
-        items = iter(())
-      count += 1
+      except STOP_ERRORS as error:
+        name = piece.url if isinstance(piece, ArchiveRow) else piece.path
+        where = f'{name} (slice {piece.part})' if isinstance(piece, Piece) and piece.kind != WHOLE else name
+        file_id = sanitize_id(os.path.basename(name.rstrip('/')) or 'input')
+        position, items = (), iter(())
+        item = Reject(file_id, STAGE, 'bad_manifest', f'{where}: parsing stopped after {found} entries: {error}'[:500],
+                      file_id)
+      if isinstance(item, ArchiveRow):
+        yield beam.pvalue.TaggedOutput('archives', item._replace(position=position))
+        continue
+      found += 1
       if isinstance(item, Reject):
         yield beam.pvalue.TaggedOutput('planned', item.id)
         yield beam.pvalue.TaggedOutput('rejects', item)
         continue
-      clips = []
       for clip in item.clips:
         yield beam.pvalue.TaggedOutput('planned', clip.clip_id)
-        if clip.clip_id in seen:
-          yield beam.pvalue.TaggedOutput('rejects', Reject(
-              clip.clip_id, STAGE, 'duplicate_id', 'an earlier entry already plans this clip id',
-              item.source_id))
-          continue
-        seen.add(clip.clip_id)
-        clips.append(clip)
-      if clips:
-        yield Source(item.source_id, item.url, tuple(clips), item.height)
-    if not count:
-      yield beam.pvalue.TaggedOutput('planned', input_id)
-      yield beam.pvalue.TaggedOutput('rejects', Reject(input_id, STAGE, 'empty_input',
-                                                       f'{spec} holds no entries', input_id))
+      yield position, item
+    yield beam.pvalue.TaggedOutput('found', found)
+
+  def _items(self, piece: Union[Piece, ArchiveRow]) -> Iterator[Tuple[Position, object]]:
+    if isinstance(piece, ArchiveRow):
+      return _numbered(piece.position, self.context.expand(piece.url, piece.prefix, piece.defaults))
+    if piece.kind == HDTF:
+      return _numbered((piece.file,), parse_hdtf(piece.path))
+    if piece.kind == ARCHIVE:
+      return _numbered((piece.file,), self.context.expand(piece.path, '', {}))
+    if piece.kind == VIDEO:
+      return iter([((piece.file, 0), video_source(piece.path))])
+    return _row_items(piece.file, enumerate(_records(piece.path)) if piece.kind == WHOLE else slice_records(piece))
+
+
+def _empty_input(found: int, spec: str) -> Iterator[Reject]:
+  if not found:
+    input_id = sanitize_id(os.path.basename(spec.rstrip('/')) or 'input')
+    yield Reject(input_id, STAGE, 'empty_input', f'{spec} holds no entries', input_id)
+
+
+class NumberSlices(beam.PTransform):
+  """Pieces -> the same, slices counted on their own and then numbered as a whole-file parse numbers rows
+  (one small element per slice meets the others of its file); a file that cannot be sliced, whole."""
+
+  def expand(self, pieces):
+    return (pieces
+            | 'CountSlices' >> beam.Map(count_slice)
+            | 'ByFile' >> beam.Map(lambda counted: (counted[0].file, counted))
+            | 'GatherFiles' >> beam.GroupByKey()
+            | 'Number' >> beam.FlatMap(number_slices))
+
+
+class ReadSources(beam.PTransform):
+  """Input spec -> {'sources': Sources, 'rejects': Rejects, 'planned': planned ids}.
+
+  The input is parsed on many workers: a glob becomes one element per file before any file is opened, a
+  manifest over `split_bytes` becomes slices (byte ranges of lines, runs of parquet row groups), and the
+  archives that manifest rows name are listed after a shuffle of their own. A clip id planned twice keeps its
+  earliest entry (file order, then row) and every later one is rejected `duplicate_id`, found by a shuffle
+  keyed by clip id (transforms/sources/duplicates.py). Every clip the input plans is listed, already written
+  or not: the pipeline skips done clips afterwards (transforms/resume.py). An input that holds nothing, or
+  stops parsing half-way, leaves a reject that says so. Archives are only listed here; their members are
+  unpacked later (transforms/sources/unpack.UnpackMembers), and only those of clips still to do.
+  """
+
+  def __init__(self, spec: str, input_format: str = 'auto', policy: InputPolicy = InputPolicy(),
+               max_member_mb: float = 4096, frames: Optional[FrameFolderOptions] = None,
+               split_bytes: int = SPLIT_BYTES):
+    super().__init__()
+    self.spec = spec
+    self.input_format = input_format
+    self.read_options = {'policy': policy, 'max_member_mb': max_member_mb, 'frames': frames}
+    self.split_bytes = split_bytes
+
+  def expand(self, pbegin):
+    pieces = (pbegin
+              | 'InputSpec' >> beam.Create([self.spec])
+              | 'ListFiles' >> beam.FlatMap(list_pieces, self.input_format)
+              | 'SpreadFiles' >> beam.Reshuffle()
+              | 'SplitFiles' >> beam.FlatMap(split_file, self.split_bytes)
+              | 'SpreadSlices' >> beam.Reshuffle()
+              | 'NumberSlices' >> NumberSlices()
+              | 'SpreadPieces' >> beam.Reshuffle())
+    outputs = ('archives', 'rejects', 'planned', 'found')
+    parsed = pieces | 'Parse' >> beam.ParDo(_PlanPieces(self.read_options)).with_outputs(*outputs, main='sources')
+    listed = (parsed.archives
+              | 'SpreadArchives' >> beam.Reshuffle()
+              | 'ListArchives' >> beam.ParDo(_PlanPieces(self.read_options)).with_outputs(*outputs, main='sources'))
+    unique = (parsed.sources, listed.sources) | 'DropDuplicates' >> DropDuplicateClips()
+    empty = ((parsed.found, listed.found)
+             | 'Found' >> beam.Flatten()
+             | 'CountFound' >> beam.CombineGlobally(sum)
+             | 'IfEmpty' >> beam.FlatMap(_empty_input, self.spec))
+    rejects = (parsed.rejects, listed.rejects, unique['rejects'], empty) | 'AllRejects' >> beam.Flatten()
+    planned = ((parsed.planned, listed.planned, empty | 'EmptyPlanned' >> beam.Map(lambda reject: reject.id))
+               | 'AllPlanned' >> beam.Flatten())
+    return {'sources': unique['sources'], 'rejects': rejects, 'planned': planned}
