@@ -21,11 +21,11 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.run import machine  # noqa: E402
+from bench.run import machine, replace_section  # noqa: E402
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
 from tests.corpus import build as build_corpus, reencode  # noqa: E402
 from tests.download_server import download_server  # noqa: E402
@@ -106,19 +106,6 @@ def corpus(root: str) -> float:
     return time.monotonic() - started
 
 
-def write_section(path: str, lines: List[str]) -> None:
-  """Replace (or append) the section under HEADING; the rest of the file is kept as it is."""
-  with open(path) as handle:
-    text = handle.read()
-  head, found, tail = text.partition('\n' + HEADING + '\n')
-  after = ''
-  if found:
-    rest = tail.split('\n## ', 1)
-    after = '\n## ' + rest[1] if len(rest) > 1 else ''
-  with open(path, 'w') as handle:
-    handle.write(head.rstrip('\n') + '\n\n' + '\n'.join([HEADING, ''] + lines) + '\n' + after)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--skip_corpus', action='store_true', help='Leave out the bad-input corpus run (~2 min).')
@@ -142,7 +129,7 @@ def main(argv=None) -> None:
   lines = [f'Measured {datetime.date.today()} by `python bench/downloads.py` on {box["cpu"]}, {box["cores"]} cores: '
            f'load average at the start {box["load"]}, at the end {load_after}.', ''] + rows
   print('\n'.join(lines))
-  write_section(os.path.join(REPO, 'bench', 'results.md'), lines)
+  replace_section(os.path.join(REPO, 'bench', 'results.md'), HEADING, [HEADING, ''] + lines)
 
 
 if __name__ == '__main__':

@@ -419,6 +419,20 @@ def machine() -> dict:
   return {'cpu': model, 'cores': os.cpu_count(), 'load': ' '.join(f'{v:.1f}' for v in os.getloadavg())}
 
 
+def replace_section(path: str, heading: str, body: List[str]) -> None:
+  """Replace (or append) the section of results.md under `heading` with `body` (its lines, the heading first);
+  the rest of the file is kept as it is."""
+  with open(path) as handle:
+    text = handle.read()
+  head, found, tail = text.partition('\n' + heading + '\n')
+  after = ''
+  if found:
+    rest = tail.split('\n## ', 1)
+    after = '\n## ' + rest[1] if len(rest) > 1 else ''
+  with open(path, 'w') as handle:
+    handle.write(head.rstrip('\n') + '\n\n' + '\n'.join(body).rstrip('\n') + '\n' + after)
+
+
 def _span(values: List[int]) -> str:
   return f'{min(values)}' if min(values) == max(values) else f'{min(values)}-{max(values)}'
 

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from run import machine  # noqa: E402  (bench/run.py, beside this script)
+from run import machine, replace_section  # noqa: E402  (bench/run.py, beside this script)
 
 HEADING = '## Scale simulation'
 SAMPLE_EVERY_S = 0.2
@@ -343,13 +343,6 @@ def table(results: dict) -> str:
 
 def write_section(path: str, results: dict, findings: List[str]) -> None:
   """Replace (or append) the section under HEADING; the rest of the file is kept as it is."""
-  with open(path) as handle:
-    text = handle.read()
-  head, found, tail = text.partition('\n' + HEADING + '\n')
-  after = ''
-  if found:
-    rest = tail.split('\n## ', 1)
-    after = '\n## ' + rest[1] if len(rest) > 1 else ''
   m = results['machine']
   command = ' '.join(['python bench/scale.py', *results['argv']])
   body = [
@@ -363,8 +356,7 @@ def write_section(path: str, results: dict, findings: List[str]) -> None:
       f'sampled every {SAMPLE_EVERY_S} s. Wall time includes about 2 s of imports.', '',
       table(results), '', *findings, '',
       '```json', json.dumps(results, indent=2, sort_keys=True), '```', '']
-  with open(path, 'w') as handle:
-    handle.write(head.rstrip('\n') + '\n\n' + '\n'.join(body) + after)
+  replace_section(path, body[0], body)
 
 
 def findings_of(results: dict) -> List[str]:
@@ -528,13 +520,6 @@ def parse_table(results: dict) -> str:
 
 def write_parse_section(path: str, results: dict) -> None:
   """Replace (or append) the PARSE_HEADING section; the rest of the file is kept as it is."""
-  with open(path) as handle:
-    text = handle.read()
-  head, found, tail = text.partition('\n' + PARSE_HEADING + '\n')
-  after = ''
-  if found:
-    rest = tail.split('\n## ', 1)
-    after = '\n## ' + rest[1] if len(rest) > 1 else ''
   m = results['machine']
   body = [
       PARSE_HEADING, '',
@@ -552,8 +537,7 @@ def write_parse_section(path: str, results: dict) -> None:
       f'sampled every {SAMPLE_EVERY_S} s.', '',
       parse_table(results), '', *results.get('findings', []), '',
       '```json', json.dumps(results, indent=2, sort_keys=True), '```', '']
-  with open(path, 'w') as handle:
-    handle.write(head.rstrip('\n') + '\n\n' + '\n'.join(body) + after)
+  replace_section(path, body[0], body)
 
 
 def parse_main(argv: List[str]) -> dict:
