@@ -29,7 +29,7 @@ from bench.run import machine, replace_section  # noqa: E402
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
 from tests.corpus import build as build_corpus, reencode  # noqa: E402
 from tests.download_server import download_server  # noqa: E402
-from tests.helpers import media_server, run_cli  # noqa: E402
+from tests.helpers import media_server, run_bundle, run_cli  # noqa: E402
 from transforms.core.elements import ClipSpec, Source  # noqa: E402
 from transforms.lib.safety import InputPolicy  # noqa: E402
 from transforms.sources.download import DownloadSource  # noqa: E402
@@ -37,16 +37,6 @@ from transforms.sources.download import DownloadSource  # noqa: E402
 HEADING = '## Downloads'
 LOOPBACK = InputPolicy(allow_private_hosts=True)
 DELAY_S, SOURCES, HOSTS, SERIAL_SOURCES = 3.0, 24, 6, 6
-
-
-def _bundle(fn: DownloadSource, sources) -> list:
-  """One bundle as a runner drives the DoFn."""
-  fn.setup()
-  fn.start_bundle()
-  outputs = [output for source in sources for output in fn.process(source)]
-  outputs += [windowed.value for windowed in fn.finish_bundle()]
-  fn.teardown()
-  return outputs
 
 
 def concurrency(root: str) -> Dict[str, float]:
@@ -62,7 +52,7 @@ def concurrency(root: str) -> Dict[str, float]:
       sources = [Source(f's{k}', f'{servers[k % HOSTS].url}/delay/{DELAY_S:g}/clip.mp4', (ClipSpec(f's{k}_0', 0),))
                  for k in range(count)]
       started = time.monotonic()
-      outputs = _bundle(DownloadSource(os.path.join(root, f'work{concurrent}'), max_concurrent=concurrent,
+      outputs = run_bundle(DownloadSource(os.path.join(root, f'work{concurrent}'), max_concurrent=concurrent,
                                        policy=LOOPBACK), sources)
       seconds = time.monotonic() - started
       assert len(outputs) == count, outputs

@@ -199,3 +199,13 @@ def background(args, port: int, env=None, timeout: float = 30.0, log_path: str =
       process.kill()
       process.wait(10)
     log.close()
+
+
+def run_bundle(fn, sources) -> list:
+  """One bundle as a Beam runner drives a DoFn: setup, start, each element, finish (its outputs too), teardown."""
+  fn.setup()
+  fn.start_bundle()
+  outputs = [output for source in sources for output in fn.process(source)]
+  outputs += [windowed.value for windowed in fn.finish_bundle()]
+  fn.teardown()
+  return outputs

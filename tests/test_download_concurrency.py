@@ -13,6 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests.corpus import reencode
 from tests.download_server import download_server
+from tests.helpers import run_bundle
 from transforms.core.elements import ClipSpec, Source
 from transforms.deadletter import DeadLetter
 from transforms.lib.safety import InputPolicy
@@ -26,16 +27,6 @@ def served(tmp_path_factory, media_dir):
   root = tmp_path_factory.mktemp('concurrency')
   reencode(str(media_dir / 'talking.mp4'), str(root / 'clip.mp4'), 1.0)
   return root
-
-
-def run_bundle(fn: DownloadSource, sources) -> list:
-  """One bundle as a Beam runner drives a DoFn: setup, start, process each element, finish, teardown."""
-  fn.setup()
-  fn.start_bundle()
-  outputs = [output for source in sources for output in fn.process(source)]
-  outputs += [windowed.value for windowed in fn.finish_bundle()]
-  fn.teardown()
-  return outputs
 
 
 def closed_port() -> int:
