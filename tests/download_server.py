@@ -41,11 +41,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server.cookies.append(self.headers.get('Cookie'))
       server.active += 1
       server.most_active = max(server.most_active, server.active)
+    self._held = True
     try:
       self._serve(path)
     finally:
-      with server.lock:
-        server.active -= 1
+      self._release()
+
+  def _release(self):
+    """A request stops counting as active before its first byte goes out: a client that waits for one answer
+    before the next request can then never be seen as two at once (counting until the handler returns raced
+    with the client's next request)."""
+    if self._held:
+      self._held = False
+      with self.server.lock:
+        self.server.active -= 1
 
   def _serve(self, path: str):
     server = self.server
@@ -53,6 +62,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if match:
       time.sleep(float(match.group(1)))
       path = match.group(2)
+    self._release()
     match = re.match(r'^/retry_after/(\d+)(/.*)$', path)
     if match:
       with server.lock:
@@ -121,7 +131,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def download_server(root: str, tls: Optional[Tuple[str, str]] = None) -> Iterator[_Server]:
-  """A threaded loopback server for `root`; yields it (`.url`, `.requests`, `.most_active`).
+  """A threaded loopback server for `root`; yields it (`.url`, `.requests`, `.most_active`: the most requests held unanswered at once).
   With `tls` (certificate file, key file) it speaks https."""
   server = _Server(('127.0.0.1', 0), _Handler)
   server.root, server.requests, server.cookies, server.limited = root, [], [], set()
