@@ -2,7 +2,8 @@
 #  - the Dataflow / Flink SDK worker (--sdk_container_image / --environment_config): Beam's boot is the entrypoint;
 #  - the flex-template launcher: Dataflow runs /opt/google/dataflow/python_template_launcher in the same image,
 #    which runs FLEX_TEMPLATE_PYTHON_PY_FILE with the template parameters.
-# CUDA runtime for GPU model handlers (torch extra); MediaPipe runs on the CPU in either case.
+# CUDA runtime for the GPU model handlers: the default `gpu` extra brings torch's CUDA build (PyPI's Linux wheel),
+# onnxruntime-gpu and every recipe's model libraries; MediaPipe runs on the CPU in either case.
 # Every base is pinned. The Python version must match the Beam SDK image (3.11).
 
 ARG BEAM_VERSION=2.77.0
@@ -14,8 +15,8 @@ FROM ghcr.io/astral-sh/uv:0.8.17 AS uv
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 
 ARG BEAM_VERSION
-# Optional extras of the project, e.g. --build-arg EXTRAS=torch for torch model handlers on the GPU.
-ARG EXTRAS=""
+# The project's extras: `gpu` carries every handler's GPU runtime. EXTRAS="" builds a CPU-only image for hdtf.
+ARG EXTRAS=gpu
 ARG PYTHON_VERSION=3.11.13
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -41,7 +42,8 @@ COPY beam_pipeline ./beam_pipeline
 COPY transforms ./transforms
 COPY model_handlers ./model_handlers
 RUN uv pip install --no-cache "/template${EXTRAS:+[$EXTRAS]}" \
-  && python -c "import apache_beam, mediapipe, av; assert apache_beam.__version__ == '${BEAM_VERSION}'"
+  && python -c "import apache_beam, mediapipe, av; assert apache_beam.__version__ == '${BEAM_VERSION}'" \
+  && python -m model_handlers.devices
 
 # Model files from their official addresses; the registry checks each sha256 and fails the build on a mismatch.
 ENV BEAM_PIPELINE_CACHE=/opt/models
