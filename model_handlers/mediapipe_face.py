@@ -21,7 +21,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from model_handlers import registry
+from model_handlers import mediapipe_tasks, registry
 from model_handlers.in_process import ModelError
 from transforms.core.elements import NUM_BLENDSHAPES, NUM_LANDMARKS, Detection, FaceResult
 
@@ -93,10 +93,9 @@ class TaskPool:
 
 
 def _mp_image(image: np.ndarray):
-  import mediapipe as mp
   if np.ndim(image) != 3 or np.shape(image)[2] != 3 or np.asarray(image).dtype != np.uint8:
     raise ValueError(f'expected an RGB uint8 frame (H, W, 3), got shape {np.shape(image)}')
-  return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
+  return mediapipe_tasks.image(np.ascontiguousarray(image))
 
 
 class MediaPipeHandler(ModelHandler[np.ndarray, PredictionResult, TaskPool]):
@@ -163,7 +162,7 @@ class FaceDetectorModelHandler(MediaPipeHandler):
   model_name = 'face_detector_full_range'
 
   def _create(self, model_path: str):
-    from mediapipe.tasks.python import BaseOptions, vision
+    BaseOptions, vision = mediapipe_tasks.tasks().BaseOptions, mediapipe_tasks.tasks().vision
     return vision.FaceDetector.create_from_options(vision.FaceDetectorOptions(
         base_options=BaseOptions(model_asset_path=model_path), running_mode=vision.RunningMode.IMAGE,
         min_detection_confidence=self._min_confidence))
@@ -185,7 +184,7 @@ class FaceLandmarkerModelHandler(MediaPipeHandler):
   model_name = 'face_landmarker'
 
   def _create(self, model_path: str):
-    from mediapipe.tasks.python import BaseOptions, vision
+    BaseOptions, vision = mediapipe_tasks.tasks().BaseOptions, mediapipe_tasks.tasks().vision
     return vision.FaceLandmarker.create_from_options(vision.FaceLandmarkerOptions(
         base_options=BaseOptions(model_asset_path=model_path), running_mode=vision.RunningMode.IMAGE,
         num_faces=self._max_faces, min_face_detection_confidence=self._min_confidence,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from model_handlers import mediapipe_tasks
 from model_handlers.mediapipe_face import MediaPipeHandler, _mp_image
 
 
@@ -26,7 +27,7 @@ class PersonSegmenterModelHandler(MediaPipeHandler):
                      metrics_namespace=metrics_namespace)
 
   def _create(self, model_path: str):
-    from mediapipe.tasks.python import BaseOptions, vision
+    BaseOptions, vision = mediapipe_tasks.tasks().BaseOptions, mediapipe_tasks.tasks().vision
     return vision.ImageSegmenter.create_from_options(vision.ImageSegmenterOptions(
         base_options=BaseOptions(model_asset_path=model_path), running_mode=vision.RunningMode.IMAGE,
         output_confidence_masks=True, output_category_mask=False))
