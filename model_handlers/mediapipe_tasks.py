@@ -6,23 +6,30 @@ files without it, so it is hidden for that import unless something in the proces
 """
 import importlib
 import sys
+import threading
+
+
+_LOCK = threading.Lock()
+_TASKS = []  # the module once fully imported: sys.modules holds it half-imported while another thread imports it
 
 
 def tasks():
   """The `mediapipe.tasks.python` module (BaseOptions, vision)."""
-  loaded = sys.modules.get('mediapipe.tasks.python')
-  if loaded is not None:
-    return loaded
-  hide = 'tensorflow' not in sys.modules
-  if hide:
-    sys.modules['tensorflow'] = None  # `import tensorflow` now raises ModuleNotFoundError, which mediapipe handles
-  try:
-    loaded = importlib.import_module('mediapipe.tasks.python')
-    importlib.import_module('mediapipe.tasks.python.vision')  # its metadata module also tries TensorFlow
-  finally:
-    if hide and sys.modules.get('tensorflow', False) is None:
-      del sys.modules['tensorflow']
-  return loaded
+  if _TASKS:
+    return _TASKS[0]
+  with _LOCK:
+    if not _TASKS:
+      hide = 'tensorflow' not in sys.modules
+      if hide:
+        sys.modules['tensorflow'] = None  # `import tensorflow` now raises ModuleNotFoundError, which mediapipe handles
+      try:
+        loaded = importlib.import_module('mediapipe.tasks.python')
+        importlib.import_module('mediapipe.tasks.python.vision')  # its metadata module also tries TensorFlow
+      finally:
+        if hide and sys.modules.get('tensorflow', False) is None:
+          del sys.modules['tensorflow']
+      _TASKS.append(loaded)
+  return _TASKS[0]
 
 
 def image(data):
