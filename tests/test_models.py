@@ -61,3 +61,16 @@ print('collected', out)
   from tests.helpers import REPO
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and 'collected' in result.stdout, result.stderr[-2000:]
+
+
+def test_mediapipe_loads_without_tensorflow_which_stays_importable():
+  """TensorFlow (the DeepSpeech extra) is installed in the test environment: mediapipe would import it in every
+  process that loads a landmarker. It is refused to mediapipe alone, and still imports for whoever asks."""
+  import subprocess
+  import sys
+  script = ('import sys; from model_handlers import mediapipe_tasks; mediapipe_tasks.tasks().vision.FaceLandmarker; '
+            'print("tensorflow" in sys.modules); import tensorflow; print(tensorflow.__version__ > "2")')
+  run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.split() == ['False', 'True']
