@@ -1,5 +1,7 @@
-"""Audio features for the nerf recipe: log-mel, frame windows, and a HuBERT handler on a tiny random model."""
+"""Audio features for the nerf recipe: log-mel, frame windows, and the HuBERT, wav2vec2 and DeepSpeech handlers on
+tiny random models."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -73,7 +75,10 @@ def test_mel_features_per_frame():
   mel = af.log_mel(pcm)
   np.testing.assert_array_equal(windows[30, 8], mel[60])  # frame 30 (1.2 s) is centred on step 60
   with pytest.raises(ValueError, match='kind'):
-    af.audio_features('deepspeech', pcm, 50, 25)
+    af.audio_features('lpc', pcm, 50, 25)
+  assert af.parse_kinds('hubert, deepspeech,hubert') == ('hubert', 'deepspeech')
+  with pytest.raises(ValueError, match='lpc'):
+    af.parse_kinds('mel,lpc')
 
 
 @pytest.fixture(scope='module')
@@ -133,13 +138,16 @@ def test_hubert_chunks_join_without_gap_or_repeat(hubert_dir):
 def test_hubert_features_per_video_frame(hubert_dir):
   pcm = _tone_burst(total_s=2.0)
   model = _shared(af.HubertHandler(hubert_dir))
-  windows = af.audio_features('hubert', pcm, num_frames=50, fps=25, hubert_model=model)
+  windows = af.audio_features('hubert', pcm, num_frames=50, fps=25, model=model)
   assert windows.shape == (50, 16, 32)
   steps = model.infer([pcm])[0]
   np.testing.assert_allclose(windows[20, 8], steps[40], atol=1e-6)  # frame 20 (0.8 s) is step 40
   assert np.all(windows[0, :8] == 0)
+  (pairs,) = af.trainer_files('hubert', pcm, 50, 25, model).values()  # ER-NeRF's aud_hu.npy: the frame's 2 steps
+  assert pairs.shape == (50, 2, 32)
+  np.testing.assert_allclose(pairs[20], steps[40:42], atol=1e-6)
   # 30 fps: the 50 Hz steps are interpolated at 60 Hz (two per frame), then windowed.
-  windows_30 = af.audio_features('hubert', pcm, num_frames=60, fps=30, hubert_model=model)
+  windows_30 = af.audio_features('hubert', pcm, num_frames=60, fps=30, model=model)
   assert windows_30.shape == (60, 16, 32)
   np.testing.assert_allclose(windows_30[30, 8], steps[50], atol=1e-5)  # 1.0 s is step 50 at either rate
   np.testing.assert_allclose(windows_30[30, 9], (steps[50] + 5 * steps[51]) / 6, atol=1e-5)  # 61/60 s
@@ -178,3 +186,106 @@ def test_hubert_handler_runs_in_run_inference(hubert_dir):
     shapes = (p | beam.Create(utterances) | RunInference(af.HubertHandler(hubert_dir))
               | beam.Map(lambda result: (len(result.example), result.inference.shape)))
     assert_that(shapes, equal_to([(8000, (24, 32)), (16000, (49, 32))]))
+
+
+def test_a_hub_name_the_hub_cannot_give_is_one_line(monkeypatch, tmp_path):
+  """A name that is no folder here is a model hub name (owner/name), looked up as the original scripts do; with no
+  hub (offline, as in tests) and nothing cached, the flag's error says so."""
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.chdir(tmp_path)
+  assert af.is_hub_name('facebook/hubert-large-ls960-ft') and not af.is_hub_name('/weights/hubert')
+  with pytest.raises(WeightsError, match='--wav2vec_model .nobody/no-such-model.: no such folder, and the model hub'):
+    af.check_wav2vec_dir('nobody/no-such-model')
+  (tmp_path / 'nobody' / 'no-such-model').mkdir(parents=True)  # a folder of that name here is a folder
+  assert not af.is_hub_name('nobody/no-such-model')
+  with pytest.raises(WeightsError, match='the folder has no config.json'):
+    af.check_wav2vec_dir('nobody/no-such-model')
+
+
+def test_a_hub_name_loads_as_transformers_loads_it(monkeypatch, tmp_path, hubert_dir):
+  """facebook/hubert-large-ls960-ft-style names load through the model hub's client, here from its local cache
+  (offline: tests never download), the same weights as the folder."""
+  from huggingface_hub import constants
+  repo = tmp_path / 'cache' / 'models--tiny-org--hubert-tiny'
+  shutil.copytree(hubert_dir, repo / 'snapshots' / ('0' * 40))
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text('0' * 40)
+  monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.chdir(tmp_path)
+  assert af.check_hubert_dir('tiny-org/hubert-tiny') == 'tiny-org/hubert-tiny'
+  pcm = _tone_burst(total_s=1.0)
+  from_hub, from_folder = (af.HubertHandler(name) for name in ('tiny-org/hubert-tiny', hubert_dir))
+  np.testing.assert_array_equal(next(iter(from_hub.run_inference([pcm], from_hub.load_model()))).inference,
+                                next(iter(from_folder.run_inference([pcm], from_folder.load_model()))).inference)
+
+
+def tiny_wav2vec(folder) -> str:
+  """A tiny random wav2vec2 CTC model with the Esperanto xlsr-53 model's 44 letters, in save_pretrained form."""
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(1)
+  config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                                       num_conv_pos_embedding_groups=4, vocab_size=44, feat_extract_norm='layer',
+                                       do_stable_layer_norm=True)
+  transformers.Wav2Vec2ForCTC(config).save_pretrained(str(folder))
+  return str(folder)
+
+
+def test_wav2vec_handler_gives_the_ctc_logits(tmp_path):
+  torch = pytest.importorskip('torch')
+  from transformers import Wav2Vec2ForCTC, Wav2Vec2Model
+  wav2vec_dir = tiny_wav2vec(tmp_path / 'wav2vec-tiny')
+  pcm = _tone_burst(total_s=1.5)
+  handler = af.Wav2VecHandler(wav2vec_dir)
+  (result,) = handler.run_inference([pcm], handler.load_model())
+  assert result.inference.shape == ((len(pcm) - 80) // 320, 44) and result.inference.dtype == np.float32
+  reference = Wav2Vec2ForCTC.from_pretrained(wav2vec_dir, local_files_only=True).eval()
+  normalised = (pcm - pcm.mean()) / np.sqrt(pcm.var() + 1e-7)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(normalised)[None]).logits[0].numpy()
+  np.testing.assert_allclose(result.inference, expected, atol=1e-4)
+  headless = tmp_path / 'headless'  # the base model has no CTC head: its "logits" would be random
+  Wav2Vec2Model(reference.config).save_pretrained(str(headless))
+  with pytest.raises(WeightsError, match='--wav2vec_model.*Wav2Vec2ForCTC'):
+    af.check_wav2vec_dir(str(headless))
+
+
+def tiny_deepspeech_graph(path) -> str:
+  """A frozen TensorFlow graph with DeepSpeech 0.1.0's tensors: input_node (1, T, 494) float, input_lengths (1,)
+  int32, logits (T, 1, 29) time-major, here one random linear layer."""
+  tf = pytest.importorskip('tensorflow')
+  graph = tf.Graph()
+  with graph.as_default():
+    inputs = tf.compat.v1.placeholder(tf.float32, [1, None, 494], name='input_node')
+    tf.compat.v1.placeholder(tf.int32, [1], name='input_lengths')
+    weights = tf.constant(np.random.default_rng(3).normal(0, 0.1, (494, 29)).astype(np.float32))
+    tf.transpose(tf.tensordot(inputs, weights, 1), [1, 0, 2], name='logits')
+  with open(path, 'wb') as handle:
+    handle.write(graph.as_graph_def().SerializeToString())
+  return str(path)
+
+
+def test_deepspeech_handler_runs_the_frozen_graph_on_adnerf_input(tmp_path):
+  pytest.importorskip('python_speech_features')
+  graph = tiny_deepspeech_graph(tmp_path / 'output_graph.pb')
+  pcm = _tone_burst(total_s=2.0)
+  handler = af.DeepSpeechHandler(graph)
+  (result,) = handler.run_inference([pcm], handler.load_model())
+  from python_speech_features import mfcc
+  inputs = af.deepspeech_input(pcm, mfcc)
+  # 26 MFCCs every 10 ms, every second kept: 50 Hz; 19 context steps side by side; normalised over the utterance.
+  assert inputs.shape == (100, 494) and abs(float(inputs.mean())) < 1e-4 and abs(float(inputs.std()) - 1) < 1e-3
+  assert np.ptp(inputs[0, :9 * 26]) == 0 and np.ptp(inputs[0, 9 * 26:]) > 0  # the zero context before the start
+  weights = np.random.default_rng(3).normal(0, 0.1, (494, 29)).astype(np.float32)
+  assert result.inference.shape == (100, 29)
+  np.testing.assert_allclose(result.inference, inputs @ weights, atol=1e-3)
+  windows = af.trainer_files('deepspeech', pcm, 50, 25, _shared(handler))
+  assert sorted(windows) == ['aud.npy', 'aud_ds.npy'] and windows['aud.npy'].shape == (50, 16, 29)
+  np.testing.assert_allclose(windows['aud_ds.npy'][10, 8], result.inference[20], atol=1e-5)
+  (tmp_path / 'junk.pb').write_bytes(b'not a graph')
+  with pytest.raises(WeightsError, match='--deepspeech_model'):
+    af.DeepSpeechHandler(str(tmp_path / 'junk.pb')).load_model()

@@ -1,6 +1,7 @@
 """The `nerf` recipe: AD-NeRF's per-frame formats (pure helpers) and one subject folder end to end."""
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -91,7 +92,8 @@ def test_gt_and_torso_images():
   assert torso[205, 256, 0] < torso[245, 256, 0] <= 90
 
 
-def test_split_ids_every_nth_to_val():
+def test_split_ids_last_eleventh_or_every_nth_to_val():
+  assert nf.split_ids(range(50)) == {'train': list(range(45)), 'val': list(range(45, 50))}  # AD-NeRF's: int(n*10/11)
   split = nf.split_ids(range(50), 11)
   assert split['val'] == [10, 21, 32, 43] and len(split['train']) == 46
   assert nf.split_ids(range(5), 0) == {'train': [0, 1, 2, 3, 4], 'val': []}
@@ -144,6 +146,11 @@ def test_a_published_subject_is_not_rewritten(tmp_path):
   assert [(r.value.id, r.value.reason) for r in results if isinstance(r, TaggedOutput)] == [
       ('talker_1', 'subject_exists')]
   assert not any(path.exists() for path in leftovers)
+  # A clip of an unpublished subject failed staging: the others wait for the run that makes the whole subject.
+  held = list(WriteSubject(output, 'mel', None, 11).process(('other', {'clips': [clip(3)], 'bc': [b''],
+                                                                       'failed': ['other_2 (internal_error)']})))
+  assert [(r.value.id, r.value.reason) for r in held] == [('talker_3', 'subject_incomplete')]
+  assert not leftovers[-1].exists() and not (tmp_path / 'out' / 'other').exists()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -169,11 +176,11 @@ def nerf_run(tmp_path_factory):
   manifest.write_text(json.dumps({'id': 'talker', 'url': video, 'clips': [[1.2, 2.4], [0.0, 1.2]]}) + '\n')
   output, work = root / 'out', root / 'work'
   run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=nerf', '--size=128',
-          f'--depth={depth}', '--no_report', '--no_progress')
+          f'--depth={depth}', '--no_progress')
   return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work)}
 
 
-HUBERT_HIDDEN = 32  # the tiny HuBERT's hidden size: the last axis of audio_hubert.npy
+HUBERT_HIDDEN = 32  # the tiny HuBERT's hidden size: the last axis of aud_hu.npy
 
 
 def _tiny_hubert(folder) -> str:
@@ -210,12 +217,16 @@ def _stripes_parsing(path) -> str:
 
 @pytest.fixture(scope='module')
 def nerf_weights_run(tmp_path_factory):
-  """One clip through `--recipe=nerf` with the user-weights handlers in the pipeline: HuBERT features from a
-  tiny save_pretrained folder and BiSeNet parsing from a TorchScript export."""
+  """One clip through `--recipe=nerf` with the user-weights handlers in the pipeline: the three trainers' audio
+  features at once (HuBERT and wav2vec2 CTC from tiny save_pretrained folders, DeepSpeech from a tiny frozen graph
+  with its tensor names), BiSeNet parsing from a TorchScript export, and the interleaved split asked for."""
   from beam_pipeline.demo import VideoSpec, write_video
   from tests.helpers import run_cli
+  from tests.test_audio_features import tiny_deepspeech_graph, tiny_wav2vec
   root = tmp_path_factory.mktemp('nerf_weights')
   hubert = _tiny_hubert(root / 'hubert-tiny')
+  wav2vec = tiny_wav2vec(root / 'wav2vec-tiny')
+  deepspeech = tiny_deepspeech_graph(root / 'output_graph.pb')
   parsing = _stripes_parsing(root / 'bisenet.torchscript')
   video = str(root / 'speaker.mp4')
   write_video(video, VideoSpec(duration=2.0, fps=25.0, seed=8))
@@ -223,25 +234,110 @@ def nerf_weights_run(tmp_path_factory):
   manifest.write_text(json.dumps({'id': 'speaker', 'url': video}) + '\n')
   output, work = root / 'out', root / 'work'
   run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=nerf', '--size=128',
-          '--audio_features=hubert', f'--hubert_model={hubert}', f'--parsing_weights={parsing}', '--no_report',
+          '--audio_features=hubert,wav2vec,deepspeech', f'--hubert_model={hubert}', f'--wav2vec_model={wav2vec}',
+          f'--deepspeech_model={deepspeech}', f'--parsing_weights={parsing}', '--val_every=11', '--no_report',
           '--no_progress')
-  return {'folder': str(output / 'speaker'), 'output': str(output), 'hubert': hubert}
+  return {'folder': str(output / 'speaker'), 'output': str(output), 'hubert': hubert, 'wav2vec': wav2vec,
+          'deepspeech': deepspeech}
 
 
-def test_hubert_features_come_from_the_users_model(nerf_weights_run):
-  from beam_pipeline.recipes.nerf.audio_features import HubertHandler, audio_features
+def test_audio_features_come_from_the_users_models(nerf_weights_run):
+  from beam_pipeline.recipes.nerf import audio_features as af
   from model_handlers.in_process import SharedModel
   folder = nerf_weights_run['folder']
   (record,) = read_jsonl(os.path.join(nerf_weights_run['output'], 'index.jsonl'))
   n = record['num_frames']
-  features = np.load(os.path.join(folder, 'audio_hubert.npy'))
-  assert features.shape == (n, 16, HUBERT_HIDDEN) and features.dtype == np.float32 and n == 50
-  assert not os.path.exists(os.path.join(folder, 'audio_mel.npy'))
+  assert n == 50 and not os.path.exists(os.path.join(folder, 'audio_mel.npy'))
   with wave.open(os.path.join(folder, 'audio.wav')) as audio:
     pcm = np.frombuffer(audio.readframes(audio.getnframes()), '<i2').astype(np.float32) / 32768.0
-  model = SharedModel(HubertHandler(nerf_weights_run['hubert']))
-  model.setup()
-  np.testing.assert_allclose(features, audio_features('hubert', pcm, n, 25.0, model), atol=1e-4)
+  for kind, handler in (('hubert', af.HubertHandler), ('wav2vec', af.Wav2VecHandler),
+                        ('deepspeech', af.DeepSpeechHandler)):
+    model = SharedModel(handler(nerf_weights_run[kind]))
+    model.setup()
+    for name, expected in af.trainer_files(kind, pcm, n, 25.0, model).items():
+      written = np.load(os.path.join(folder, name))
+      assert written.dtype == np.float32 and written.shape == expected.shape, name
+      np.testing.assert_allclose(written, expected, atol=1e-4, err_msg=name)
+
+
+# What each trainer's loader opens, read here the way it reads it (its --asr_model picks the audio file and the
+# width its AudioNet is built for: 'esperanto' -> aud_eo.npy, 44; 'deepspeech' -> aud_ds.npy, 29; ER-NeRF's
+# 'hubert' -> aud_hu.npy, 1024 for hubert-large, here the tiny model's width).
+RAD_NERF = {'cpierse/wav2vec2-large-xlsr-53-esperanto': ('aud_eo.npy', 44), 'deepspeech': ('aud_ds.npy', 29)}
+ER_NERF = dict(RAD_NERF, hubert=('aud_hu.npy', HUBERT_HIDDEN))
+
+
+def _split(folder: str, name: str) -> dict:
+  with open(os.path.join(folder, f'transforms_{name}.json')) as handle:
+    return json.load(handle)
+
+
+def _radnerf_style_frames(folder: str, asr_models: dict, blink: bool) -> None:
+  """RAD-NeRF's / ER-NeRF's NeRFDataset on train and val: H and W from cx, cy; per frame gt_imgs/<id>.jpg,
+  torso_imgs/<id>.png (RGBA), ori_imgs/<id>.lms (68 x 2), the audio row min(aud_id, N - 1) of the file the
+  --asr_model names, permuted to (channels, steps); ER-NeRF also au.csv's ' AU45_r' at img_id; and bc.jpg."""
+  for split in ('train', 'val'):
+    meta = _split(folder, split)
+    height, width = int(meta['cy']) * 2, int(meta['cx']) * 2
+    assert meta['focal_len'] > 0 and meta['frames']
+    blinks = _au45(folder) if blink else None
+    for asr_model, (name, channels) in asr_models.items():
+      features = np.load(os.path.join(folder, name))
+      assert features.ndim == 3 and features.dtype == np.float32, (asr_model, features.shape)
+      features = features.transpose(0, 2, 1)  # the loaders' permute(0, 2, 1): (N, channels, steps)
+      assert features.shape[1] == channels, (asr_model, features.shape)
+      for frame in meta['frames']:
+        assert features[min(frame['aud_id'], len(features) - 1)].shape[0] == channels
+    for frame in meta['frames']:
+      image = cv2.imread(os.path.join(folder, 'gt_imgs', f'{frame["img_id"]}.jpg'), cv2.IMREAD_UNCHANGED)
+      torso = cv2.imread(os.path.join(folder, 'torso_imgs', f'{frame["img_id"]}.png'), cv2.IMREAD_UNCHANGED)
+      assert image.shape == (height, width, 3) and torso.shape == (height, width, 4)
+      assert np.loadtxt(os.path.join(folder, 'ori_imgs', f'{frame["img_id"]}.lms')).shape == (68, 2)
+      assert np.array(frame['transform_matrix'], np.float32).shape == (4, 4)
+      if blink:
+        assert 0 <= blinks[frame['img_id']] <= 5
+  assert cv2.imread(os.path.join(folder, 'bc.jpg'), cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+
+
+def test_rad_nerf_opens_every_file(nerf_weights_run):
+  _radnerf_style_frames(nerf_weights_run['folder'], RAD_NERF, blink=False)
+
+
+def test_er_nerf_opens_every_file(nerf_weights_run):
+  folder = nerf_weights_run['folder']
+  _radnerf_style_frames(folder, ER_NERF, blink=True)
+  assert np.load(os.path.join(folder, 'aud_hu.npy')).shape == (50, 2, HUBERT_HIDDEN)  # two 20 ms steps a frame
+
+
+def test_ad_nerf_opens_every_file(nerf_weights_run):
+  """AD-NeRF's load_audface_data (HeadNeRF and TorsoNeRF): aud.npy (N, 16, 29) at min(aud_id, N - 1), per frame
+  head_imgs/ (HeadNeRF) and com_imgs/ (TorsoNeRF) jpgs and an int32 face_rect, bc.jpg for H and W, focal_len, cx,
+  cy; near and far for its config. Asked for with --val_every=11, the split interleaves."""
+  folder = nerf_weights_run['folder']
+  features = np.load(os.path.join(folder, 'aud.npy'))
+  assert features.shape == (50, 16, 29)
+  np.testing.assert_array_equal(features, np.load(os.path.join(folder, 'aud_ds.npy')))
+  height, width = cv2.imread(os.path.join(folder, 'bc.jpg')).shape[:2]
+  for split in ('train', 'val'):
+    meta = _split(folder, split)
+    assert 0 < meta['near'] < meta['far'] and float(meta['focal_len']) and float(meta['cx']) and float(meta['cy'])
+    for frame in meta['frames']:
+      assert features[min(frame['aud_id'], len(features) - 1)].astype(np.float32).shape == (16, 29)
+      for images in ('head_imgs', 'com_imgs'):
+        assert cv2.imread(os.path.join(folder, images, f'{frame["img_id"]}.jpg')).shape == (height, width, 3)
+      x, y, w, h = np.array(frame['face_rect'], dtype=np.int32)
+      assert 0 <= x and 0 <= y and x + w < width and y + h < height and w > 0 and h > 0
+  assert [f['img_id'] for f in _split(folder, 'val')['frames']] == [10, 21, 32, 43]
+
+
+def test_dataset_reads_hubert_pairs_as_windows(nerf_weights_run):
+  from beam_pipeline.recipes.nerf.dataset import NerfSubjectDataset
+  with pytest.raises(ValueError, match='3 kinds'):
+    NerfSubjectDataset(nerf_weights_run['folder'])
+  item = NerfSubjectDataset(nerf_weights_run['folder'], audio_kind='hubert')[5]
+  pairs = np.load(os.path.join(nerf_weights_run['folder'], 'aud_hu.npy'))
+  assert tuple(item['audio'].shape) == (16, HUBERT_HIDDEN)
+  np.testing.assert_array_equal(item['audio'].numpy()[8:10], pairs[5])  # frame 5's own steps at the centre
 
 
 def test_parsing_comes_from_the_users_bisenet(nerf_weights_run):
@@ -257,6 +353,12 @@ def test_parsing_comes_from_the_users_bisenet(nerf_weights_run):
 
 def _files(folder: str, sub: str, ext: str) -> list:
   return sorted(glob.glob(os.path.join(folder, sub, '*.' + ext)), key=lambda p: int(os.path.basename(p).split('.')[0]))
+
+
+def _au45(folder: str) -> list:
+  """au.csv's ' AU45_r' column, by row, as ER-NeRF reads it (pandas keeps OpenFace's leading spaces in names)."""
+  with open(os.path.join(folder, 'au.csv'), newline='') as handle:
+    return [float(row[' AU45_r']) for row in csv.DictReader(handle)]
 
 
 def test_subject_folder_has_every_file(nerf_run):
@@ -290,8 +392,23 @@ def test_subject_folder_has_every_file(nerf_run):
   val = json.load(open(os.path.join(folder, 'transforms_val.json')))
   assert (train['focal_len'], train['cx'], train['cy']) == (128.0, 64.0, 64.0)
   assert sorted(f['img_id'] for f in train['frames'] + val['frames']) == list(range(n))
-  assert [f['img_id'] for f in val['frames']] == [10, 21, 32, 43, 54]
+  assert [f['img_id'] for f in val['frames']] == list(range(54, 60))  # AD-NeRF's split: the last 1/11
   assert all(f['aud_id'] == f['img_id'] and len(f['face_rect']) == 4 for f in train['frames'])
+  # AD-NeRF's near and far: the head's mean distance from the camera -0.2 and +0.4.
+  depth = -np.mean([np.linalg.inv(f['transform_matrix'])[2, 3] for f in train['frames'] + val['frames']])
+  assert 0.2 < depth < 3.0 and (train['near'], train['far']) == (val['near'], val['far'])
+  assert (train['near'], train['far']) == pytest.approx((depth - 0.2, depth + 0.4), abs=1e-5)
+  for i in (0, 33):  # AD-NeRF's com_imgs (= gt_imgs) and head_imgs (the head over bc.jpg)
+    assert open(os.path.join(folder, 'com_imgs', f'{i}.jpg'), 'rb').read() == open(
+        os.path.join(folder, 'gt_imgs', f'{i}.jpg'), 'rb').read()
+    head = cv2.imread(os.path.join(folder, 'head_imgs', f'{i}.jpg')).astype(np.float64)
+    labels = cv2.imread(os.path.join(folder, 'parsing', f'{i}.png'), cv2.IMREAD_UNCHANGED)
+    bc = cv2.imread(os.path.join(folder, 'bc.jpg')).astype(np.float64)
+    in_head = np.isin(labels, nf.HEAD_CLASSES)
+    outside = cv2.erode((~in_head).view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # away from jpeg edges
+    assert np.abs(head - bc)[outside].mean() < 3 and np.abs(head - bc)[in_head].mean() > 10
+  blinks = _au45(folder)
+  assert len(blinks) == n and all(0 <= value <= 5 for value in blinks)
 
 
 def test_clips_numbered_in_time_order_and_accounted(nerf_run):
@@ -307,6 +424,30 @@ def test_clips_numbered_in_time_order_and_accounted(nerf_run):
   assert stats['written'] == 2 and stats['balanced']
   assert not glob.glob(os.path.join(nerf_run['work'], 'frames', '*'))  # the clips' archives are gone
   assert not glob.glob(os.path.join(nerf_run['work'], 'clips', '*.mp4'))
+
+
+def test_report_shows_the_subject_with_its_frames(nerf_run):
+  """report.html of a folder recipe: the subject, its clips and frames, its files, pictures of its frames."""
+  from beam_pipeline import report
+  from tests.test_report import IMAGES, in_chromium
+  page = os.path.join(nerf_run['output'], report.REPORT)
+  shown = in_chromium(page, """
+    const table = document.getElementById('folders');
+    const folder = document.querySelector('section.folder');
+    return {rows: [...table.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent)),
+            heading: folder.querySelector('h3').textContent, files: folder.querySelector('.files').textContent,
+            audio: folder.querySelector('audio').getAttribute('src')};""")
+  assert shown['rows'] == [['talker', 'nerf', '2', '60']]
+  assert shown['heading'] == 'talker 2 clips, 60 frames' and shown['audio'] == 'talker/audio.wav'
+  for counted in ('ori_imgs/: 60 jpg, 60 lms', 'parsing/: 60 png', 'gt_imgs/: 60 jpg', 'torso_imgs/: 60 png',
+                  'depth/: 60 npy', 'bc.jpg', 'transforms_train.json'):
+    assert counted in shown['files'], shown['files']
+  assert 'No kept samples.' not in open(page).read()
+  images = {src: width for src, _, width in in_chromium(page, IMAGES)}
+  sheet = cv2.imread(os.path.join(nerf_run['output'], report.FOLDER_PICTURES, 'talker.png'))
+  assert images[f'{report.FOLDER_PICTURES}/talker.png'] == sheet.shape[1] == report.FOLDER_FRAMES * report.TILE
+  assert sheet.shape[0] == 5 * report.TILE  # frame + landmarks, parsing, gt, torso; bc.jpg
+  assert (sheet[:report.TILE, :report.TILE] != 48).any() and sheet[4 * report.TILE:, report.TILE:].min() == 255
 
 
 def test_parsing_follows_the_face(nerf_run):
@@ -353,3 +494,92 @@ def test_dataset_loads_a_batch(nerf_run):
   assert batch['pose'].shape == (4, 4, 4) and batch['audio'].shape == (4, 16, 80)
   assert batch['parsing'].shape == (4, 128, 128) and batch['index'].tolist() == [0, 1, 2, 3]
   assert float(batch['image'].max()) <= 1.0 and train.focal == 128.0
+
+
+# ----------------------------------------------------------------------------- a subject is one unit
+
+def test_stale_files_of_an_unpublished_attempt_go(tmp_path):
+  """Frames past the count, `.lms` of frames that have no face now and depth maps this attempt does not make."""
+  from beam_pipeline.recipes.nerf.writer import WriteSubject
+  folder = tmp_path / 'talker'
+  names = ['ori_imgs/0.jpg', 'ori_imgs/0.lms', 'ori_imgs/1.jpg', 'ori_imgs/1.lms', 'ori_imgs/2.jpg', 'ori_imgs/2.lms',
+           'gt_imgs/2.jpg', 'torso_imgs/3.png', 'depth/0.npy', 'bc.jpg']
+  for name in names:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b'x')
+  WriteSubject(str(tmp_path), 'mel', None, 11)._drop_stale_files('talker', 3, {0, 2}, depth=False)
+  left = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
+  assert left == ['bc.jpg', 'gt_imgs/2.jpg', 'ori_imgs/0.jpg', 'ori_imgs/0.lms', 'ori_imgs/1.jpg', 'ori_imgs/2.jpg',
+                  'ori_imgs/2.lms']
+
+
+def _hdtf_two_windows(root, video: str) -> str:
+  """An HDTF input: `talker` with two clips (1.2 s each), each with its own fixed window (crop_wh: x, w, y, h)."""
+  annotations = root / 'HDTF_dataset'
+  annotations.mkdir()
+  (annotations / 'TST_video_url.txt').write_text(f'talker.mp4 {video}\n')
+  (annotations / 'TST_annotion_time.txt').write_text('talker.mp4 00:01.2-00:02.4 00:00-00:01.2\n')
+  (annotations / 'TST_crop_wh.txt').write_text('talker_0.mp4 160 300 40 300\ntalker_1.mp4 220 300 80 300\n')
+  return str(annotations)
+
+
+def _crash_marker(work, run_id: str, clip_id: str) -> None:
+  """What two worker deaths with `clip_id` in flight leave (transforms/crash_guard.py): the run rejects the clip
+  `decoder_crash`, a failure a later run retries."""
+  death = {'host': 'worker', 'pid': 1, 'alone': True, 'beside': []}
+  marker = work / 'markers' / run_id / clip_id
+  marker.parent.mkdir(parents=True)
+  marker.write_text(json.dumps(dict(death, clip_id=clip_id, beat=0.0, deaths=[death])))
+
+
+@pytest.fixture(scope='module')
+def nerf_reruns(tmp_path_factory):
+  """The HDTF input with two fixed windows through `--recipe=nerf` twice: first while talker_0's decoder crashes,
+  then (after an attempt that never published left files in the subject folder) with nothing failing."""
+  from beam_pipeline.demo import VideoSpec, write_video
+  from tests.helpers import run_cli
+  root = tmp_path_factory.mktemp('nerf_reruns')
+  video = str(root / 'talker.mp4')
+  write_video(video, VideoSpec(duration=2.6, fps=25.0, seed=4))
+  annotations = _hdtf_two_windows(root, video)
+  output, work = root / 'out', root / 'work'
+  args = (f'--input={annotations}', f'--output={output}', f'--work_dir={work}', '--recipe=nerf', '--size=128',
+          '--no_report', '--no_progress')
+  _crash_marker(work, 'crashed', 'talker_0')
+  run_cli(*args, '--run_id=crashed')
+  first = {'rejects': read_jsonl(str(output / 'rejects.jsonl')), 'published': os.listdir(output / 'published')
+           if os.path.isdir(output / 'published') else [], 'folder': sorted(os.listdir(output)),
+           'stats': json.load(open(output / 'stats.json'))}
+  for stale in ('ori_imgs/60.jpg', 'ori_imgs/61.lms', 'gt_imgs/60.jpg', 'parsing/75.png', 'depth/3.npy'):
+    (output / 'talker' / stale).parent.mkdir(parents=True, exist_ok=True)
+    (output / 'talker' / stale).write_bytes(b'stale')
+  run_cli(*args, '--run_id=after')
+  return {'first': first, 'output': str(output), 'folder': str(output / 'talker')}
+
+
+def test_a_subject_waits_for_a_clip_that_failed_in_passing(nerf_reruns):
+  """talker_0 crashed its decoder: talker_1 came through, yet the subject is not written without talker_0 (it
+  could never take it later); both wait for the next run, which makes the whole subject."""
+  first = nerf_reruns['first']
+  assert sorted((r['id'], r['reason']) for r in first['rejects']) == [('talker_0', 'decoder_crash'),
+                                                                       ('talker_1', 'subject_incomplete')]
+  assert first['published'] == [] and 'talker' not in first['folder'] and first['stats']['balanced']
+  records = read_jsonl(os.path.join(nerf_reruns['output'], 'index.jsonl'))
+  assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', [30, 60]), ('talker_1', [0, 30])]
+  assert read_jsonl(os.path.join(nerf_reruns['output'], 'rejects.jsonl')) == []
+
+
+def test_two_fixed_windows_give_one_framing(nerf_reruns):
+  """HDTF's per-clip windows (160, 40, 300, 300) and (220, 80, 300, 300): both clips get their union (160, 40, 360,
+  340), made square about its centre."""
+  records = read_jsonl(os.path.join(nerf_reruns['output'], 'index.jsonl'))
+  assert {(tuple(r['crop']['window']), tuple(r['crop']['padding'])) for r in records} == {
+      ((160, 30, 360, 360), (0, 0, 0, 0))}
+  assert {r['crop']['mode'] for r in records} == {'fixed'}
+
+
+def test_no_stale_file_of_an_unpublished_attempt(nerf_reruns):
+  folder = nerf_reruns['folder']
+  for sub, ext in (('ori_imgs', 'jpg'), ('ori_imgs', 'lms'), ('parsing', 'png'), ('gt_imgs', 'jpg')):
+    assert [int(os.path.basename(p).split('.')[0]) for p in _files(folder, sub, ext)] == list(range(60)), (sub, ext)
+  assert not glob.glob(os.path.join(folder, 'depth', '*'))  # the attempt had --depth, this run not

@@ -1,19 +1,28 @@
-"""One crop window for every clip of a subject (a source video): nerf and avatar see a subject as one camera.
+"""A subject (a source video) as one unit for nerf and avatar: one crop window for all its clips, written whole.
 
 A subject can have several clips (manifest clips, --max_clip_s pieces, face-track pieces), and per-clip tracking
-gives each its own window. AD-NeRF merges its background (bc.jpg) pixel by pixel over all of a subject's frames
-and places every frame on one image plane; HRAvatar crops a whole video with one box. So after tracking, the
-subject's tasks are grouped (`OneWindowPerSubject`: small elements, one group per subject) and each gets the same
-window, chosen by a `SubjectWindowFn`:
+or the manifest (HDTF's `crop_wh` is per clip) gives each its own window. AD-NeRF merges its background (bc.jpg)
+pixel by pixel over all of a subject's frames and places every frame on one image plane; HRAvatar crops a whole
+video with one box. So the recipe's tracker gets every clip, the ones with a given window too (--crop_mode=fixed,
+or `auto` with a manifest window), the subject's tasks are grouped (`OneWindowPerSubject`: small elements, one
+group per subject) and each gets the same window, chosen by a `SubjectWindowFn`:
 
-- `UnionOfWindows` (nerf): the union of the clips' tracked windows (and, with --crop_follow, of every place the
-  window went), made square and fitted to the frame (plan.fit_window: black padding where the square is larger
-  than the frame). Each task's `face_box` is recomputed for the new window and its `path` cleared.
-- transforms/avatar.EarliestFirstFrame (avatar): HRAvatar's box from the earliest clip's first frame.
+- `UnionOfWindows` (nerf): the union of the clips' windows, given or tracked (and, with --crop_follow, of every
+  place a tracked window went), made square and fitted to the frame (plan.fit_window: black padding where the
+  square is larger than the frame). Given windows are the user's framing, so the union keeps all of each in view;
+  only the clips without one are tracked. Each task's `face_box` is recomputed for the new window and its `path`
+  cleared.
+- beam_pipeline/recipes/avatar/track.EarliestFirstFrame (avatar): HRAvatar's box from the earliest clip's first
+  frame, for every crop mode: a given window is not used (HRAvatar's training assumes its own framing).
 
-Clips whose window the manifest gave (a fixed crop, `--crop_mode=fixed`) never reach the tracker and keep their
-window as given: the user chose that framing. A subject whose files differ in frame size (section downloads
-at different resolutions) gets one window per size, since a window is in its file's pixels.
+A subject whose files differ in frame size (section downloads at different resolutions) gets one window per size,
+since a window is in its file's pixels.
+
+A subject's folder is written once, with all its clips numbered in time order, and never renumbered. So it waits
+until every clip of it is settled: `HoldIncompleteSubjects` rejects the kept clips of a subject one of whose clips
+failed in a way a later run retries (`PASSING_FAILURES`: a model, the network, a timeout, a crashed decoder) as
+`subject_incomplete`, itself retried: the next run makes the whole subject. Published with a clip missing, the
+subject could never take that clip (`subject_exists` on every later run).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms.core.elements import ClipTask, Padding, Reject, Window
+from transforms.core.fileio import delete_quietly
 from transforms.deadletter import DeadLetter
 from transforms.lib.geometry import box_in_square, fit_window
 
@@ -101,7 +111,7 @@ def union_window(tasks: Sequence[ClipTask]) -> Window:
 
 
 class UnionOfWindows(SubjectWindowFn):
-  """nerf: the union of the subject's tracked windows, square and fitted to the frame, for every clip."""
+  """nerf: the union of the subject's windows (given or tracked), square and fitted to the frame, for every clip."""
 
   def choose(self, tasks: List[ClipTask]) -> Iterable:
     info = tasks[0].media.info
@@ -109,7 +119,7 @@ class UnionOfWindows(SubjectWindowFn):
     window, padding = fit_window(union, info.width, info.height)
     if len(tasks) == 1 and not tasks[0].path and (window, padding) == (tasks[0].window, tasks[0].padding):
       return tasks
-    note = (f'one window for the subject\'s {len(tasks)} clip(s): the union {list(union)} of their tracked windows, '
+    note = (f'one window for the subject\'s {len(tasks)} clip(s): the union {list(union)} of their windows, '
             f'square and fitted to the frame: {list(window)}'
             + (f', padded {list(padding)} (left, top, right, bottom)' if any(padding) else ''))
     return [with_window(task, window, padding, note) for task in tasks]
@@ -132,8 +142,8 @@ class OneWindowPerSubject(beam.PTransform):
 
 
 class TrackedPerSubject(beam.PTransform):
-  """A per-clip tracker (e.g. the spine's DetectAndTrack: {'tasks', 'rejects'}) followed by
-  `OneWindowPerSubject(assign)`: a recipe's `tracker`."""
+  """A per-clip tracker (e.g. the spine's DetectAndTrack: {'tasks', 'rejects'}) for the tasks without a given
+  window, then `OneWindowPerSubject(assign)` over all of them: a recipe's `tracker` (it gets every task)."""
 
   def __init__(self, tracker: beam.PTransform, assign: SubjectWindowFn):
     super().__init__()
@@ -141,7 +151,55 @@ class TrackedPerSubject(beam.PTransform):
     self.assign = assign
 
   def expand(self, tasks):
-    tracked = tasks | 'TrackClips' >> self.tracker
-    shared = tracked['tasks'] | 'OneWindowPerSubject' >> OneWindowPerSubject(self.assign)
+    given, untracked = tasks | 'WindowGiven' >> beam.Partition(lambda task, _: 0 if task.window is not None else 1, 2)
+    tracked = untracked | 'TrackClips' >> self.tracker
+    shared = ((given, tracked['tasks'])
+              | 'AllWindows' >> beam.Flatten()
+              | 'OneWindowPerSubject' >> OneWindowPerSubject(self.assign))
     rejects = (tracked['rejects'], shared['rejects']) | 'SubjectTrackRejects' >> beam.Flatten()
     return {'tasks': shared['tasks'], 'rejects': rejects}
+
+
+# A run's own failures, which a later run retries and may get past (a model, the network, a timeout, a decoder
+# that crashed its worker, an unexpected error); other reasons are about the clip (its media, the filters).
+INCOMPLETE = 'subject_incomplete'
+PASSING_FAILURES = frozenset({
+    'internal_error', 'model_error', 'decode_error', 'decoder_crash', 'render_timeout', 'download_timeout',
+    'probe_timeout', 'http_error', 'unreachable', 'ytdlp_error', 'truncated', 'source_truncated', INCOMPLETE})
+
+
+class _HoldClip(beam.DoFn):
+  """A kept clip (transforms/filters.Analysis) -> itself, or `subject_incomplete` on tag `rejects` (its work-dir
+  media removed: the next run renders it again) when its subject is in `held` ({source id: a failed clip})."""
+
+  def __init__(self):
+    self.held_clips = Metrics.counter('write', 'clips_held_for_their_subject')
+
+  def process(self, analysis, held):
+    task = analysis.clip.task
+    failed = held.get(task.source_id)
+    if failed is None:
+      yield analysis
+      return
+    self.held_clips.inc()
+    yield beam.pvalue.TaggedOutput('rejects', Reject(
+        task.clip_id, 'write', INCOMPLETE, f'subject {task.source_id} is written only with all its clips, and '
+        f'{failed} failed in a way a later run retries: that run makes the subject', task.source_id,
+        planned_id=task.planned_id))
+    delete_quietly([analysis.clip.mp4_uri, *analysis.clip.files.values()])
+
+
+class HoldIncompleteSubjects(beam.PTransform):
+  """(kept Analyses, the run's rejects before writing) -> {'kept': the clips of subjects none of whose clips
+  failed with a `PASSING_FAILURES` reason, 'rejects': `subject_incomplete` for the kept clips of the others}.
+
+  The failed subjects reach each clip as a side input of ids (small): no subject's clips meet on one worker."""
+
+  def expand(self, inputs):
+    kept, rejects = inputs
+    held = (rejects
+            | 'PassingFailures' >> beam.Filter(lambda reject: reject.reason in PASSING_FAILURES and reject.source_id)
+            | 'BySubject' >> beam.Map(lambda reject: (reject.source_id, f'{reject.id} ({reject.reason})'))
+            | 'OneFailurePerSubject' >> beam.CombinePerKey(min))
+    out = kept | 'HoldClips' >> beam.ParDo(_HoldClip(), beam.pvalue.AsDict(held)).with_outputs('rejects', main='kept')
+    return {'kept': out.kept, 'rejects': out.rejects}

@@ -5,20 +5,22 @@
     loader = DataLoader(NerfSubjectDataset('out/<subject>', split='train'), batch_size=4, shuffle=True)
 
 Each item is a dict of tensors: `image` (3, H, W) float in [0, 1] from gt_imgs (background replaced by
-bc.jpg, what AD-NeRF trains on), `pose` (4, 4) camera-to-world, `audio` (16, D) the frame's feature window,
+bc.jpg, what AD-NeRF trains on), `pose` (4, 4) camera-to-world, `audio` (16, D) the frame's feature window
+(ER-NeRF's two HuBERT steps per frame in aud_hu.npy are put back into 16-step windows),
 `parsing` (H, W) int64 face-parsing labels, `torso` (4, H, W) float RGBA in [0, 1], and `index` (the frame
 number). `focal`, `cx`, `cy` and `background` ((3, H, W), bc.jpg) are attributes. torch is imported only when
 an item is read, so the pipeline never needs it to import this module.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Optional
 
 import cv2
 import numpy as np
+
+from beam_pipeline.recipes.nerf.audio_features import FILES, STEPS_PER_FRAME, frame_windows
 
 
 def _read_rgb(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
@@ -29,8 +31,8 @@ def _read_rgb(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
 
 class NerfSubjectDataset:
-  """Frames of `split` ('train' or 'val') of a subject folder; `audio_kind` picks audio_<kind>.npy (default:
-  the only one there)."""
+  """Frames of `split` ('train' or 'val') of a subject folder; `audio_kind` ('mel', 'hubert', 'wav2vec',
+  'deepspeech') picks the features (default: the only kind there)."""
 
   def __init__(self, folder: str, split: str = 'train', audio_kind: Optional[str] = None):
     self.folder = folder
@@ -39,13 +41,14 @@ class NerfSubjectDataset:
     self.focal, self.cx, self.cy = float(meta['focal_len']), float(meta['cx']), float(meta['cy'])
     self.frames = meta['frames']
     if audio_kind is None:
-      found = sorted(glob.glob(os.path.join(folder, 'audio_*.npy')))
+      found = [kind for kind, names in FILES.items() if os.path.exists(os.path.join(folder, names[0]))]
       if len(found) != 1:
-        raise ValueError(f'{folder} holds {len(found)} audio feature files; name one with audio_kind')
-      audio_path = found[0]
-    else:
-      audio_path = os.path.join(folder, f'audio_{audio_kind}.npy')
-    self.audio = np.load(audio_path, mmap_mode='r', allow_pickle=False)
+        raise ValueError(f'{folder} holds {len(found)} kinds of audio features; name one with audio_kind')
+      audio_kind = found[0]
+    self.audio = np.load(os.path.join(folder, FILES[audio_kind][0]), mmap_mode='r', allow_pickle=False)
+    if audio_kind == 'hubert':  # (N, 2, D): the steps back in a row, windowed as the other kinds
+      steps = np.asarray(self.audio, np.float32).reshape(-1, self.audio.shape[-1])
+      self.audio = frame_windows(steps, STEPS_PER_FRAME, len(self.audio), 1.0)
     self.background_rgb = _read_rgb(os.path.join(folder, 'bc.jpg'))
 
   def __len__(self) -> int:

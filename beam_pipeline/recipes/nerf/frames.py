@@ -148,6 +148,12 @@ def gt_image(image: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarra
   return cv2.copyTo(bc, (labels == 0).view(np.uint8), image.copy())
 
 
+def head_image(gt: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarray:
+  """The gt image with everything but the head replaced by bc's pixels (AD-NeRF's head_imgs, which its
+  HeadNeRF trains on; its com_imgs are the gt images)."""
+  return cv2.copyTo(gt, classes_mask(labels, HEAD_CLASSES).view(np.uint8), bc.copy())
+
+
 def _fill_upwards(target: np.ndarray, source: np.ndarray, part: np.ndarray, head: np.ndarray, length: int,
                   push_down: int, darkening: float) -> np.ndarray:
   """For each column whose topmost `part` pixel has the head right above it, copy that pixel's colour
@@ -271,21 +277,54 @@ def camera_pose(face_matrix: np.ndarray, size: int, focal: float) -> np.ndarray:
   return pose
 
 
-def split_ids(frame_ids: Sequence[int], val_every: int) -> Dict[str, List[int]]:
-  """Every `val_every`-th frame (frames val_every-1, 2*val_every-1, ...) goes to val, the rest to train;
-  `val_every` <= 0 puts every frame in train."""
+def split_ids(frame_ids: Sequence[int], val_every: Optional[int] = None) -> Dict[str, List[int]]:
+  """AD-NeRF's split by default (`val_every` None): the last 1/11 of the frames (from int(n * 10 / 11) on) go to
+  val, the rest to train. `val_every` > 0: every `val_every`-th frame (frames val_every-1, 2*val_every-1, ...)
+  to val, interleaved; 0 puts every frame in train."""
+  frame_ids = list(frame_ids)
+  if val_every is None:
+    cut = int(len(frame_ids) * 10 / 11)
+    return {'train': frame_ids[:cut], 'val': frame_ids[cut:]}
   val = [i for i in frame_ids if val_every > 0 and (i + 1) % val_every == 0]
   chosen = set(val)
   return {'train': [i for i in frame_ids if i not in chosen], 'val': val}
 
 
+def near_far(poses: Dict[int, np.ndarray]) -> Dict[str, float]:
+  """AD-NeRF's sampling bounds: the head's mean distance in front of the camera (minus the mean z of the face's
+  translation in camera space) - 0.2 and + 0.4."""
+  depth = -float(np.mean([np.linalg.inv(pose)[2, 3] for pose in poses.values()])) if poses else 0.0
+  return {'near': depth - 0.2, 'far': depth + 0.4}
+
+
 def transforms_json(frame_ids: Sequence[int], poses: Dict[int, np.ndarray], rects: Dict[int, List[int]],
                     camera: Dict[str, float]) -> dict:
-  """AD-NeRF's transforms_{train,val}.json: focal_len, cx, cy and per frame img_id, aud_id (= the frame:
-  audio features are aligned to frames), transform_matrix (camera-to-world) and face_rect."""
-  return dict(camera, frames=[
+  """AD-NeRF's transforms_{train,val}.json: focal_len, cx, cy, near and far (over all of `poses`: the same in
+  both files) and per frame img_id, aud_id (= the frame: audio features are aligned to frames),
+  transform_matrix (camera-to-world) and face_rect."""
+  bounds = {key: round(value, 6) for key, value in near_far(poses).items()}
+  return dict(camera, **bounds, frames=[
       {'img_id': i, 'aud_id': i, 'transform_matrix': np.round(poses[i], 8).tolist(), 'face_rect': rects[i]}
       for i in frame_ids])
+
+
+# ----------------------------------------------------------------------------- blinks (au.csv)
+
+AU_MAX = 5.0  # OpenFace's AU intensities run from 0 to 5
+
+
+def au_csv(blinks: np.ndarray, fps: float) -> bytes:
+  """(F, 2) eye-blink scores -> au.csv in OpenFace FeatureExtraction's CSV layout, with the columns of it that
+  apply (`frame, face_id, timestamp, success, AU45_r`, every name after the first with a leading space, as
+  ER-NeRF reads ' AU45_r' back with pandas), one row per frame in order.
+  AU45_r (blink) = 5 x the mean of MediaPipe's two eye-blink blendshape scores (0..1): the landmarker's blink
+  score put on OpenFace's 0-5 intensity scale, linearly. A frame without a face: success 0, AU45_r 0."""
+  lines = ['frame, face_id, timestamp, success, AU45_r']
+  for i, pair in enumerate(np.asarray(blinks, np.float64).reshape(-1, 2)):
+    found = bool(np.isfinite(pair).all())
+    value = float(np.clip(AU_MAX * pair.mean(), 0.0, AU_MAX)) if found else 0.0
+    lines.append(f'{i + 1}, 0, {i / fps:.3f}, {int(found)}, {value:.2f}')
+  return ('\n'.join(lines) + '\n').encode()
 
 
 # ----------------------------------------------------------------------------- audio

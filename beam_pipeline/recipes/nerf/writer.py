@@ -17,9 +17,10 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import wave
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -27,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.recipes.nerf import frames as nf
-from beam_pipeline.recipes.nerf.audio_features import AudioFeatureError, HubertHandler, audio_features
+from beam_pipeline.recipes.nerf.audio_features import HANDLERS, AudioFeatureError, parse_kinds, trainer_files
 from beam_pipeline.recipes.nerf.depth import ARCHIVE as DEPTH  # the depth analyzer's frame archive, with --depth
 from model_handlers.in_process import SharedModel
 from transforms.core.elements import ClipTask, Reject
@@ -35,7 +36,8 @@ from transforms.core.fileio import delete_quietly, put_file, write_atomic
 from transforms.core.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.deadletter import DeadLetter, describe
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
-from transforms.lib.features import wav_samples
+from transforms.lib.features import EYE_BLINK, wav_samples
+from transforms.subject_window import INCOMPLETE
 from transforms.writers.folders import publish_unit, published_records
 
 STAGE = 'write'
@@ -43,6 +45,7 @@ FRAMES = 'nerf'  # the render pass's frame archive (RenderedClip.files key and a
 STAGED = 'nerf_meta'  # the writer's per-clip archive of arrays and audio
 BACKGROUND = 'nerf_bg'  # prefix of the partial background's arrays in RenderedClip.arrays
 AUDIO_RATE = 16000
+_FRAME_FILE = re.compile(r'/(?P<folder>[^/]+)/(?P<index>\d+)\.(?P<ext>[a-z]+)$')  # <subject>/<folder>/<frame>.<ext>
 
 
 # ----------------------------------------------------------------------------- render pass
@@ -123,6 +126,8 @@ class StageNerfClip(beam.DoFn):
     try:
       for name in ('lmk68', 'landmarks', 'matrix'):
         staged.add(name + '.npy', nf.npy_bytes(np.asarray(arrays[name], np.float32)))
+      blinks = np.asarray(arrays['blendshapes'], np.float32)[:, list(EYE_BLINK)]  # au.csv's AU45
+      staged.add('blinks.npy', nf.npy_bytes(blinks))
       staged.add('audio.wav', clip.wav)
       staged_uri = staged.close()
     finally:
@@ -216,21 +221,23 @@ class WriteSubject(beam.DoFn):
   """(subject, {'clips': NerfClips, 'bc': [bc.jpg bytes]}) -> one index record per clip, after the subject's
   folder is written and published; Rejects on tag `rejects`."""
 
-  def __init__(self, output: str, audio_kind: str, focal: Optional[float], val_every: int,
-               hubert_model: Optional[str] = None):
+  def __init__(self, output: str, audio_kinds, focal: Optional[float], val_every: Optional[int],
+               hubert_model: Optional[str] = None, wav2vec_model: Optional[str] = None,
+               deepspeech_model: Optional[str] = None):
     self.output = output
-    self.audio_kind = audio_kind
+    self.audio_kinds = parse_kinds(audio_kinds)
     self.focal = focal
     self.val_every = val_every
-    self.hubert_model = hubert_model
-    self.hubert = None
+    self.model_paths = {'hubert': hubert_model, 'wav2vec': wav2vec_model, 'deepspeech': deepspeech_model}
+    self.models = {}
     self.subjects = Metrics.counter(STAGE, 'nerf_subjects')
     self.frames_written = Metrics.counter(STAGE, 'nerf_frames')
 
   def setup(self):
-    if self.audio_kind == 'hubert':
-      self.hubert = SharedModel(HubertHandler(self.hubert_model))
-      self.hubert.setup()
+    for kind in self.audio_kinds:
+      if kind in HANDLERS:
+        self.models[kind] = SharedModel(HANDLERS[kind](self.model_paths[kind]))
+        self.models[kind].setup()
 
   def published(self, keyed) -> Optional[List[dict]]:
     """The subject's records when some attempt published its folder (DeadLetter: a concurrent attempt)."""
@@ -243,6 +250,13 @@ class WriteSubject(beam.DoFn):
       return
     # An unexpected error rejects each of the subject's clips `internal_error` (DeadLetter, with their planned
     # ids); the audio model failing on the subject's audio is a `model_error`, which a later run retries.
+    failed = sorted(grouped.get('failed', ()))
+    if failed and published_records(self.output, subject) is None:  # written whole (transforms/subject_window.py)
+      for clip in clips:
+        yield self._reject(clip, INCOMPLETE, f'subject {subject} is written only with all its clips, and {failed[0]} '
+                           'failed in a way a later run retries: that run makes the subject')
+      delete_quietly([uri for clip in clips for uri in clip.consumed])
+      return
     try:
       yield from self._subject(subject, clips, b''.join(grouped['bc']))
     except AudioFeatureError as error:
@@ -277,7 +291,7 @@ class WriteSubject(beam.DoFn):
         camera, width=size, height=size,
         convention='camera-to-world in the head\'s frame, metres; OpenGL/NeRF axes (x right, y up, the camera '
                    'looks down -z), as AD-NeRF\'s transform_matrix'))
-    poses, rects, pcm, records = {}, {}, [], []
+    poses, rects, pcm, records, blinks = {}, {}, [], [], []
     first = 0
     try:
       for clip in clips:
@@ -285,6 +299,7 @@ class WriteSubject(beam.DoFn):
         lmk68 = np.load(io.BytesIO(staged['lmk68.npy'])).astype(np.float64)
         landmarks = np.load(io.BytesIO(staged['landmarks.npy'])).astype(np.float64)
         matrices = np.load(io.BytesIO(staged['matrix.npy'])).astype(np.float64)
+        blinks.append(np.load(io.BytesIO(staged['blinks.npy'])))
         pcm.append(nf.frame_aligned_pcm(_pcm(staged['audio.wav']), first, clip.num_frames, fps, AUDIO_RATE))
         self._write_frames(subject, clip, first, bc)
         for index in range(clip.num_frames):
@@ -306,11 +321,14 @@ class WriteSubject(beam.DoFn):
         frames_json.discard()
     wav = _wav_bytes(np.concatenate(pcm))
     write_atomic(self._uri(subject, 'audio.wav'), wav)
-    features = audio_features(self.audio_kind, _pcm(wav), first, fps, self.hubert)
-    write_atomic(self._uri(subject, f'audio_{self.audio_kind}.npy'), nf.npy_bytes(features.astype(np.float32)))
+    for kind in self.audio_kinds:
+      for name, features in trainer_files(kind, _pcm(wav), first, fps, self.models.get(kind)).items():
+        write_atomic(self._uri(subject, name), nf.npy_bytes(features.astype(np.float32)))
+    write_atomic(self._uri(subject, 'au.csv'), nf.au_csv(np.concatenate(blinks), fps))
     for name, ids in nf.split_ids(sorted(poses), self.val_every).items():
       write_atomic(self._uri(subject, f'transforms_{name}.json'),
                    _adnerf_json_bytes(nf.transforms_json(ids, poses, rects, camera)))
+    self._drop_stale_files(subject, first, set(poses), any(clip.depth_uri for clip in clips))
     published = publish_unit(self.output, subject, records)
     self.subjects.inc()
     self.frames_written.inc(first)
@@ -318,7 +336,8 @@ class WriteSubject(beam.DoFn):
     delete_quietly([uri for clip in clips for uri in clip.consumed])
 
   def _write_frames(self, subject: str, clip: NerfClip, first: int, bc: np.ndarray) -> None:
-    """ori_imgs, parsing, gt_imgs and torso_imgs (and depth) of one clip's frames, numbered from `first`."""
+    """ori_imgs, parsing, gt_imgs (= com_imgs), head_imgs and torso_imgs (and depth) of one clip's frames, numbered
+    from `first`."""
     image = None
     for name, data in read_frame_archive(clip.frames_uri):
       index, kind = name.rsplit('.', 1)
@@ -330,11 +349,25 @@ class WriteSubject(beam.DoFn):
       write_atomic(self._uri(subject, 'parsing', f'{i}.png'), data)
       labels = nf.decode_image(data)
       gt = nf.gt_image(image, labels, bc)
-      write_atomic(self._uri(subject, 'gt_imgs', f'{i}.jpg'), nf.encode_jpeg(gt))
+      gt_jpeg = nf.encode_jpeg(gt)
+      write_atomic(self._uri(subject, 'gt_imgs', f'{i}.jpg'), gt_jpeg)
+      write_atomic(self._uri(subject, 'com_imgs', f'{i}.jpg'), gt_jpeg)  # AD-NeRF's com_imgs are its gt images
+      write_atomic(self._uri(subject, 'head_imgs', f'{i}.jpg'), nf.encode_jpeg(nf.head_image(gt, labels, bc)))
       write_atomic(self._uri(subject, 'torso_imgs', f'{i}.png'), nf.encode_png(nf.torso_image(gt, labels, bc)))
     if clip.depth_uri:
       for name, data in read_frame_archive(clip.depth_uri):
         write_atomic(self._uri(subject, 'depth', f'{first + int(name.rsplit(".", 1)[0])}.npy'), data)
+
+  def _drop_stale_files(self, subject: str, count: int, faces: Set[int], depth: bool) -> None:
+    """Per-frame files an unpublished earlier attempt left (a worker died while writing, or the attempt had other
+    clips): frames past `count`, `.lms` of frames without a face now, depth maps this attempt does not make."""
+    stale = []
+    for found in FileSystems.match([self._uri(subject, '*', '*')])[0].metadata_list:
+      match = _FRAME_FILE.search(found.path)
+      if match and (int(match['index']) >= count or (match['ext'] == 'lms' and int(match['index']) not in faces)
+                    or (match['folder'] == 'depth' and not depth)):
+        stale.append(found.path)
+    delete_quietly(stale)
 
   def _already_published(self, subject: str, clips: List[NerfClip], records: List[dict]):
     """A retried bundle finds its subject published: the same records again. Clips of a subject that an
@@ -363,17 +396,19 @@ def _record(subject: str, clip: NerfClip, first: int) -> dict:
 class WriteNerfSubjects(beam.PTransform):
   """Kept Analyses -> {'records': index records (one per clip), 'rejects': Rejects}."""
 
-  def __init__(self, output: str, work_dir: str, audio_kind: str, focal: Optional[float], val_every: int,
-               hubert_model: Optional[str] = None):
+  def __init__(self, output: str, work_dir: str, audio_kinds, focal: Optional[float], val_every: Optional[int],
+               hubert_model: Optional[str] = None, wav2vec_model: Optional[str] = None,
+               deepspeech_model: Optional[str] = None):
     super().__init__()
     self.output, self.work_dir = output, work_dir
-    self.writer = WriteSubject(output, audio_kind, focal, val_every, hubert_model)
+    self.writer = WriteSubject(output, audio_kinds, focal, val_every, hubert_model, wav2vec_model, deepspeech_model)
 
   def expand(self, kept):
     staged = (kept | 'NerfStageClip' >> beam.ParDo(DeadLetter(StageNerfClip(self.work_dir), STAGE))
               .with_outputs('background', 'rejects', main='clips'))
     bc = staged.background | 'NerfMergeBackgrounds' >> beam.CombinePerKey(MergeBackgrounds())
-    written = ({'clips': staged.clips, 'bc': bc}
+    failed = staged.rejects | 'NerfFailedClips' >> beam.Map(lambda r: (r.source_id, f'{r.id} ({r.reason})'))
+    written = ({'clips': staged.clips, 'bc': bc, 'failed': failed}
                | 'NerfBySubject' >> beam.CoGroupByKey()
                | 'NerfWriteSubject' >> beam.ParDo(DeadLetter(self.writer, STAGE)).with_outputs('rejects',
                                                                                                  main='records'))
