@@ -1,6 +1,6 @@
 """FLAME layer, loading rules and per-subject fitting, against a small model in the official files' format."""
 import dataclasses
-import io
+import json
 import os
 import pickle
 
@@ -260,24 +260,46 @@ def test_fit_with_default_priors_and_missing_frames(layer):
   assert fit.translation.shape == (8, 3) and fit.shape.shape == (flame_synthetic.SHAPE,)
 
 
-def test_fixed_shape_from_another_subject(layer):
-  """--shape_from: the other subject's shape is read from its flame_params.npz and kept as is."""
+def test_seed_files_place_the_model_where_the_fit_does(layer):
+  """tracked_params.json read as HRAvatar does (FLAME + translation, x 4, then diag(1, -1, -1) world_mat, then
+  the intrinsics) and flame_params.json as IMAvatar's optimize.py writes it give the fit's own points."""
   sequence = smooth_sequence(6, seed=3)
   keypoints, iris = observe(layer, sequence)
-  first = flame_fit.fit_flame(layer, keypoints, iris, INTRINSICS, rigid_iterations=50, iterations=150,
-                              weights=LIGHT, device='cpu')
-  data = first.to_npz_bytes()
-  assert data == first.to_npz_bytes()
-  with np.load(io.BytesIO(data)) as archive:
-    assert {'shape', 'expr', 'rotation', 'neck_pose', 'jaw_pose', 'eyes_pose', 'translation', 'fx', 'fy', 'cx',
-            'cy', 'error_before_px', 'error_after_px', 'iris_error_px'} <= set(archive.files)
-    assert archive['expr'].shape == (6, flame_synthetic.EXPRESSION) and float(archive['fx']) == INTRINSICS.fx
+  fit = flame_fit.fit_flame(layer, keypoints, iris, INTRINSICS, rigid_iterations=20, iterations=40,
+                            weights=LIGHT, device='cpu')
+  names = [f'{k:05d}.png' for k in range(6)]
+  files = flame_fit.seed_files(fit, names, keypoints, iris, 512)
+  assert files == flame_fit.seed_files(fit, names, keypoints, iris, 512)  # same fit, same bytes
+  tracked = json.loads(files['tracked_params.json'])
+  fx, fy, cx, cy = tracked['intrinsics']
+  assert (fx, fy, cx, cy) == (INTRINSICS.fx, INTRINSICS.fy, INTRINSICS.cx, INTRINSICS.cy)
+  shape = torch.tensor(tracked['shapecode'])[0]
+  for k, name in enumerate(names):
+    entry = tracked[name]
+    points = layer.keypoints(shape, torch.tensor(entry['expcode']), torch.tensor(entry['fullposecode']))[0].numpy()
+    scaled = (points + np.array(entry['translation'])) * 4
+    w2c = np.diag([1.0, -1.0, -1.0, 1.0]) @ np.array(entry['world_mat'])
+    camera = scaled @ w2c[:3, :3].T + w2c[:3, 3]
+    pixels = camera[:, :2] / camera[:, 2:] * [fx, fy] + [cx, cy]
+    np.testing.assert_allclose(pixels, fit.keypoints_2d[k], atol=1e-2)
+  params = json.loads(files['flame_params.json'])
+  assert [frame['file_path'] for frame in params['frames']] == ['./image/' + name for name in names]
+  np.testing.assert_allclose(params['intrinsics'], [-fx / 512, fy / 512, cx / 512, cy / 512])
+  np.testing.assert_allclose(np.array(params['frames'][2]['flame_keypoints']), fit.keypoints_2d[2] / 256 - 1,
+                             atol=1e-5)
+  assert np.array(params['frames'][0]['world_mat']).shape == (3, 4)
+  assert np.array_equal(flame_fit.read_shape(files['flame_params.json']), fit.shape)
+
+
+def test_fixed_shape_from_another_subject(layer):
+  """--shape_from: the other subject's shape (its flame_params.json) is kept as is."""
+  sequence = smooth_sequence(6, seed=3)
+  keypoints, iris = observe(layer, sequence)
   true_shape = sequence[0].numpy()
   fixed = flame_fit.fit_flame(layer, keypoints, iris, INTRINSICS, shape=true_shape, rigid_iterations=100,
                               iterations=500, weights=LIGHT, device='cpu')
   assert fixed.shape_fixed and np.array_equal(fixed.shape, true_shape.astype(np.float32))
   assert_recovered(fixed, keypoints, iris)
-  assert np.array_equal(flame_fit.read_shape(fixed.to_npz_bytes()), fixed.shape)
 
 
 def test_fit_rejects_badly_shaped_input(layer):
@@ -287,6 +309,7 @@ def test_fit_rejects_badly_shaped_input(layer):
     flame_fit.fit_flame(layer, np.zeros((3, 68, 2)), None, INTRINSICS, shape=np.zeros(50), device='cpu')
 
 
-def test_default_intrinsics_scale_with_the_frame():
-  assert flame_fit.Intrinsics.for_size(512) == flame_fit.Intrinsics(1500.0, 1500.0, 256.0, 256.0)
-  assert flame_fit.Intrinsics.for_size(256, cx=100.0) == flame_fit.Intrinsics(750.0, 750.0, 100.0, 128.0)
+def test_default_intrinsics_are_hravatars_scaled_to_the_frame():
+  assert flame_fit.Intrinsics.for_size(512) == flame_fit.Intrinsics(1539.67462, 1508.93280, 261.442628, 253.231895)
+  assert flame_fit.Intrinsics.for_size(256, cx=100.0) == flame_fit.Intrinsics(1539.67462 / 2, 1508.93280 / 2, 100.0,
+                                                                              253.231895 / 2)

@@ -9,8 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from beam_pipeline.recipes.avatar import face_frames
 from beam_pipeline.recipes.avatar.crop import hravatar_box, hravatar_window
 from beam_pipeline.recipes.avatar.writer import iris_json, keypoint_json
+from tests import flame_synthetic
 from tests.helpers import read_jsonl
 from transforms.lib.geometry import box_in_square
 
@@ -62,13 +64,47 @@ def test_face_box_is_relative_to_the_padded_square():
 
 def test_keypoint_and_iris_json_layout():
   lmk68 = np.arange(2 * 68 * 2, dtype=np.float32).reshape(2, 68, 2)
-  lmk68[1, 3, 0] = np.nan  # no face on the second frame
-  iris = np.array([[[10, 11], [20, 21]], [[np.nan, np.nan], [0, 0]]], np.float32)
+  iris = np.array([[[10, 11], [20, 21]], [[1, 2], [3, 4]]], np.float32)
   names = ['00000.png', '00001.png']
   keypoints = json.loads(keypoint_json(names, lmk68))
-  assert np.shape(keypoints['00000.png']) == (68, 2) and keypoints['00001.png'] is None
+  assert all(np.shape(keypoints[name]) == (68, 2) for name in names)
   # IMAvatar's iris.py order: the image-right iris first, as a flat [x, y, x, y].
-  assert json.loads(iris_json(names, iris)) == {'00000.png': [20.0, 21.0, 10.0, 11.0], '00001.png': None}
+  assert json.loads(iris_json(names, iris)) == {'00000.png': [20.0, 21.0, 10.0, 11.0], '00001.png': [3., 4., 1., 2.]}
+  lmk68[1, 3, 0] = np.nan  # HRAvatar's fit fails on a null: a frame without a face never gets this far
+  with pytest.raises(ValueError, match='no face'):
+    keypoint_json(names, lmk68)
+
+
+def _track(count: int, faceless=(), outside=()):
+  """(T, 68, 2) and (T, 2, 2) points drifting right 1 px a frame inside a 100 x 100 picture; NaN on `faceless`
+  frames, pushed past the right edge on `outside` frames."""
+  lmk68 = np.tile(_face(30, 30, 60, 70), (count, 1, 1)) + np.arange(count)[:, None, None] * [1.0, 0.0]
+  iris = lmk68[:, [36, 45]].copy()
+  lmk68[list(outside), :, 0] += 60
+  lmk68[list(faceless)], iris[list(faceless)] = np.nan, np.nan
+  return lmk68, iris
+
+
+def test_short_faceless_gap_is_filled_from_its_neighbours():
+  lmk68, iris = _track(12, faceless=(4, 5, 6))
+  chosen = face_frames.select(lmk68, iris, (0, 0, 100, 100), max_gap=3)
+  assert chosen.keep.all() and chosen.filled == 3 and chosen.dropped == {} and chosen.joined.all()
+  truth = _track(12)[0]
+  np.testing.assert_allclose(chosen.lmk68, truth, atol=1e-4)  # the drift is linear: interpolation finds it
+  assert np.isfinite(chosen.iris).all() and chosen.runs() == [[0, 11]]
+
+
+def test_long_gaps_edges_and_a_face_outside_the_picture_are_cut_out():
+  lmk68, iris = _track(16, faceless=(0, 5, 6, 7, 8), outside=(12, 13))
+  chosen = face_frames.select(lmk68, iris, (0, 0, 100, 100), max_gap=3)
+  assert chosen.runs() == [[1, 4], [9, 11], [14, 15]]
+  assert chosen.dropped == {'no_face': 5, 'face_outside_crop': 2} and chosen.filled == 0
+  assert chosen.lmk68.shape == (9, 68, 2) and np.isfinite(chosen.lmk68).all()
+  assert chosen.joined.tolist() == [True, True, True, False, True, True, False, True]
+  # A gap next to a frame whose face is outside is not bridged: its neighbour is no anchor.
+  lmk68, iris = _track(8, faceless=(3,), outside=(4,))
+  assert face_frames.select(lmk68, iris, (0, 0, 100, 100), max_gap=3).runs() == [[0, 2], [5, 7]]
+  assert face_frames.max_gap_frames(30.0) == 6 and face_frames.max_gap_frames(25.0) == 5
 
 
 def _task(clip_id: str):
@@ -114,6 +150,20 @@ def test_avatar_frames_alpha_is_person_matte_times_parsing_foreground(tmp_path, 
   np.testing.assert_allclose(result.arrays['alpha_coverage'], 0.6 * (0.25 if drop_cloth else 0.5), atol=1e-2)
 
 
+def test_padding_is_not_the_person(tmp_path):
+  """Where the HRAvatar box ran past the frame, the black padding band gets alpha 0 whatever the matte says."""
+  import dataclasses
+  from beam_pipeline.recipes.avatar.frames import ARCHIVE, AvatarFrames
+  analyzer = AvatarFrames(str(tmp_path), None)
+  task = dataclasses.replace(_task('pad'), window=(0, 0, 64, 48), padding=(0, 8, 0, 8))  # 4 px bands at 32 px
+  clip = analyzer.start(task, 1, 32)
+  frames = _frames_with_parsing(1)
+  frames[0].found['parsing'][:] = 1  # the parsing and the matte call every pixel the person
+  clip.add(frames)
+  (_, alpha, _), = _archive_alphas(clip.finish(1).files[ARCHIVE])
+  assert (alpha[:4] == 0).all() and (alpha[28:] == 0).all() and (alpha[4:28] == 1).all()
+
+
 def test_avatar_frames_carry_the_matting_state_through_the_clip(tmp_path):
   torch = pytest.importorskip('torch')
   from beam_pipeline.recipes.avatar.frames import ARCHIVE, AvatarFrames
@@ -146,26 +196,36 @@ def test_an_abandoned_pass_leaves_no_archive(tmp_path):
 
 @pytest.fixture(scope='module')
 def avatar_run(tmp_path_factory):
-  """Two clips of one generated talking video through `--recipe=avatar` at HRAvatar's 512 px, with a FLAME fit
-  (a small synthetic model in the converter's .npz layout, few steps). The head moves little, as in the videos
-  HRAvatar crops with one box: it stays inside that box."""
+  """Two clips of one generated talking video through `--recipe=avatar` with HRAvatar's defaults (512 px, 30 fps),
+  with a FLAME fit (a small synthetic model in the converter's .npz layout, few steps). The head moves little, as
+  in the videos HRAvatar crops with one box, until it slides out of the frame to the right at the end of the
+  later clip (gone from 2.2 s): those frames leave the box, then have no face. The input is HDTF's, each clip with
+  its own fixed window (crop_wh), and a frame past the subject's end waits in its folder, left by an attempt that
+  never published."""
   from beam_pipeline.demo import VideoSpec, write_video
-  from tests import flame_synthetic
   from tests.helpers import run_cli
   root = tmp_path_factory.mktemp('avatar')
   flame = flame_synthetic.write_npz(root / 'flame.npz', *flame_synthetic.build())
   video = str(root / 'talker.mp4')
-  write_video(video, VideoSpec(duration=2.4, fps=25.0, seed=5, motion_px=8.0))  # HRAvatar: a steady head
-  manifest = root / 'videos.jsonl'
-  manifest.write_text(json.dumps({'id': 'talker', 'url': video, 'clips': [[1.2, 2.4], [0.0, 1.2]]}) + '\n')
+  write_video(video, VideoSpec(duration=2.4, fps=25.0, seed=5, motion_px=8.0, face_gone=(2.2, 2.6)))
+  manifest = root / 'HDTF_dataset'
+  manifest.mkdir()
+  (manifest / 'TST_video_url.txt').write_text(f'talker.mp4 {video}\n')
+  (manifest / 'TST_annotion_time.txt').write_text('talker.mp4 00:01.2-00:02.4 00:00-00:01.2\n')
+  (manifest / 'TST_crop_wh.txt').write_text('talker_0.mp4 160 300 40 300\ntalker_1.mp4 220 300 80 300\n')
   output, work = root / 'out', root / 'work'
+  (output / 'talker' / 'image').mkdir(parents=True)
+  (output / 'talker' / 'image' / '00099.png').write_bytes(b'stale')
   run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=avatar', '--no_report',
-          '--no_progress', f'--flame_model={flame}', '--flame_iterations=40')
-  return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work)}
+          '--no_progress', f'--flame_model={flame}', '--flame_iterations=40', '--min_face_ratio=0.5')
+  records = {r['id']: r for r in read_jsonl(os.path.join(output, 'index.jsonl'))}
+  count = 36 + records['talker_0']['avatar_frames']['kept']  # talker_1 (0-1.2 s) keeps its 36 frames
+  return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work), 'records': records,
+          'count': count, 'flame': flame}
 
 
 def test_subject_folder_holds_rgba_frames_keypoints_and_irises(avatar_run):
-  folder, count = avatar_run['folder'], 60  # 2 x 1.2 s at 25 fps
+  folder, count = avatar_run['folder'], avatar_run['count']
   frames = sorted(glob.glob(os.path.join(folder, 'image', '*.png')))
   assert [os.path.basename(p) for p in frames] == [f'{i:05d}.png' for i in range(count)]
   keypoints = json.load(open(os.path.join(folder, 'keypoint.json')))
@@ -173,7 +233,7 @@ def test_subject_folder_holds_rgba_frames_keypoints_and_irises(avatar_run):
   assert sorted(keypoints) == sorted(irises) == [os.path.basename(p) for p in frames]
   assert all(np.shape(points) == (68, 2) for points in keypoints.values())
   assert all(np.shape(centres) == (4,) for centres in irises.values())
-  for name in ('00000.png', '00030.png', '00059.png'):
+  for name in ('00000.png', '00030.png', f'{count - 1:05d}.png'):
     rgba = cv2.imread(os.path.join(folder, 'image', name), cv2.IMREAD_UNCHANGED)
     assert rgba.shape == (512, 512, 4) and rgba.dtype == np.uint8
     alpha = rgba[..., 3].astype(np.float32) / 255
@@ -192,29 +252,80 @@ def test_subject_folder_holds_rgba_frames_keypoints_and_irises(avatar_run):
 
 
 def test_one_record_per_clip_and_media_cleaned(avatar_run):
-  records = read_jsonl(os.path.join(avatar_run['output'], 'index.jsonl'))
-  assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', ['00030.png', '00059.png']),
-                                                              ('talker_1', ['00000.png', '00029.png'])]
+  records, count = list(avatar_run['records'].values()), avatar_run['count']
+  assert sorted((r['id'], r['frames']) for r in records) == [('talker_0', ['00036.png', f'{count - 1:05d}.png']),
+                                                              ('talker_1', ['00000.png', '00035.png'])]
   assert {r['folder'] for r in records} == {'talker'} and {r['crop']['mode'] for r in records} == {'first_frame'}
   # One HRAvatar box for the subject, from its earliest clip's first frame (transforms/subject_window.py).
   assert len({(tuple(r['crop']['window']), tuple(r['crop']['padding'])) for r in records}) == 1
   assert all('of the first frame of talker_1, the subject\'s earliest clip' in ' '.join(r['notes']) for r in records)
+  # HDTF gave each clip its own window: the subject's framing is still the HRAvatar box.
+  assert all('(fixed) is not used: one HRAvatar box frames the subject' in ' '.join(r['notes']) for r in records)
   stats = json.load(open(os.path.join(avatar_run['output'], 'stats.json')))
   assert stats['written'] == 2 and stats['balanced']
   assert not glob.glob(os.path.join(avatar_run['work'], 'frames', '*'))
   assert not glob.glob(os.path.join(avatar_run['work'], 'clips', '*.mp4'))
 
 
-def test_flame_fit_of_the_subject(avatar_run):
-  folder = avatar_run['folder']
-  with np.load(os.path.join(folder, 'flame_params.npz')) as params:
-    assert params['expr'].shape[0] == params['translation'].shape[0] == params['rotation'].shape[0] == 60
-    assert params['shape'].ndim == 1 and params['translation'].shape == (60, 3)
-    assert np.isfinite(params['error_after_px']).all()
+def test_frames_whose_face_leaves_the_box_are_cut_out(avatar_run):
+  """The head slides out of the first-frame box at the end of talker_0: those frames are cut (the landmarker
+  loses the face as it crosses the box's edge: `no_face`; points outside the picture would be
+  `face_outside_crop`, see the unit tests above), counted in the clip's record; the rest of the clip stays."""
+  kept, whole = avatar_run['records']['talker_0']['avatar_frames'], avatar_run['records']['talker_1']['avatar_frames']
+  assert whole == {'kept': 36, 'runs': [[0, 35]], 'dropped': {}, 'filled_in': 0, 'max_gap_frames': 6}
+  assert kept['runs'] == [[0, kept['kept'] - 1]] and 12 <= kept['kept'] <= 30  # the face is in until about 2 s
+  assert set(kept['dropped']) <= {'face_outside_crop', 'no_face'} and sum(kept['dropped'].values()) >= 6
+  assert kept['kept'] + sum(kept['dropped'].values()) == 36
+
+
+def test_folder_reads_as_hravatars_tracked_data(avatar_run):
+  """The subject folder read the way HRAvatar's TrackedData (scene/data_loader.py) and its optimize.py read it:
+  every image has its params under its file name, nothing more; n_shape / n_expr slice the codes."""
+  folder, count = avatar_run['folder'], avatar_run['count']
+  n_shape, n_expr = 100, 50  # HRAvatar's training defaults
+  images = sorted(glob.glob(os.path.join(folder, 'image', '*.png')))
+  tracked = json.load(open(os.path.join(folder, 'tracked_params.json')))
+  assert tracked['intrinsics'] == [1539.67462, 1508.93280, 261.442628, 253.231895]  # HRAvatar's, at 512
+  fx, fy, cx, cy = tracked['intrinsics']
+  assert 0.3 < 2 * np.arctan2(cx, fx) < 0.4  # its field of view
+  shapecode = np.array(tracked['shapecode'], np.float32)[:, :n_shape]
+  assert shapecode.shape == (1, flame_synthetic.SHAPE) and np.isfinite(shapecode).all()
+  assert np.shape(tracked['world_mat']) == (4, 4)
+  keys = set(tracked) - {'world_mat', 'intrinsics', 'shapecode'}
+  assert keys == {os.path.basename(path) for path in images} and len(keys) == count
+  for path in images:
+    name = os.path.basename(path)
+    entry = tracked[name.split('.')[0] if name.split('.')[0] in tracked else name]
+    assert 'eyelids' not in entry  # the seed's scripts fit without --with_eyelid
+    assert np.shape(entry['translation']) == (1, 3) and np.shape(entry['fullposecode']) == (1, 15)
+    assert np.array(entry['expcode'], np.float32)[:, :n_expr].shape == (1, flame_synthetic.EXPRESSION)
+    w2c = np.diag([1, -1, -1, 1]).astype(np.float32) @ np.array(entry['world_mat'], np.float32)
+    assert w2c[3].tolist() == [0, 0, 0, 1] and np.isfinite(w2c).all()
+    assert w2c[2, 3] > 1  # the head in front of the camera, in FLAME x 4 units
+  # optimize.py's own inputs: keypoints and irises for every image (no null), each iris pair as (2, 2).
+  keypoints = json.load(open(os.path.join(folder, 'keypoint.json')))
+  irises = json.load(open(os.path.join(folder, 'iris.json')))
+  assert set(keypoints) == set(irises) == keys
+  assert all(np.array(irises[k], np.float32).reshape(2, 2).shape == (2, 2) for k in keys)
+  params = json.load(open(os.path.join(folder, 'flame_params.json')))
+  assert [frame['file_path'] for frame in params['frames']] == ['./image/' + os.path.basename(p) for p in images]
+  assert len(params['shape_params']) == flame_synthetic.SHAPE
   errors = json.load(open(os.path.join(folder, 'flame_error.json')))
-  assert sorted(errors['frames']) == [f'{i:05d}.png' for i in range(60)]
+  assert set(errors['frames']) == keys
   assert errors['mean_after_px'] < errors['mean_before_px']  # the fit moved the model towards the keypoints
-  assert errors['intrinsics'] == {'fx': 1500.0, 'fy': 1500.0, 'cx': 256.0, 'cy': 256.0}
+  assert not os.path.exists(os.path.join(folder, 'flame_params.npz'))
+
+
+def test_shape_from_reads_the_subjects_flame_params(avatar_run, tmp_path):
+  """--shape_from takes the shape_params of another subject's flame_params.json, as the seed's optimize.py; a
+  folder without one is a one-line error naming the flag, before any work."""
+  from beam_pipeline.recipes.avatar.writer import SubjectFlameFit
+  from model_handlers.weights import WeightsError
+  fit = SubjectFlameFit(avatar_run['flame'], None, False, 512, None, None, None, None, avatar_run['folder'])
+  params = json.load(open(os.path.join(avatar_run['folder'], 'flame_params.json')))
+  assert fit.fixed_shape().tolist() == np.float32(params['shape_params']).tolist()
+  with pytest.raises(WeightsError, match='^--shape_from .*flame_params.json'):
+    SubjectFlameFit(avatar_run['flame'], None, False, 512, None, None, None, None, str(tmp_path)).fixed_shape()
 
 
 @pytest.fixture(scope='module')
@@ -250,7 +361,7 @@ def matting_run(tmp_path_factory):
 
 def test_alpha_follows_the_users_matting_model(matting_run):
   frames = sorted(glob.glob(os.path.join(matting_run, 'image', '*.png')))
-  assert len(frames) == 40
+  assert len(frames) == 48  # 1.6 s at HRAvatar's 30 fps
   keypoints = json.load(open(os.path.join(matting_run, 'keypoint.json')))
   for path in frames[::6]:
     rgba = cv2.imread(path, cv2.IMREAD_UNCHANGED)

@@ -12,26 +12,39 @@ neutral face, frontal, placed by the landmarks' centroid and spread.
 
 Camera: OpenCV pinhole (x right, y down, looking along +z). A FLAME point p (y up, face looking +z) is at
 diag(1, -1, -1) p + translation in camera coordinates and projects to (fx X / Z + cx, fy Y / Z + cy).
+
+Output (`seed_files`): what the seed's optimize.py writes. `tracked_params.json` (HRAvatar's TrackedData reads
+it): per image name `expcode` [[E]], `fullposecode` [[15]] (global, neck, jaw, eyes), `world_mat` (4 x 4,
+OpenGL, FLAME x 4 units) and `translation` [[3]] (metres, added to FLAME's vertices), plus `shapecode` [[S]],
+`intrinsics` [fx, fy, cx, cy] and the first frame's `world_mat`. The camera is one for the subject, as the seed's
+(GLOBAL_POSE): at the mean of our per-frame translations, each frame's remainder in `translation`, so
+diag(1, -1, -1) world_mat (4 (p + translation)) = 4 (our camera point). `flame_params.json` is IMAvatar's layout
+(frames with world_mat 3 x 4, expression, pose, translation, bbox and flame_keypoints in [-1, 1];
+intrinsics [-fx, fy, cx, cy] / size; shape_params), which `--shape_from` reads as the seed does.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
+import json
 import time
-from typing import Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from beam_pipeline.recipes.avatar.flame import NUM_KEYPOINTS, NUM_LANDMARKS, POSE_PARTS, FlameLayer, npz_bytes
+from beam_pipeline.recipes.avatar.flame import NUM_KEYPOINTS, NUM_LANDMARKS, POSE_PARTS, FlameLayer
 from model_handlers.torch_handler import pick_device
 
-PARAMS_NAME = 'flame_params.npz'
+TRACKED_NAME = 'tracked_params.json'  # HRAvatar's TrackedData
+PARAMS_NAME = 'flame_params.json'  # IMAvatar's layout; --shape_from reads its shape_params
 CAMERA_FLIP = (1.0, -1.0, -1.0)
+FLAME_SCALE = 4.0  # the seed scales FLAME by 4 ("to fit unit sphere tightly"); world_mat is in those units
+NUM_SHAPE = NUM_EXPRESSION = 100  # the seed's --n_shape 100 --n_expr 100 (fewer when the model has fewer)
 # Translation is optimised in decimetres so that one Adam step (lr 1e-2) moves the head about a millimetre.
 TRANSLATION_UNIT = 0.1
-# IMAvatar's default focal length for 512 px frames.
-REFERENCE_FOCAL, REFERENCE_SIZE = 1500.0, 512
+# HRAvatar's intrinsics for 512 px frames (its Data_Preprocessing.md and HDTF scripts).
+REFERENCE = {'fx': 1539.67462, 'fy': 1508.93280, 'cx': 261.442628, 'cy': 253.231895}
+REFERENCE_SIZE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +57,10 @@ class Intrinsics:
   @classmethod
   def for_size(cls, size: int, fx: Optional[float] = None, fy: Optional[float] = None,
                cx: Optional[float] = None, cy: Optional[float] = None) -> 'Intrinsics':
-    """Given values, else IMAvatar's (fx = fy = 1500 at 512 px, principal point in the middle) scaled to size."""
-    focal = REFERENCE_FOCAL * size / REFERENCE_SIZE
-    return cls(fx if fx is not None else focal, fy if fy is not None else focal,
-               cx if cx is not None else size / 2, cy if cy is not None else size / 2)
+    """Given values, else HRAvatar's at 512 px scaled to size."""
+    given = {'fx': fx, 'fy': fy, 'cx': cx, 'cy': cy}
+    return cls(**{key: value if value is not None else REFERENCE[key] * size / REFERENCE_SIZE
+                  for key, value in given.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,25 +101,47 @@ class FlameFit:
     """FLAME's (T, 15) full pose: global, neck, jaw, eyes."""
     return np.concatenate([getattr(self, name) for name, _ in POSE_PARTS], 1)
 
-  def to_npz_bytes(self) -> bytes:
-    """flame_params.npz: GaussianAvatars' parameter names plus the camera and the errors; same fit, same bytes."""
-    arrays = {'shape': self.shape, 'expr': self.expression, 'translation': self.translation,
-              'error_before_px': self.error_before, 'error_after_px': self.error_after,
-              'iris_error_px': self.iris_error, 'keypoints_2d': self.keypoints_2d}
-    arrays.update({name: getattr(self, name) for name, _ in POSE_PARTS})
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in arrays.items()}
-    camera = dataclasses.asdict(self.intrinsics)
-    arrays.update({key: np.asarray(value, dtype=np.float64) for key, value in camera.items()})
-    arrays['shape_fixed'] = np.asarray(self.shape_fixed)
-    return npz_bytes(arrays)
+
+def _tolist(values) -> list:
+  return np.asarray(values, np.float64).tolist()
+
+
+def seed_files(fit: FlameFit, names: Sequence[str], keypoints: np.ndarray, iris: np.ndarray,
+               size: int) -> Dict[str, bytes]:
+  """{tracked_params.json, flame_params.json} of a fit of the frames `names` (see the module docstring);
+  keypoints (T, 68, 2) and iris (T, 2, 2) are the targets, pixels. Same fit, same bytes."""
+  flip = np.asarray(CAMERA_FLIP)
+  centre = fit.translation.astype(np.float64).mean(0)
+  world = np.eye(4)
+  world[:3, 3] = FLAME_SCALE * flip * centre
+  translation = (fit.translation - centre) * flip
+  pose = fit.pose
+  target = np.concatenate([keypoints, iris], 1) / size * 2 - 1
+  corners = np.concatenate([target.min(1), target.max(1)], 1)
+  intrinsics = fit.intrinsics
+  frames, tracked = [], {'world_mat': _tolist(world), 'intrinsics': [intrinsics.fx, intrinsics.fy, intrinsics.cx,
+                                                                     intrinsics.cy],
+                         'shapecode': [_tolist(fit.shape)]}
+  for k, name in enumerate(names):
+    frames.append({'file_path': './image/' + name, 'world_mat': _tolist(world[:3]),
+                   'expression': _tolist(fit.expression[k]), 'pose': _tolist(pose[k]), 'bbox': _tolist(corners[k]),
+                   'flame_keypoints': _tolist(fit.keypoints_2d[k] / size * 2 - 1),
+                   'translation': [_tolist(translation[k])]})
+    tracked[name] = {'expcode': [_tolist(fit.expression[k])], 'fullposecode': [_tolist(pose[k])],
+                     'world_mat': _tolist(world), 'translation': [_tolist(translation[k])]}
+  params = {'frames': frames, 'intrinsics': [-intrinsics.fx / size, intrinsics.fy / size, intrinsics.cx / size,
+                                             intrinsics.cy / size],
+            'shape_params': _tolist(fit.shape)}
+  return {TRACKED_NAME: json.dumps(tracked).encode(), PARAMS_NAME: json.dumps(params).encode()}
 
 
 def read_shape(data: bytes) -> np.ndarray:
-  """The shared shape of another subject's flame_params.npz (for --shape_from)."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-    if 'shape' not in archive.files:
-      raise ValueError(f'{PARAMS_NAME} holds no shape (keys: {archive.files})')
-    return np.asarray(archive['shape'], dtype=np.float32)
+  """The shared shape of another subject's flame_params.json (--shape_from, as the seed's optimize.py)."""
+  try:
+    shape = json.loads(data)['shape_params']
+  except (ValueError, KeyError, TypeError) as error:
+    raise ValueError(f'{PARAMS_NAME} holds no shape_params ({type(error).__name__}: {error})') from error
+  return np.asarray(shape, dtype=np.float32).reshape(-1)
 
 
 def project(points: torch.Tensor, translation: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
@@ -148,8 +183,12 @@ def _mean_sq(values: torch.Tensor) -> torch.Tensor:
   return values.square().mean() if values.numel() else values.sum()
 
 
-def _smooth(values: torch.Tensor) -> torch.Tensor:
-  return _mean_sq(values[1:] - values[:-1])
+def _smooth(values: torch.Tensor, joined: torch.Tensor) -> torch.Tensor:
+  """Mean squared step between frames that follow each other in time (`joined`: (T - 1,) 0/1)."""
+  if not values.shape[0] > 1:
+    return values.sum() * 0
+  steps = (values[1:] - values[:-1]).square().mean(-1) * joined
+  return steps.sum() / joined.sum().clamp(min=1)
 
 
 def _per_frame_error(projected: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
@@ -160,11 +199,13 @@ def _per_frame_error(projected: torch.Tensor, target: torch.Tensor, valid: torch
 
 
 def fit_flame(layer: FlameLayer, keypoints: np.ndarray, iris: Optional[np.ndarray], intrinsics: Intrinsics,
-              shape: Optional[np.ndarray] = None, num_shape: int = 100, num_expression: int = 50,
+              shape: Optional[np.ndarray] = None, num_shape: int = NUM_SHAPE, num_expression: int = NUM_EXPRESSION,
               rigid_iterations: int = 200, iterations: int = 800, learning_rate: float = 1e-2,
-              weights: FitWeights = FitWeights(), device: Union[str, torch.device, None] = None) -> FlameFit:
+              weights: FitWeights = FitWeights(), device: Union[str, torch.device, None] = None,
+              joined: Optional[np.ndarray] = None) -> FlameFit:
   """Fit one subject. keypoints (T, 68, 2) and iris (T, 2, 2) in pixels, NaN where missing (iris may be None:
-  eyes then stay at rest). `shape` given: used as is (another subject's), not optimised."""
+  eyes then stay at rest). `shape` given: used as is (another subject's), not optimised. `joined` (T - 1,)
+  bool: frame k + 1 follows frame k in time (default all); smoothness only pulls joined frames together."""
   started = time.perf_counter()
   device = device if isinstance(device, torch.device) else pick_device(device or 'auto')
   keypoints = np.asarray(keypoints, dtype=np.float32)
@@ -184,6 +225,10 @@ def fit_flame(layer: FlameLayer, keypoints: np.ndarray, iris: Optional[np.ndarra
   else:
     shape = np.zeros(min(num_shape, layer.num_shape), np.float32)
 
+  joined_np = np.ones(frames - 1, bool) if joined is None else np.asarray(joined, bool)
+  if joined_np.shape != (frames - 1,):
+    raise ValueError(f'joined has shape {joined_np.shape}; ({frames - 1},) is expected')
+  joined_t = torch.as_tensor(joined_np, dtype=torch.float32, device=device)
   target_np = np.concatenate([keypoints, iris], 1)
   valid_np = np.isfinite(target_np).all(-1) & layer.keypoint_mask.cpu().numpy()[None]
   target = torch.as_tensor(np.nan_to_num(target_np), device=device)
@@ -213,8 +258,9 @@ def fit_flame(layer: FlameLayer, keypoints: np.ndarray, iris: Optional[np.ndarra
   def loss_of(projected, pose, translation):
     distance = torch.sqrt(((projected - target) / half_size).square().sum(-1) + 1e-8)
     data = (distance * point_weight).sum() / valid.sum().clamp(min=1)
-    return (data + weights.pose_smooth * _smooth(pose) + weights.translation_smooth * _smooth(translation)
-            + weights.expression_smooth * _smooth(expression) + weights.expression * _mean_sq(expression)
+    return (data + weights.pose_smooth * _smooth(pose, joined_t)
+            + weights.translation_smooth * _smooth(translation, joined_t)
+            + weights.expression_smooth * _smooth(expression, joined_t) + weights.expression * _mean_sq(expression)
             + (0 if fixed else weights.shape * _mean_sq(shape_t)) + weights.neck * _mean_sq(pose_parts['neck_pose'])
             + weights.jaw * _mean_sq(pose_parts['jaw_pose']) + weights.eyes * _mean_sq(pose_parts['eyes_pose']))
 

@@ -4,12 +4,13 @@
 render pass and makes each frame's alpha: the person matte (RobustVideoMatting when `--matting_weights` is
 given, carried frame to frame within the clip; else the segmentation's person mask) times the parsing
 foreground (every class but background; `--mask_clothes` drops the cloth class too), RGB premultiplied, as
-HRAvatar's `merge_maks`. Frames go into the clip's frame archive (transforms/core/frame_store.py) as
+HRAvatar's `merge_maks`. Alpha is 0 on the black padding where the box ran past the frame (the matte takes
+that band for the person). Frames go into the clip's frame archive (transforms/core/frame_store.py) as
 `image/%05d.png` RGBA; the writer lays them out once the clip passed its filters.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -21,6 +22,7 @@ from transforms.analyzers.parsing import foreground
 from transforms.core.elements import ClipTask
 from transforms.core.frame_store import FrameArchive, archive_uri
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
+from transforms.render import picture_box
 
 ARCHIVE = 'avatar'  # the clip's frame archive: <work_dir>/frames/<clip>.avatar.tar
 
@@ -42,8 +44,10 @@ def rgba_png(image: np.ndarray, alpha: np.ndarray) -> bytes:
 
 class _AvatarPass(ClipPass):
 
-  def __init__(self, archive: FrameArchive, session: Optional[MattingSession], drop_cloth: bool, num_frames: int):
+  def __init__(self, archive: FrameArchive, session: Optional[MattingSession], drop_cloth: bool, num_frames: int,
+               picture: Tuple[int, int, int, int]):
     self.archive = archive
+    self.picture = picture
     self.session = session
     self.drop_cloth = drop_cloth
     self.coverage = np.full((num_frames,), np.nan, np.float32)
@@ -63,6 +67,8 @@ class _AvatarPass(ClipPass):
         alpha = np.zeros(frame.image.shape[:2], np.float32)
       else:
         alpha = np.asarray(matte, np.float32) * foreground(parsing, self.drop_cloth)
+        x0, y0, x1, y1 = self.picture
+        alpha[:y0], alpha[y1:], alpha[:, :x0], alpha[:, x1:] = 0, 0, 0, 0
         if frame.index < len(self.coverage):
           self.coverage[frame.index] = float(alpha.mean())
       self.archive.add('image/' + frame_name(frame.index), rgba_png(frame.image, alpha))
@@ -97,4 +103,11 @@ class AvatarFrames(FrameAnalyzer):
   def start(self, task: ClipTask, num_frames: int, size: int) -> ClipPass:
     session = MattingSession(self.model) if self.model is not None else None
     return _AvatarPass(FrameArchive(archive_uri(self.work_dir, task.clip_id, ARCHIVE)), session,
-                       self.drop_cloth, num_frames)
+                       self.drop_cloth, num_frames, picture_of(task, size))
+
+
+def picture_of(task: ClipTask, size: int) -> Tuple[int, int, int, int]:
+  """(x0, y0, x1, y1) of the output frame that is picture, not padding (the whole frame for a following window)."""
+  if task.window is None or task.path:
+    return 0, 0, size, size
+  return picture_box(task.window, task.padding, size)

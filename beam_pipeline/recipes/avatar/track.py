@@ -116,7 +116,9 @@ class EarliestFirstFrame(SubjectWindowFn):
         f'{earlier.clip_id}: {reason}' for earlier, reason, _ in failed) + ')'
     note = (f'HRAvatar crop from the 68 landmarks (--bbox_scale {self.bbox_scale}) of the first frame of '
             f'{box.clip_id}, the subject\'s {source}: window {list(box.window)}'
-            + (f', padded {list(box.padding)} (left, top, right, bottom)' if any(box.padding) else ''))
+            + (f', padded {list(box.padding)} (left, top, right, bottom)' if any(box.padding) else '')
+            + (f'; the window {list(task.window)} it was given ({task.crop_mode}) is not used: one HRAvatar box '
+               'frames the subject' if task.window is not None else ''))
     return with_window(task, box.window, box.padding, note, crop_mode='first_frame', face_box=box.face_box,
                        face_stats=task.face_stats + (('source_face_px', box.face_px),))
 
@@ -151,8 +153,8 @@ class EarliestFirstFrame(SubjectWindowFn):
 
 
 class FirstFrameTrack(beam.PTransform):
-  """ClipTasks without a window -> {'tasks': with their subject's HRAvatar window, 'rejects'}: the avatar
-  recipe's replacement for the spine's DetectAndTrack."""
+  """ClipTasks (a window given to some or not) -> {'tasks': with their subject's HRAvatar window, 'rejects'}: the
+  avatar recipe's replacement for the spine's DetectAndTrack."""
 
   def __init__(self, landmarker: ModelHandler, bbox_scale: float, detector: Optional[ModelHandler] = None):
     super().__init__()
