@@ -133,18 +133,24 @@ def test_handler_puts_points_where_planted_in_source_pixels(planted):
   results = list(handler.run_inference(frames, handler.load_model()))
   assert len(results) == 3
   body = results[1].inference
-  assert body.detected and body.keypoints.shape == (134, 2) and body.scores.shape == (134,)
-  np.testing.assert_allclose(body.person_box, source_box((280, 260), (240, 360)), atol=1e-3)
+  # Both people the detector found, the larger first (the detector lists the small one's box second too).
+  assert body.detected and body.keypoints.shape == (2, 134, 2) and body.scores.shape == (2, 134)
+  large, small = source_box((280, 260), (240, 360)), source_box((580, 100), (40, 80))
+  np.testing.assert_allclose(body.person_boxes, [large, small], atol=1e-3)
   mmpose_points, mmpose_scores = decoded.copy(), scores.copy()
   mmpose_points[100] = -0.5 / np.array([288, 384]) * scale + centre - scale / 2
   mmpose_scores[100] = -0.2  # the smaller peak
   expected_points, expected_scores = dwpose.to_openpose(mmpose_points.astype(np.float32), mmpose_scores)
-  np.testing.assert_allclose(body.keypoints, expected_points, atol=1e-3)
-  np.testing.assert_allclose(body.scores, expected_scores, atol=1e-6)
+  np.testing.assert_allclose(body.keypoints[0], expected_points, atol=1e-3)
+  np.testing.assert_allclose(body.scores, [expected_scores] * 2, atol=1e-6)  # the graph gives both the same peaks
   # face points (mmpose 23-90) land at 24-91, each within half a SimCC bin of where it was planted
-  np.testing.assert_allclose(body.keypoints[dwpose.FACE], decoded[23:91], atol=1e-3)
-  box = body.person_box
-  assert ((body.keypoints[dwpose.FACE] >= box[:2] - 1) & (body.keypoints[dwpose.FACE] <= box[2:] + 1)).all()
+  np.testing.assert_allclose(body.keypoints[0, dwpose.FACE], decoded[23:91], atol=1e-3)
+  # the same bins read in the small person's region: its points, scaled into that region
+  small_centre, small_scale = expected_region(small)
+  in_small = (decoded - (centre - scale / 2)) / scale * small_scale + small_centre - small_scale / 2
+  np.testing.assert_allclose(body.keypoints[1, dwpose.FACE], in_small[23:91], atol=1e-3)
+  face = body.keypoints[0, dwpose.FACE]
+  assert ((face >= large[:2] - 1) & (face <= large[2:] + 1)).all()
 
 
 def test_no_person_reads_the_whole_frame(tmp_path):
@@ -157,9 +163,9 @@ def test_no_person_reads_the_whole_frame(tmp_path):
   pose = constant_graph(tmp_path / 'p.onnx', 'input', [1, 3, 384, 288], {'simcc_x': simcc_x, 'simcc_y': simcc_y})
   handler = dwpose.DWPoseHandler(detector, pose, device='cpu')
   body = list(handler.run_inference([np.zeros((HEIGHT, WIDTH, 3), np.uint8)], handler.load_model()))[0].inference
-  assert not body.detected
-  np.testing.assert_allclose(body.person_box, box)
-  np.testing.assert_allclose(body.keypoints[dwpose.FACE], decoded[23:91], atol=1e-3)
+  assert not body.detected and body.keypoints.shape == (1, 134, 2)
+  np.testing.assert_allclose(body.person_boxes, [box])
+  np.testing.assert_allclose(body.keypoints[0, dwpose.FACE], decoded[23:91], atol=1e-3)
 
 
 def test_pose_input_warp_is_the_inverse_of_the_decoding():
@@ -185,20 +191,20 @@ def test_dynamic_batch_pose_graph_runs_frames_together_through_shared_model(tmp_
   centre, scale = expected_region(source_box((280, 260), (240, 360)))
   points = rng.uniform((130, 70), (290, 320), (133, 2))
   simcc_x, simcc_y, decoded, _ = simcc_for(points, centre, scale, rng)
-  batch_x, batch_y = np.repeat(simcc_x, 5, 0), np.repeat(simcc_y, 5, 0)
+  # 5 frames of 2 people: the pose graph gets all 10 crops in one call
+  batch_x, batch_y = np.repeat(simcc_x, 10, 0), np.repeat(simcc_y, 10, 0)
   pose = constant_graph(tmp_path / 'p.onnx', 'input', ['batch', 3, 384, 288], {'simcc_x': batch_x, 'simcc_y': batch_y})
   handler = dwpose.DWPoseHandler(detector, pose, device='cpu', batch_size=5)
   model = SharedModel(handler)
   model.setup()
   results = model.infer([np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 5)
   assert len(results) == 5
-  arrays = dwpose.stack_results(results)
-  assert arrays['dwpose_result'].shape == (5, 134, 2) and arrays['dwpose_score'].shape == (5, 134)
-  np.testing.assert_allclose(arrays['dwpose_result'][:, dwpose.FACE], np.repeat(decoded[None, 23:91], 5, 0),
+  arrays = dwpose.stack_results(results[:4] + [None])  # the last frame as if the model had failed on it
+  assert arrays['dwpose_result'].shape == (5, 2, 134, 2) and arrays['dwpose_score'].shape == (5, 2, 134)
+  assert list(arrays['dwpose_people']) == [2, 2, 2, 2, 1]
+  np.testing.assert_allclose(arrays['dwpose_result'][:4, 0, dwpose.FACE], np.repeat(decoded[None, 23:91], 4, 0),
                              atol=1e-3)
-  face = arrays['dwpose_result'][:, dwpose.FACE]
-  np.testing.assert_allclose(arrays['faces_bbox'][:, :2], face.min(1), atol=1e-5)
-  np.testing.assert_allclose(arrays['faces_bbox'][:, 2:], face.max(1), atol=1e-5)
+  assert not arrays['dwpose_result'][4].any() and not arrays['dwpose_score'][4].any()
 
 
 def test_openpose_layout():

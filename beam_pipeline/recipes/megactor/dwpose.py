@@ -3,7 +3,7 @@
 The two-stage model is the one MegActor ran (DWPose's `annotator/dwpose`): `yolox_l.onnx` finds people
 (input `images` (1, 3, 640, 640), a letterboxed 0-255 image; output (1, 8400, 85): YOLOX boxes per grid cell
 of strides 8/16/32, objectness and 80 class scores, already passed through a sigmoid), then
-`dw-ll_ucoco_384.onnx` reads 133 COCO-WholeBody points in the chosen person's box (input `input`
+`dw-ll_ucoco_384.onnx` reads 133 COCO-WholeBody points in each person's box (input `input`
 (N, 3, 384, 288), outputs `simcc_x` (N, 133, 576) and `simcc_y` (N, 133, 768): SimCC bins at split ratio 2).
 Pre- and post-processing follow DWPose's onnxdet.py / onnxpose.py / wholebody.py step for step so the
 numbers match the published pipeline: the frame goes in as RGB (MegActor's note: "RGB, not BGR"), the person
@@ -12,9 +12,10 @@ y peak) its score, and the neck (mean of the shoulders) is inserted at 17 before
 rewritten to OpenPose's. So the 68 face points sit at indices 24-91, the feet at 18-23 and the hands at
 92-133.
 
-MegActor kept every detected person; a training sample here has one, the person with the largest box (VFHQ
-and CelebV clips show one face-centred person). Where the detector finds no one the pose model reads the
-whole frame, as DWPose does.
+Every person the detector finds is posed, as MegActor's `2.generate_dwpose.py` keeps them (its readers take
+person 0 and its Sigma curation drops frames with more than one), largest box first so person 0 is the
+face-centred subject of a VFHQ or CelebV clip. Where the detector finds no one the pose model reads the
+whole frame as one person, as DWPose does.
 
 Without the ONNX files the recipe fills only the face part from the face landmarker (`face_only_keypoints`).
 """
@@ -53,10 +54,10 @@ DEVICES = ('auto', 'cuda', 'cpu')
 
 @dataclasses.dataclass(frozen=True)
 class WholeBody:
-  """One frame's DWPose result in image pixels."""
-  keypoints: np.ndarray  # (134, 2) float32, OpenPose whole-body order
-  scores: np.ndarray  # (134,) float32
-  person_box: np.ndarray  # (4,) x0, y0, x1, y1 the pose was read in (the whole frame when no one was detected)
+  """One frame's DWPose result in image pixels, one row per person, the largest person box first."""
+  keypoints: np.ndarray  # (people, 134, 2) float32, OpenPose whole-body order
+  scores: np.ndarray  # (people, 134) float32
+  person_boxes: np.ndarray  # (people, 4) x0, y0, x1, y1 each pose was read in (the whole frame when no one was)
   detected: bool  # the detector found a person
 
 
@@ -117,6 +118,11 @@ def person_boxes(raw: np.ndarray, ratio: float, size: Tuple[int, int] = DETECTOR
   boxes, scores = boxes[candidates], scores[candidates]
   kept = nms(boxes, scores, NMS_IOU) if len(scores) else []
   return boxes[[k for k in kept if scores[k] > PERSON_SCORE]].reshape(-1, 4)
+
+
+def largest_first(boxes: np.ndarray) -> np.ndarray:
+  """(K, 4) boxes ordered by area, largest first (ties keep the detector's order)."""
+  return boxes[np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind='stable')]
 
 
 # ---------------------------------------------------------------- pose (onnxpose.py)
@@ -305,24 +311,30 @@ class DWPoseHandler(ModelHandler[np.ndarray, PredictionResult, _Sessions]):
     letterboxed = [letterbox(np.asarray(frame)) for frame in batch]
     raw = _run(model.detector, model.detector_input, model.detector_batch,
                np.stack([image for image, _ in letterboxed]))[0]
-    regions, crops = [], []
+    people, regions, crops = [], [], []
     for frame, (_, ratio), detections in zip(batch, letterboxed, raw):
-      boxes = person_boxes(detections, ratio)
+      boxes = largest_first(person_boxes(detections, ratio))
       detected = len(boxes) > 0
-      if detected:
-        box = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
-      else:
+      if not detected:
         no_person.inc()
-        box = np.array([0, 0, frame.shape[1], frame.shape[0]], np.float32)
-      centre, scale = box_centre_scale(box, model.pose_wh)
-      regions.append((box, detected, centre, scale))
-      crops.append(pose_input(np.asarray(frame), centre, scale, model.pose_wh))
+        boxes = np.array([[0, 0, frame.shape[1], frame.shape[0]]], np.float32)
+      people.append((np.asarray(boxes, np.float32), detected))
+      for box in boxes:
+        centre, scale = box_centre_scale(box, model.pose_wh)
+        regions.append((centre, scale))
+        crops.append(pose_input(np.asarray(frame), centre, scale, model.pose_wh))
     simcc_x, simcc_y = _run(model.pose, model.pose_input, model.pose_batch, np.stack(crops))[:2]
-    results = []
-    for frame, (box, detected, centre, scale), x_bins, y_bins in zip(batch, regions, simcc_x, simcc_y):
-      points, scores = decode_simcc(x_bins, y_bins, centre, scale, model.pose_wh)
+    if len(simcc_x) != len(crops) or len(simcc_y) != len(crops):
+      raise RuntimeError(f'the pose model gave {len(simcc_x)} results for {len(crops)} person crops')
+    decoded = [decode_simcc(x_bins, y_bins, centre, scale, model.pose_wh)
+               for x_bins, y_bins, (centre, scale) in zip(simcc_x, simcc_y, regions)]
+    results, first = [], 0
+    for frame, (boxes, detected) in zip(batch, people):
+      points = np.stack([p for p, _ in decoded[first:first + len(boxes)]])
+      scores = np.stack([s for _, s in decoded[first:first + len(boxes)]])
+      first += len(boxes)
       keypoints, scores = to_openpose(points, scores)
-      results.append(PredictionResult(frame, WholeBody(keypoints, scores, np.asarray(box, np.float32), detected)))
+      results.append(PredictionResult(frame, WholeBody(keypoints, scores, boxes, detected)))
     return results
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -335,9 +347,16 @@ class DWPoseHandler(ModelHandler[np.ndarray, PredictionResult, _Sessions]):
     return 'dwpose'
 
 
-def stack_results(results: Sequence[WholeBody]) -> Dict[str, np.ndarray]:
-  """A clip's per-frame results as the sample's arrays: dwpose_result (T, 134, 2), dwpose_score (T, 134),
-  faces_bbox (T, 4) around the face points."""
-  keypoints = np.array([r.keypoints for r in results], np.float32).reshape(-1, NUM_POINTS, 2)
-  scores = np.array([r.scores for r in results], np.float32).reshape(-1, NUM_POINTS)
-  return {'dwpose_result': keypoints, 'dwpose_score': scores, 'faces_bbox': faces_bbox(keypoints, scores)}
+def stack_results(results: Sequence[Optional[WholeBody]]) -> Dict[str, np.ndarray]:
+  """A clip's per-frame results as (T, ...) arrays, padded to the most people in a frame: dwpose_result
+  (T, P, 134, 2), dwpose_score (T, P, 134) and dwpose_people (T,), each frame's count. A frame with no result
+  (the model failed on it) is one person of zeros with score 0, as DWPose always gives at least one."""
+  most = max([len(r.keypoints) for r in results if r is not None], default=1)
+  keypoints = np.zeros((len(results), most, NUM_POINTS, 2), np.float32)
+  scores = np.zeros((len(results), most, NUM_POINTS), np.float32)
+  people = np.ones(len(results), np.int32)
+  for index, result in enumerate(results):
+    if result is not None:
+      people[index] = len(result.keypoints)
+      keypoints[index, :people[index]], scores[index, :people[index]] = result.keypoints, result.scores
+  return {'dwpose_result': keypoints, 'dwpose_score': scores, 'dwpose_people': people}
