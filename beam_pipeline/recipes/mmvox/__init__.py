@@ -10,25 +10,41 @@ window would skip it).
 """
 from __future__ import annotations
 
+import io
+import itertools
+import re
+
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.recipes.base import Recipe
-from beam_pipeline.recipes.mmvox.attributes import parse_attribute_file
+from beam_pipeline.recipes.mmvox.attributes import AttributeFileError, attribute_format, parse_row
 from beam_pipeline.recipes.mmvox.tubes import TrackTubes, TubeRules
 from beam_pipeline.recipes.mmvox.writer import MmvoxFrames, WriteLayout
 from transforms.analyzers.parsing import parsing_analyzers
-from transforms.core.fileio import read_bytes
 from transforms.core.layout import work_dir_of
+from transforms.sampling import shot_detection
+
+HEAD_LINES = 64  # enough to find an attribute file's header
 
 
 def read_attributes(uri):
-  """The --attributes table (beam_pipeline/recipes/mmvox/attributes.py), read when the graph is built: a bad file fails
-  before any work."""
+  """(uri, its AttributeFormat) for the workers, which read the rows themselves; the file is checked here,
+  line by line without keeping it, so a bad one fails before any work."""
   if not uri:
-    return {}
+    return None
   if not FileSystems.exists(uri):
     raise SystemExit(f'--attributes {uri} does not exist')
-  return parse_attribute_file(read_bytes(uri).decode('utf-8-sig'), f'--attributes {uri}')
+  try:
+    with FileSystems.open(uri) as raw:
+      lines = io.TextIOWrapper(raw, encoding='utf-8-sig')
+      head = list(itertools.islice(lines, HEAD_LINES))
+      layout = attribute_format(head, f'--attributes {uri}')
+      for number, line in enumerate(itertools.chain(head, lines), 1):
+        if number > layout.header_lines:
+          parse_row(line, layout, f'--attributes {uri} line {number}')
+  except (AttributeFileError, UnicodeDecodeError) as error:
+    raise SystemExit(str(error)) from None
+  return uri, layout
 
 
 class Mmvox(Recipe):
@@ -38,15 +54,18 @@ class Mmvox(Recipe):
 
   def tracker(self, opts, detector):
     return TrackTubes(detector, TubeRules(min_frames=opts.min_frames, min_size=opts.min_tube_px), opts.fps,
-                      opts.detect_fps, opts.shot_threshold)
+                      opts.detect_fps, shot_detection(opts))
 
   def analyzers(self, opts, landmarker):
     return parsing_analyzers(opts) + [MmvoxFrames(work_dir_of(opts), keep_frames=opts.tube_format == 'png')]
 
   def write(self, kept, opts, work_dir: str):
-    # Eyeglasses only from a parsing that has the class: BiSeNet's; the offline parsing cannot see glasses.
+    if re.fullmatch(r'[a-z][a-z0-9+.-]*://[^/]*/*', opts.output):
+      raise SystemExit(f'--output {opts.output}: mmvox writes its loader caches beside the output folder '
+                       '(<output>_local.pkl), so give a folder inside the bucket')
+    # Glasses, earrings and hats only from a parsing that has the classes: BiSeNet's, not the offline one.
     return kept | 'MmvoxWriter' >> WriteLayout(opts.output, opts.tube_format, read_attributes(opts.attributes),
-                                               infer_eyeglasses=bool(opts.parsing_weights))
+                                               infer_parsed=bool(opts.parsing_weights))
 
 
 RECIPE = Mmvox()
