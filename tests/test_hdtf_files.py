@@ -1,0 +1,148 @@
+"""hdtf's `--layout=files`: HDTF's own clip folder, read the way LatentSync's UNetDataset lists and opens it;
+a rerun that resumes, and one clip's publish run twice at once and again as a retry."""
+import io
+import json
+import os
+import pickle
+import threading
+
+import apache_beam as beam
+import av
+import numpy as np
+import pytest
+
+from beam_pipeline import report
+from beam_pipeline.__main__ import prepare, run
+from beam_pipeline.recipes import hdtf
+from tests.helpers import load_npy, read_jsonl, run_cli
+from transforms.deadletter import DeadLetter
+
+QUIET = ('--no_progress', '--no_report')
+
+
+@pytest.fixture(scope='module')
+def files_run(tmp_path_factory, media_dir):
+  """Two 2 s clips and one past the source's end, at --size=256 with 16 kHz audio; the CLI's run() in this
+  process, so the writer's input element (and the rendered clip it deletes) can be kept for the retry tests."""
+  root = tmp_path_factory.mktemp('hdtf_files')
+  manifest = root / 'in.jsonl'
+  manifest.write_text(json.dumps({'id': 'talk', 'url': str(media_dir / 'talking.mp4'),
+                                  'clips': [[0, 2], [2, 4], [20, 22]]}) + '\n')
+  args = [f'--input={manifest}', f'--output={root / "out"}', f'--work_dir={root / "work"}', '--layout=files',
+          '--audio_16k', '--size=256', *QUIET]
+  captured = []
+  original = hdtf.WriteClipFiles.process
+
+  def process(self, analysis):
+    with open(analysis.clip.mp4_uri, 'rb') as rendered:
+      captured.append((pickle.dumps(analysis), rendered.read()))
+    return original(self, analysis)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hdtf.WriteClipFiles, 'process', process)
+    run(args)
+  return {'output': str(root / 'out'), 'work': str(root / 'work'), 'args': args, 'captured': captured}
+
+
+def test_latentsync_lists_and_opens_the_clips(files_run):
+  output = files_run['output']
+  folder = os.path.join(output, hdtf.FILES)
+  videos = sorted(name for name in os.listdir(folder) if name.endswith('.mp4'))  # UNetDataset's listing
+  assert videos == ['talk_0.mp4', 'talk_1.mp4']
+  for name in videos:
+    key = name[:-len('.mp4')]
+    meta = json.load(open(os.path.join(folder, key + '.json')))
+    with av.open(os.path.join(folder, name)) as container:
+      video, audio = container.streams.video[0], container.streams.audio[0]
+      assert (video.width, video.height, float(video.average_rate)) == (256, 256, 25.0)
+      assert (audio.codec_context.name, audio.rate, audio.channels) == ('aac', 16000, 1)
+      frames = sum(1 for _ in container.decode(video=0))
+    with av.open(os.path.join(folder, name)) as container:
+      samples = sum(frame.samples for frame in container.decode(audio=0))
+    assert frames == meta['num_frames'] == 50 >= 3 * 16  # UNetDataset skips clips under 3 x num_frames
+    assert 0 <= samples - frames / 25 * 16000 < 1024  # the clip's audio, up to AAC's last 1024-sample frame
+    assert meta['id'] == key and load_npy(open(os.path.join(folder, key + '.landmarks.npy'), 'rb').read()).shape \
+        == (frames, 478, 3)
+    with av.open(os.path.join(folder, key + '.wav')) as wav:
+      assert (wav.streams.audio[0].rate, wav.streams.audio[0].channels) == (16000, 1)
+  assert not [name for name in os.listdir(folder) if name.endswith('.partial')]
+  index = read_jsonl(os.path.join(output, 'index.jsonl'))
+  assert sorted((r['id'], r['file']) for r in index) == [('talk_0', 'clips/talk_0.mp4'), ('talk_1', 'clips/talk_1.mp4')]
+  assert [(r['id'], r['reason']) for r in read_jsonl(os.path.join(output, 'rejects.jsonl'))] == [
+      ('talk_2', 'clip_past_end')]
+  stats = json.load(open(os.path.join(output, 'stats.json')))
+  assert (stats['planned'], stats['written'], stats['rejected'], stats['balanced']) == (3, 2, 1, True)
+  tiles, videos = report.kept_samples(output, report.gather(output, 4).picks.items(), 1)
+  assert len(tiles) == 2 and len(videos) == 1  # report.html shows the clips, read from their files
+
+
+def test_a_rerun_resumes_without_rendering_or_rewriting_a_clip(files_run):
+  folder = os.path.join(files_run['output'], hdtf.FILES)
+
+  def files():
+    return {name: (open(os.path.join(folder, name), 'rb').read(), os.stat(os.path.join(folder, name)).st_mtime_ns)
+            for name in os.listdir(folder)}
+
+  before = files()
+  result = run_cli(*files_run['args'])
+  assert files() == before
+  stats = json.load(open(os.path.join(files_run['output'], 'stats.json')))
+  assert (stats['written_this_run'], stats['already_written'], stats['rejected'], stats['balanced']) == (0, 2, 1, True)
+  assert 'resumed: 2 clips' in result.stdout and 'clips: ' in result.stdout
+
+
+def test_two_attempts_at_once_and_a_retry_publish_one_clip(files_run, tmp_path, monkeypatch):
+  """Both attempts write every file before either publishes (a runner's backup attempt); a third comes after
+  the publish, when the rendered clip is gone. One clip, the run's bytes, one record each, no reject."""
+  data, rendered = files_run['captured'][0]
+  analysis = pickle.loads(data)
+  key = analysis.clip.task.clip_id
+  with open(analysis.clip.mp4_uri, 'wb') as handle:  # the run's writer deleted it once published
+    handle.write(rendered)
+  output = tmp_path / 'out'
+  both_written = threading.Barrier(2, timeout=60)
+  real_publish = hdtf.publish_unit
+
+  def publish_after_both(*args):
+    if threading.current_thread().name.startswith('attempt'):
+      both_written.wait()
+    return real_publish(*args)
+
+  monkeypatch.setattr(hdtf, 'publish_unit', publish_after_both)
+  outputs = {}
+
+  def attempt(name):
+    outputs[name] = list(DeadLetter(hdtf.WriteClipFiles(str(output), files_run['work'], True), 'write')
+                         .process(analysis))
+
+  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  assert not os.path.exists(analysis.clip.mp4_uri)
+  attempt('retry')
+  assert not any(isinstance(o, beam.pvalue.TaggedOutput) for outs in outputs.values() for o in outs)
+  assert outputs['attempt1'] == outputs['attempt2'] == outputs['retry'] and len(outputs['retry']) == 1
+  run_folder = os.path.join(files_run['output'], hdtf.FILES)
+  expected = sorted(name for name in os.listdir(run_folder) if name.split('.')[0] == key)
+  assert sorted(os.listdir(output / hdtf.FILES)) == expected  # no scratch file left behind
+  for name in expected:
+    assert (output / hdtf.FILES / name).read_bytes() == open(os.path.join(run_folder, name), 'rb').read(), name
+  assert read_jsonl(str(output / 'published' / f'{key}.jsonl')) == outputs['retry']
+
+
+def test_layout_files_is_hdtf_only(tmp_path):
+  with pytest.raises(SystemExit, match='--layout=files is for --recipe=hdtf'):
+    prepare(['--recipe=nerf', '--layout=files', f'--input={tmp_path}', f'--output={tmp_path / "out"}'])
+
+
+def test_16k_audio_keeps_the_video_stream(files_run):
+  """The remux copies the video packets: the frames decode to the same pixels as the rendered clip's."""
+  analysis, rendered = pickle.loads(files_run['captured'][0][0]), files_run['captured'][0][1]
+  remuxed = hdtf.with_wav_audio(rendered, analysis.clip.wav)
+  decoded = []
+  for data in (rendered, remuxed):
+    with av.open(io.BytesIO(data)) as container:
+      decoded.append(np.stack([frame.to_ndarray(format='rgb24') for frame in container.decode(video=0)]))
+  assert decoded[0].shape == decoded[1].shape and np.array_equal(decoded[0], decoded[1])
