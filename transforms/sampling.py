@@ -6,7 +6,8 @@ face regions, made square around its centre, enlarged by `crop_ratio` (or `--cro
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+import dataclasses
+from typing import Iterable, List, Optional, Tuple, Union
 
 import apache_beam as beam
 import av
@@ -15,11 +16,29 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from model_handlers.in_process import ModelError, SharedModel
+from model_handlers.transnetv2 import SIZE as TRANSNET_SIZE, TransNetV2ModelHandler, cut_frames, require_transnetv2
 from transforms.core.elements import ClipTask, Detection, FaceSamples, Reject
 from transforms.lib.probe import open_media, upright_rgb
 
 STAGE = 'crop'
 _HIST_SIZE = (64, 36)  # frames are shrunk to this before their colour histogram is taken
+
+
+@dataclasses.dataclass(frozen=True)
+class ShotDetection:
+  """How shot cuts are found (--shot_detector): HSV histograms above `threshold` (0: off), or TransNetV2
+  (`model`, a ModelHandler of model_handlers/transnetv2.py) where given."""
+  threshold: float = 0.0
+  model: Optional[ModelHandler] = None
+
+
+def shot_detection(opts) -> ShotDetection:
+  """--shot_detector and --shot_threshold as SampleFrames takes them (a one-line error where TransNetV2 is asked
+  for and its extra is missing)."""
+  if opts.shot_detector == 'transnetv2' and opts.shot_threshold > 0:
+    require_transnetv2('--shot_detector=transnetv2')
+    return ShotDetection(opts.shot_threshold, TransNetV2ModelHandler())
+  return ShotDetection(opts.shot_threshold)
 
 
 class ShotCuts:
@@ -29,10 +48,15 @@ class ShotCuts:
   walking out, a pan) move the histogram a little per frame and stay well under the threshold.
   """
 
+  size = _HIST_SIZE
+
   def __init__(self, threshold: float):
     self.threshold = threshold
     self.previous = None
     self.cuts: List[float] = []
+
+  def finish(self) -> None:
+    """Every frame was pushed (the histograms judged each as it came)."""
 
   def push(self, t: float, small_rgb: np.ndarray) -> None:
     hsv = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2HSV)
@@ -43,8 +67,35 @@ class ShotCuts:
     self.previous = hist
 
 
+class NeuralShotCuts:
+  """TransNetV2's cuts: every frame of the clip at 48 x 27 (4 KB each) is kept until the clip is decoded, then
+  judged in the network's overlapping windows of 100 frames; a cut is at the first frame after each run of
+  frames it calls a transition (probability above 0.5)."""
+
+  size = TRANSNET_SIZE
+  threshold = 1.0  # > 0: frames are pushed
+
+  def __init__(self, model: SharedModel):
+    self.model = model
+    self.times: List[float] = []
+    self.frames: List[np.ndarray] = []
+    self.cuts: List[float] = []
+
+  def push(self, t: float, small_rgb: np.ndarray) -> None:
+    self.times.append(t)
+    self.frames.append(small_rgb)
+
+  def finish(self) -> None:
+    if len(self.frames) < 2:
+      return
+    (probs,) = self.model.infer([np.stack(self.frames)])
+    if isinstance(probs, ModelError):
+      raise RuntimeError(f'transnetv2 failed: {probs.detail}')
+    self.cuts = [self.times[i] for i in cut_frames(probs)]
+
+
 def sample_frames(task: ClipTask, detect_fps: float, max_side: int,
-                  shots: Optional[ShotCuts] = None) -> Iterable[Tuple[int, float, np.ndarray]]:
+                  shots=None) -> Iterable[Tuple[int, float, np.ndarray]]:
   """(sample index, clip time, RGB frame scaled to at most `max_side`) every 1/detect_fps seconds of the
   clip; every decoded frame of the clip also goes through `shots`."""
   info = task.media.info
@@ -64,7 +115,7 @@ def sample_frames(task: ClipTask, detect_fps: float, max_side: int,
       if frame.time >= t1:
         break
       if shots is not None and shots.threshold > 0:
-        shots.push(frame.time - t0, frame.to_ndarray(width=_HIST_SIZE[0], height=_HIST_SIZE[1], format='rgb24'))
+        shots.push(frame.time - t0, frame.to_ndarray(width=shots.size[0], height=shots.size[1], format='rgb24'))
       if frame.time < t0 + index / detect_fps - half_frame:
         continue
       yield index, frame.time - t0, upright_rgb(frame, width, height, info.rotation)  # phone videos: display matrix
@@ -80,18 +131,23 @@ class SampleFrames(beam.DoFn):
   time is rejected as `model_error` (transient), not as a clip without a face.
   """
 
-  def __init__(self, detector: ModelHandler, detect_fps: float, shot_threshold: float = 0.0, max_side: int = 640):
+  def __init__(self, detector: ModelHandler, detect_fps: float, shots: Union[float, ShotDetection] = 0.0,
+               max_side: int = 640):
     self.model = SharedModel(detector)
     self.detect_fps = detect_fps
-    self.shot_threshold = shot_threshold
+    self.shots = shots if isinstance(shots, ShotDetection) else ShotDetection(float(shots))  # a float: HSV's
+    self.shot_model = SharedModel(self.shots.model) if self.shots.model is not None else None
     self.max_side = max_side
 
   def setup(self):
     self.model.setup()
+    if self.shot_model is not None:
+      self.shot_model.setup()
 
   def process(self, task: ClipTask):
-    shots = ShotCuts(self.shot_threshold)
+    shots = NeuralShotCuts(self.shot_model) if self.shot_model is not None else ShotCuts(self.shots.threshold)
     samples: List[Tuple[float, np.ndarray]] = []
+    scores: List[float] = []  # the detector's best confidence on each sampled frame with a face
     errors: List[ModelError] = []
     pending: List[Tuple[float, np.ndarray]] = []
 
@@ -101,6 +157,7 @@ class SampleFrames(beam.DoFn):
           errors.append(found)
         else:
           samples.append((t, face_boxes(found)))
+          scores.extend([float(found.scores.max())] if len(found.scores) else [])
       pending.clear()
 
     try:
@@ -109,6 +166,7 @@ class SampleFrames(beam.DoFn):
         if len(pending) >= self.model.batch_size:
           detect()
       detect()
+      shots.finish()
     except (av.error.FFmpegError, OSError) as error:
       yield self._reject(task, 'decode_error', str(error))
       return
@@ -116,6 +174,9 @@ class SampleFrames(beam.DoFn):
       yield self._reject(task, 'model_error', f'the face detector failed on {len(errors)} of '
                          f'{len(samples) + len(errors)} sampled frames (last: {errors[-1].detail})')
       return
+    if scores:  # scores.face_score: a drawing, a CG face or a face on a screen is a face to the detector too
+      score = round(float(np.median(scores)), 3)
+      task = dataclasses.replace(task, face_stats=task.face_stats + (('face_score', score),))
     yield FaceSamples(task, tuple(samples), tuple(shots.cuts), len(errors))
 
   @staticmethod

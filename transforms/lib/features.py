@@ -28,6 +28,10 @@ IRIS_CENTRES = (468, 473)  # the subject's right and left iris centres (image le
 # Per eye: outer corner, inner corner, upper lid, lower lid (subject's right eye first).
 EYE_CORNERS = ((33, 133, 159, 145), (263, 362, 386, 374))
 INNER_LIPS = (13, 14)
+# eyeBlinkLeft, eyeBlinkRight in the landmarker's blendshapes (model_handlers/mediapipe_face.BLENDSHAPE_NAMES).
+EYE_BLINK = (9, 10)
+BLINK = 0.4  # an eye this closed (blendshape score) is blinking: its gaze is not measured
+SHARPNESS_FACE_PX = 128  # the face's longest side where sharpness is measured (face_sharpness)
 
 
 def pose_from_matrix(matrix: np.ndarray) -> np.ndarray:
@@ -75,22 +79,25 @@ class FaceArrays:
 
 
 def face_sharpness(image: np.ndarray, box: np.ndarray, source_scale: float = 1.0) -> float:
-  """Variance of the Laplacian of the grey face region (the usual focus measure), at the face's source scale.
+  """Variance of the Laplacian of the grey face region (the usual focus measure), with the face resampled to
+  its size in source pixels, capped at `SHARPNESS_FACE_PX` across.
 
-  A crop scaled up from a small source face (`source_scale` = source pixels per output pixel < 1) is
-  scaled back down to the pixels the source had first: upscaling alone divides the Laplacian's variance
-  by about the factor to the fourth power, so a sharp low-resolution face would read as blurry.
-  NaN when the box holds under 3 x 3 source pixels.
+  Why a fixed scale: the Laplacian's variance moves with the scale it is taken at (about its fourth power),
+  so the same source face read 27.9 in a tracked crop and 15-16 in 380-400 px windows scaled up to 512.
+  Resampled to at most 128 px, the frame's face reads within 10% of its source pixels whatever the window
+  (real 512 px clips, README); a face under 128 source px is judged at its own size, so a sharp low-resolution
+  source is not called blurry. NaN when the box holds under 3 x 3 source pixels.
   """
   x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
   x1, y1 = min(image.shape[1], int(np.ceil(box[2]))), min(image.shape[0], int(np.ceil(box[3])))
-  scale = min(1.0, source_scale)
+  side = max(x1 - x0, y1 - y0)
+  scale = min(side * source_scale, SHARPNESS_FACE_PX) / max(side, 1)
   width, height = int(round((x1 - x0) * scale)), int(round((y1 - y0) * scale))
   if width < 3 or height < 3:
     return float('nan')
   grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-  if scale < 1.0:
-    grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+  if (width, height) != grey.shape[::-1]:
+    grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
   return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
@@ -162,6 +169,18 @@ def best_lag(video: np.ndarray, audio: np.ndarray, max_lag: int) -> Tuple[Option
   return best
 
 
+# ----------------------------------------------------------------------------- speech (Silero VAD)
+
+SPEECH = 0.5  # a frame with this speech probability or more is speech (Silero's own default threshold)
+
+
+def speech_ratio(speech: np.ndarray) -> Optional[float]:
+  """Share of the frames with audio whose speech probability (`speech` array, --vad) is at least SPEECH; None
+  without audio."""
+  speech = speech[~np.isnan(speech)]
+  return float(np.mean(speech >= SPEECH)) if len(speech) else None
+
+
 # ----------------------------------------------------------------------------- eye motion (MegActor)
 
 def gaze_angles(landmarks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -178,12 +197,19 @@ def gaze_angles(landmarks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   return np.mean(yaws, 0), np.mean(pitches, 0)
 
 
-def eye_motion_variance(landmarks: np.ndarray, samples: int = 32, step: int = 10) -> Optional[float]:
-  """MegActor's eye-motion score: theta (angle of the gaze off the camera axis, from gaze pitch and yaw),
-  a maximum filter of size 3, then the variance over `samples` frames taken every `step`."""
-  yaw, pitch = gaze_angles(landmarks)
+def eye_motion_variance(landmarks: np.ndarray, blendshapes: np.ndarray, gaze: Optional[np.ndarray] = None,
+                        samples: int = 32, step: int = 10) -> Optional[float]:
+  """MegActor's eye-motion score, in degrees²: theta (angle of the gaze off the camera axis, from gaze pitch
+  and yaw), a maximum filter of size 3, then the variance over `samples` frames taken every `step`.
+
+  Blink frames (either eyeBlink blendshape at BLINK or more, and the frame on each side) are left out first:
+  as the lids close, the iris's place between them runs to +-90 degrees, so blinks lifted real talking clips
+  to 618 and 1,093 deg² where their gaze varies 4-44 deg² (README). `gaze` (T, 2) yaw and pitch in degrees
+  from a gaze model (L2CS-Net, MegActor's own) stands in for the iris landmarks where given."""
+  yaw, pitch = gaze_angles(landmarks) if gaze is None else (gaze[:, 0], gaze[:, 1])
   theta = np.degrees(np.arccos(np.cos(np.radians(pitch)) * np.cos(np.radians(yaw))))
-  theta = theta[~np.isnan(theta)]
+  blink = ndimage.binary_dilation(np.nan_to_num(blendshapes[:, EYE_BLINK]).max(1) >= BLINK)
+  theta = theta[~np.isnan(theta) & ~blink]
   if len(theta) < 2:
     return None
   picked = ndimage.maximum_filter1d(theta, size=3)[::step][:samples]
