@@ -1,22 +1,24 @@
 """`python -m beam_pipeline.inspect_output <shard.tar | output dir>`: what is in it, and a preview image.
 
 For a shard: one line per sample (frames, duration, face, crop, payloads). For
-an output: totals from stats.json, index and shard counts, rejects by reason
-and which metadata fields the samples carry. Either way a contact sheet of
-sampled frames with landmarks drawn is written as a PNG. Local and gs:// paths.
+an output of any layout (shards, folders, files): the recipe and layout that made
+it, totals from stats.json, index, shard and unit counts, rejects by reason and
+which metadata fields the samples carry. A contact sheet of sampled frames with
+landmarks drawn (from the shards) is written as a PNG inside the output (for a
+shard: beside it). Local and gs:// paths.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
-import os
 import sys
 from typing import List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import report
+from transforms.core.fileio import write_atomic
 
 
 def _size(uri: str) -> int:
@@ -57,15 +59,21 @@ def summarise_output(output: str, samples: int, lines: List[str]):
   stats = report.read_json(FileSystems.join(output, 'stats.json'))
   index = report.read_jsonl(FileSystems.join(output, 'index.jsonl'))
   rejects = report.read_jsonl(FileSystems.join(output, 'rejects.jsonl'))
-  shards = FileSystems.match([FileSystems.join(output, 'shards', '*.tar')])[0].metadata_list
-  lines.append(f'output {output}')
+  shards = _listed(FileSystems.join(output, 'shards', '*.tar'))
+  made = report.read_json(FileSystems.join(output, 'output.json'))
+  lines.append(f'output {output}' + (f' (--recipe={made.get("recipe")}, {made.get("layout")})' if made else ''))
   if stats:
     lines.append(f'  planned {stats.get("planned")}, written {stats.get("written")}, rejected '
                  f'{stats.get("rejected")}, balanced {stats.get("balanced")}, frames {stats.get("frames_written")}')
   else:
     lines.append('  no stats.json (run unfinished?)')
+  units = _listed(FileSystems.join(output, 'published', '*.jsonl'))
   lines.append(f'  index: {len(index)} clips, {sum(r.get("duration", 0) for r in index):.1f} s; '
-               f'shards: {len(shards)}, {_mib(sum(m.size_in_bytes for m in shards))}')
+               + (f'shards: {len(shards)}, {_mib(sum(m.size_in_bytes for m in shards))}' if shards or not units
+                  else f'published units (subjects or tubes): {len(units)}'))
+  runs = _listed(FileSystems.join(output, 'runs', '*', 'stats.json'))
+  if runs:
+    lines.append(f'  runs kept: {len(runs)} (runs/<run id>/stats.json, rejects.jsonl)')
   for reason, n in collections.Counter(r.get('reason', '?') for r in rejects).most_common():
     lines.append(f'  rejected {n} x {reason}')
   fields = collections.Counter(name for r in index for name in report.flatten(r))
@@ -76,12 +84,30 @@ def summarise_output(output: str, samples: int, lines: List[str]):
   return [t for _, t in thumbs]
 
 
+def _listed(pattern: str) -> list:
+  try:
+    return FileSystems.match([pattern])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except  # no such folder
+    return []
+
+
+def default_preview(path: str) -> str:
+  """Inside the output: `<output>/preview.png`; for a shard `<output>/shards/x.tar`, `<output>/x.preview.png`."""
+  if not path.endswith('.tar'):
+    return FileSystems.join(path, 'preview.png')
+  folder, name = path.rsplit('/', 1) if '/' in path else ('.', path)
+  if folder.rsplit('/', 1)[-1] == 'shards' and '/' in folder:
+    folder = folder.rsplit('/', 1)[0]
+  return FileSystems.join(folder, name[:-len('.tar')] + '.preview.png')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m beam_pipeline.inspect_output', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('path', help='A shard (.tar) or an output directory, local or gs://.')
   parser.add_argument('--preview', default=None,
-                      help='Where to write the preview PNG (default: <name>.preview.png in the current directory).')
+                      help='Where to write the preview PNG (default: <output>/preview.png; for a shard '
+                      '<output>/<shard>.preview.png).')
   parser.add_argument('--samples', type=int, default=16, help='Most samples shown in the preview.')
   args = parser.parse_args(argv)
   path = args.path.rstrip('/')
@@ -90,15 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not FileSystems.exists(path):
       parser.error(f'{path} does not exist')
     thumbs = summarise_shard(path, args.samples, lines)
-  elif FileSystems.exists(FileSystems.join(path, 'index.jsonl')) or FileSystems.exists(
-      FileSystems.join(path, 'shards')):
+  elif any(FileSystems.exists(FileSystems.join(path, name)) for name in ('index.jsonl', 'shards', 'output.json')):
     thumbs = summarise_output(path, args.samples, lines)
   else:
-    parser.error(f'{path} is neither a .tar shard nor an output directory (no index.jsonl or shards/)')
-  preview = args.preview or os.path.basename(path) + '.preview.png'
+    parser.error(f'{path} is neither a .tar shard nor an output directory (no index.jsonl, output.json or shards/)')
+  preview = args.preview or default_preview(path)
   if thumbs:
-    with open(preview, 'wb') as handle:
-      handle.write(report.png(report.contact_sheet(thumbs)))
+    write_atomic(preview, report.png(report.contact_sheet(thumbs)))
     lines.append(f'preview: {preview} ({len(thumbs)} samples)')
   else:
     lines.append('preview: none (no decodable samples)')
