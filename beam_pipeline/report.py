@@ -7,12 +7,17 @@ written through Beam FileSystems), after a run or later with
 
 - totals, and rejects by reason; for every reason a few rejected clips, each
   with its thumbnail (ScoreAndFilter writes them into report_media/rejects/)
-  and the value it measured against the threshold it failed;
+  and the value it measured against the threshold it failed; those nearest
+  the threshold play as short clips with their audio (the filter stage's
+  previews, transforms/filters.NearestRejects);
 - a few kept samples as short looping videos with their landmarks drawn (and
   their audio), and a contact sheet of more;
+- folder recipes: their subjects or tubes (clips, frames), and for a few the
+  files they hold and frames spread over them with their overlays;
 - per score, kept and rejected clips against the threshold: dots when there
   are few clips, histograms otherwise, axes in plain numbers with units;
-- a table of clips, kept and rejected, that sorts on a click on a header.
+- a table of clips, kept and rejected, with every score each was measured on,
+  that sorts on a click on a header.
 
 Memory stays bounded by what is shown: index.jsonl and rejects.jsonl are
 streamed (a few numbers per clip are kept, table rows up to TABLE_ROWS), and
@@ -33,7 +38,6 @@ import json
 import os
 import sys
 import tarfile
-import tempfile
 import urllib.parse
 import zlib
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -44,21 +48,26 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.core.fileio import iter_jsonl, write_atomic
-from transforms.filters import REJECT_THUMBNAILS
-from transforms.lib.features import wav_samples
+from transforms.core.fileio import PARTIAL, iter_jsonl, read_bytes, write_atomic
+from transforms.filters import REJECT_CLIP_S, REJECT_THUMBNAILS
+from transforms.lib.preview import draw_points, preview_mp4 as clip_preview
 from transforms.writers.shards import sample_key
 
 REPORT = 'report.html'
 MEDIA = 'report_media'
 FIGURES = f'{MEDIA}/figures'
 SAMPLE_VIDEOS = f'{MEDIA}/samples'
+FOLDER_PICTURES = f'{MEDIA}/folders'
 THUMB = 192  # contact sheet tiles
 PREVIEW = 256  # kept-sample videos: side in pixels, seconds at most, how many
 PREVIEW_S = 4.0
 VIDEOS = 4
 REJECTS_SHOWN = 6  # per reason: half nearest the threshold, the rest spread over the reason's clips
 TABLE_ROWS = 5000
+FOLDERS_LISTED = 200  # folder recipes: subjects / tubes in the table, and how many get pictures
+FOLDERS_PICTURED = 4
+FOLDER_FRAMES = 4  # frames per pictured folder, spread over it
+TILE = 160
 DOTS_BELOW = 20  # fewer clips than this: a dot per clip instead of a histogram
 NOT_COMPUTED = 'not computed'
 KEPT_COLOUR, REJECTED_COLOUR = '#3b7dd8', '#d8453b'
@@ -87,9 +96,15 @@ METRICS = (
     Metric('max_abs_pitch', 'head pitch, largest |angle|', 'degrees', 'pitch_too_large', 'max_pitch', '>',
            '|pitch| max (°)'),
     Metric('sync_corr', 'mouth/audio correlation', 'Pearson r', 'av_sync_low', 'min_sync_corr', '<', 'sync corr (r)'),
+    Metric('lse_c', 'SyncNet confidence (LSE-C)', 'distance', 'sync_conf_low', 'min_sync_conf', '<', 'SyncNet conf'),
+    Metric('av_offset_frames', 'SyncNet AV offset, |offset|', 'frames at 25 fps', 'av_offset_large', 'max_av_offset',
+           '>', 'AV offset', magnitude=True, whole=True),
     Metric('face_ratio', 'frames with a face', 'fraction of frames', 'face_ratio_low', 'min_face_ratio', '<'),
     Metric('source_resolution', 'source short side', 'px', 'low_resolution', 'min_resolution', '<', whole=True),
-    Metric('eye_motion_var', 'eye motion variance', 'px²', 'eye_motion_low', 'min_eye_motion_var', '≤'),
+    Metric('eye_motion_var', 'eye motion variance', 'deg²', 'eye_motion_low', 'min_eye_motion_var', '≤'),
+    Metric('speech_ratio', 'frames with speech (Silero VAD)', 'fraction of frames', 'no_speech', 'min_speech_ratio',
+           '<'),
+    Metric('face_score', 'face detector confidence', 'score', 'face_score_low', 'min_face_score', '<'),
     Metric('sync_lag_frames', 'audio/mouth lag, |lag|', 'frames', 'av_sync_offset', 'max_sync_lag', '>',
            magnitude=True, whole=True),
 )
@@ -222,6 +237,7 @@ class Facts:
       default_factory=lambda: collections.defaultdict(lambda: array.array('d')))
   reasons: Dict[str, ReasonFacts] = dataclasses.field(default_factory=lambda: collections.defaultdict(ReasonFacts))
   rows: Smallest = dataclasses.field(default_factory=lambda: Smallest(TABLE_ROWS))
+  folders: 'Folders' = dataclasses.field(default_factory=lambda: Folders(FOLDERS_LISTED))
 
   def threshold(self, metric: Metric) -> Optional[float]:
     """This run's setting when stats.json records it, else the one most of its rejects name."""
@@ -232,21 +248,88 @@ class Facts:
     return seen.most_common(1)[0][0] if seen else None
 
 
+@dataclasses.dataclass
+class Folder:
+  """A folder recipe's unit as its index records describe it: a subject (nerf, avatar) or a tube (mmvox)."""
+  name: str
+  kind: str
+  record: dict  # its first clip's record (a tube's only one)
+  clips: int = 0
+  frames: int = 0  # the frames its clips' records say it holds
+
+
+def folder_kind(record: dict) -> Optional[str]:
+  """'nerf', 'avatar' or 'mmvox' for a folder recipe's index record (by the fields its writer sets), else None."""
+  if not record.get('folder'):
+    return None
+  if record.get('layout') == 'mmvox':
+    return 'mmvox'
+  frames = record.get('frames')
+  if isinstance(frames, list) and len(frames) == 2:
+    return 'nerf' if all(isinstance(f, int) for f in frames) else 'avatar'
+  return None
+
+
+def _frames_to(record: dict, kind: str) -> int:
+  """How many frames the folder holds at least, by this record: nerf's [first, end), avatar's last file name."""
+  if kind == 'nerf':
+    return int(record['frames'][1])
+  if kind == 'avatar':
+    return int(os.path.splitext(record['frames'][1])[0]) + 1
+  return int(record.get('num_frames') or 0)
+
+
+class Folders:
+  """The folders (subjects, tubes) of a folder recipe's output: how many, and the clips and frames of the `k`
+  with the smallest spread rank (a stable choice over the run; a folder is followed from its first record,
+  so its counts are whole); memory for `k` folders and a set of names."""
+
+  def __init__(self, k: int):
+    self.k, self.names, self.held, self.ranks = k, set(), {}, []
+
+  def add(self, record: dict) -> None:
+    kind = folder_kind(record)
+    if kind is None:
+      return
+    name = record['folder']
+    self.names.add(name)
+    folder = self.held.get(name)
+    if folder is None:
+      rank = (_spread(name), name)
+      if len(self.held) >= self.k:
+        if not self.ranks or (-self.ranks[0][0], self.ranks[0][1]) <= rank:
+          return
+        _, dropped = heapq.heappop(self.ranks)
+        del self.held[dropped]
+      heapq.heappush(self.ranks, (-rank[0], name))
+      folder = self.held[name] = Folder(name, kind, record)
+    folder.clips += 1
+    folder.frames = max(folder.frames, _frames_to(record, kind)) if kind != 'mmvox' else _frames_to(record, kind)
+
+  def shown(self) -> List[Folder]:
+    return sorted(self.held.values(), key=lambda folder: (_spread(folder.name), folder.name))
+
+
+def _numbers(scores: dict) -> Dict[str, float]:
+  return {name: number for name, number in ((name, _number(value)) for name, value in scores.items())
+          if number is not None}
+
+
 def _kept_row(record: dict) -> dict:
-  scores = record.get('scores') or {}
-  values = {m.score: _number(scores.get(m.score)) for m in COLUMNS}
-  if values['duration'] is None:
-    values['duration'] = _number(record.get('duration'))
-  return {'id': record['id'], 'status': 'kept', 'detail': '', 'values': values}
+  values = _numbers(record.get('scores') or {})
+  if 'duration' not in values and _number(record.get('duration')) is not None:
+    values['duration'] = float(record['duration'])
+  return {'id': record['id'], 'status': 'kept', 'detail': '', 'values': values, 'failed': ''}
 
 
 def _reject_row(reject: dict) -> dict:
+  """Every score a filter reject carries (rejects before the filter have none), and the one it failed on."""
   metric = BY_REASON.get(reject.get('reason'))
-  values = {m.score: None for m in COLUMNS}
-  if metric is not None and metric.column:
-    values[metric.score] = _number(reject.get('value'))
+  values = _numbers(reject.get('scores') or {})
+  if metric is not None and _number(reject.get('value')) is not None:
+    values.setdefault(metric.score, _number(reject.get('value')))
   return {'id': reject['id'], 'status': reject.get('reason', '?'), 'detail': reject.get('detail', ''),
-          'values': values}
+          'values': values, 'failed': metric.score if metric is not None else ''}
 
 
 def gather(output: str, samples: int) -> Facts:
@@ -263,8 +346,9 @@ def gather(output: str, samples: int) -> Facts:
       facts.kept_values['duration'].append(float(record['duration']))
     rank = _spread(record['id'])
     facts.rows.offer(rank, _kept_row(record))
-    if record.get('shard'):
-      facts.picks.offer(rank, {k: record.get(k) for k in ('id', 'key', 'shard', 'duration', 'scores')})
+    facts.folders.add(record)
+    if record.get('shard') or record.get('file'):
+      facts.picks.offer(rank, {k: record.get(k) for k in ('id', 'key', 'shard', 'file', 'duration', 'scores')})
   for reject in iter_jsonl(FileSystems.join(output, 'rejects.jsonl')):
     facts.rejected += 1
     reason = facts.reasons[reject.get('reason', '?')]
@@ -307,11 +391,6 @@ def _landmark_points(members: Dict[str, bytes]) -> Optional[np.ndarray]:
   return None
 
 
-def _draw_points(image: np.ndarray, points: np.ndarray, scale: float, radius: int) -> None:
-  for x, y in points[np.isfinite(points).all(1)] * scale:
-    cv2.circle(image, (int(round(x)), int(round(y))), radius, (40, 255, 80), -1, cv2.LINE_AA)
-
-
 def thumbnail(key: str, members: Dict[str, bytes]) -> Optional[np.ndarray]:
   """A captioned thumbnail of the sample's middle frame with its landmarks drawn."""
   if 'mp4' not in members:
@@ -323,7 +402,7 @@ def thumbnail(key: str, members: Dict[str, bytes]) -> Optional[np.ndarray]:
   if 'landmarks.npy' in members:
     landmarks = load_npy(members['landmarks.npy'])
     if index < len(landmarks):
-      _draw_points(image, landmarks[index, :, :2], 1.0, max(1, image.shape[0] // 256))
+      draw_points(image, landmarks[index, :, :2], 1.0, max(1, image.shape[0] // 256))
   thumb = cv2.resize(image, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
   cv2.rectangle(thumb, (0, THUMB - 18), (THUMB, THUMB), (0, 0, 0), -1)
   cv2.putText(thumb, key[:28], (4, THUMB - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
@@ -347,48 +426,10 @@ def png(image: np.ndarray) -> bytes:
 
 
 def preview_mp4(members: Dict[str, bytes], side: int = PREVIEW, seconds: float = PREVIEW_S) -> Optional[bytes]:
-  """The first `seconds` of the sample, `side` pixels wide, its landmarks drawn on every frame, with its
-  audio: H.264 + AAC in an mp4 that browsers play inline (moov atom first, hence a file, not a buffer)."""
+  """The first `seconds` of the sample, `side` pixels wide, its landmarks drawn on every frame, with its audio."""
   if 'mp4' not in members:
     return None
-  points = _landmark_points(members)
-  images = []
-  with av.open(io.BytesIO(members['mp4'])) as source:
-    stream = source.streams.video[0]
-    rate = stream.average_rate or 25
-    width = stream.codec_context.width
-    height = int(round(side * stream.codec_context.height / width / 2)) * 2
-    for index, frame in enumerate(source.decode(stream)):
-      if index >= seconds * rate:
-        break
-      image = cv2.resize(frame.to_ndarray(format='rgb24'), (side, height), interpolation=cv2.INTER_AREA)
-      if points is not None and index < len(points):
-        _draw_points(image, points[index], side / width, 2)
-      images.append(image)
-  if not images:
-    return None
-  with tempfile.TemporaryDirectory(prefix='report-') as scratch:
-    path = os.path.join(scratch, 'preview.mp4')
-    with av.open(path, 'w', options={'movflags': '+faststart'}) as out:
-      video = out.add_stream('libx264', rate=rate, options={'crf': '30', 'preset': 'veryfast'})
-      video.width, video.height, video.pix_fmt = side, height, 'yuv420p'
-      audio = None
-      if 'wav' in members:
-        samples, sample_rate = wav_samples(members['wav'])
-        audio = out.add_stream('aac', rate=sample_rate, layout='mono')
-      for image in images:
-        out.mux(video.encode(av.VideoFrame.from_ndarray(image, format='rgb24')))
-      out.mux(video.encode())
-      if audio is not None:
-        sound = samples[:int(round(len(images) / float(rate) * sample_rate))].astype(np.float32)
-        chunk = audio.codec_context.frame_size or 1024
-        for start in range(0, len(sound), chunk):
-          block = av.AudioFrame.from_ndarray(sound[None, start:start + chunk], format='flt', layout='mono')
-          block.sample_rate, block.pts = sample_rate, start
-          out.mux(audio.encode(block))
-        out.mux(audio.encode())
-    with open(path, 'rb') as handle:
-      return handle.read()
+  return clip_preview(members['mp4'], members.get('wav'), side, seconds, _landmark_points(members))
 
 
 # ----------------------------------------------------------------------------- figures
@@ -482,6 +523,11 @@ def _picked_members(output: str, picks: Sequence[dict]) -> Iterator[Tuple[dict, 
   last sample wanted from it."""
   by_shard = collections.defaultdict(dict)
   for record in picks:
+    if record.get('file'):  # hdtf's --layout=files: the members are files beside the mp4, named as in a tar
+      key, base = record.get('key') or record['id'], FileSystems.join(output, record['file'])[:-len('.mp4')]
+      matched = FileSystems.match([base + '.*'])[0].metadata_list
+      yield record, key, {m.path[len(base) + 1:]: read_bytes(m.path) for m in matched if not m.path.endswith(PARTIAL)}
+      continue
     by_shard[record['shard']][record.get('key') or record['id']] = record
   for shard, records in sorted(by_shard.items()):
     uri = FileSystems.join(output, shard)
@@ -511,7 +557,7 @@ def sampled_shards(output: str, records: Iterable[dict],
   """Tiles of `count` clips spread over `records`, and per-frame (yaw, pitch, roll) of those clips."""
   picks = Smallest(count)
   for record in records:
-    if record.get('shard'):
+    if record.get('shard') or record.get('file'):
       picks.offer(_spread(record['id']), record)
   tiles, poses = {}, []
   for record, key, members in _picked_members(output, picks.items()):
@@ -542,8 +588,15 @@ def _measure(reject: dict) -> str:
 
 
 def _reject_card(output: str, reject: dict) -> str:
+  """Its thumbnail; near the threshold, the filter stage's short preview with audio instead (thumbnail as poster)."""
   name = _reject_thumbnail_name(reject['id'])
-  if FileSystems.exists(FileSystems.join(output, name)):
+  clip = name[:-len('.jpg')] + '.mp4'
+  picture_exists = FileSystems.exists(FileSystems.join(output, name))
+  if FileSystems.exists(FileSystems.join(output, clip)):
+    poster = f' poster="{_media_href(name)}"' if picture_exists else ''
+    picture = (f'<video src="{_media_href(clip)}"{poster} controls loop playsinline preload="metadata" '
+               f'title="the first {REJECT_CLIP_S:g} s as rendered, landmarks drawn, with its audio"></video>')
+  elif picture_exists:
     picture = f'<img src="{_media_href(name)}" alt="{_e(reject["id"])}" loading="lazy">'
   else:
     picture = f'<div class="nopic">no picture (rejected at the {_e(reject.get("stage", "?"))} stage)</div>'
@@ -576,11 +629,13 @@ def _rejects_html(output: str, facts: Facts) -> Tuple[str, str]:
                 f'<td class="n">{share}</td><td>{rule}</td></tr>')
     shown = info.shown()
     order = 'nearest the threshold first' if info.nearest.items() else 'spread over the run'
-    cards = ''.join(_reject_card(output, reject) for reject in shown)
+    cards = [_reject_card(output, reject) for reject in shown]
+    playing = sum('<video' in card for card in cards)
+    order += f'; {playing} play{"s" if playing == 1 else ""} with the audio' if playing else ''
     sections.append(f'<section class="reason" id="{anchor}"><h3>{_e(reason)} <small>{info.count} '
                     f'clip{"s" if info.count != 1 else ""}; {len(shown)} shown, {order}</small></h3>'
                     + (f'<p class="rule">The filter {rule}.</p>' if rule else '')
-                    + f'<div class="cards">{cards}</div></section>')
+                    + f'<div class="cards">{"".join(cards)}</div></section>')
   table = ('<table><thead><tr><th>reason</th><th>stage</th><th>clips</th><th>of planned</th><th>filter</th></tr>'
            f'</thead><tbody>{"".join(rows)}</tbody></table>') if rows else '<p>No rejects.</p>'
   return table, ''.join(sections)
@@ -616,20 +671,34 @@ def _figures_html(output: str, facts: Facts) -> str:
   return ''.join(blocks)
 
 
+def _columns(rows: Sequence[dict]) -> List[Tuple[str, str, str]]:
+  """(score, header, tooltip) of every score a shown clip has: the known ones in METRICS' order, then the rest."""
+  seen = set(itertools.chain.from_iterable(row['values'] for row in rows))
+  known = [(m.score, m.column or m.label, f'{m.score}: {m.label} ({m.unit}), filter --{m.flag}')
+           for m in METRICS if m.score in seen]
+  return known + [(name, name, name) for name in sorted(seen - {m.score for m in METRICS})]
+
+
 def _table_html(facts: Facts) -> str:
   rows = sorted(facts.rows.items(), key=lambda row: row['id'])
   total = facts.kept + facts.rejected
-  head = ''.join(f'<th data-type="num">{_e(m.column)}</th>' for m in COLUMNS)
+  columns = _columns(rows)
+  head = ''.join(f'<th data-type="num" data-score="{_e(score)}" title="{_e(tip)}">{_e(header)}</th>'
+                 for score, header, tip in columns)
   body = []
   for row in rows:
-    cells = ''.join(f'<td class="n" data-v="{"" if row["values"][m.score] is None else row["values"][m.score]}">'
-                    f'{plain(row["values"][m.score])}</td>' for m in COLUMNS)
+    cells = []
+    for score, _, _ in columns:
+      value = row['values'].get(score)
+      failed = ' failed' if score == row['failed'] else ''
+      cells.append(f'<td class="n{failed}" data-v="{"" if value is None else value}">{plain(value)}</td>')
     status = 'kept' if row['status'] == 'kept' else 'rejected'
     body.append(f'<tr class="{status}"><td>{_e(row["id"])}</td><td title="{_e(row["detail"])}">'
-                f'{_e(row["status"])}</td>{cells}</tr>')
+                f'{_e(row["status"])}</td>{"".join(cells)}</tr>')
   note = (f'{len(rows)} of {total} clips, a sample spread over the run (the table stops at {TABLE_ROWS} rows).'
           if len(rows) < total else f'All {total} clips.')
-  return (f'<p>{note} Click a header to sort; rejected clips show the value they failed on.</p>'
+  return (f'<p>{note} Every score a clip was measured on; a rejected clip\'s failed value is in red (clips '
+          'rejected before scoring, e.g. without a face, have none). Click a header to sort.</p>'
           '<div class="scroll"><table class="sortable" id="clips"><thead><tr><th data-type="text">id</th>'
           f'<th data-type="text">kept / reason</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
@@ -663,7 +732,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .totals span{display:inline-block;margin-right:1.5em;font-size:120%}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:180px;border:1px solid #ddd;border-radius:4px;padding:6px;font-size:85%;background:#fafafa}
-.card img{width:180px;height:180px;object-fit:cover;display:block;background:#333}
+.card img,.card video{width:180px;height:180px;object-fit:cover;display:block;background:#333}
 .nopic{color:#777;font-style:italic}
 .cid{font-weight:bold;margin-top:4px;word-break:break-all}.measure{color:#a11;margin:2px 0}
 .measure b{font-size:115%}.detail{color:#666;font-size:90%;word-break:break-word}
@@ -675,11 +744,212 @@ figure p{font-size:85%;color:#555;max-width:520px;margin:.2em 0}
 .scroll{max-height:32em;overflow:auto;display:inline-block;border:1px solid #ccc}
 .scroll th{position:sticky;top:0;background:#eee;cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}
-tr.rejected td:nth-child(2){color:#a11}
+tr.rejected td:nth-child(2){color:#a11}td.failed{color:#a11;font-weight:bold}
+.folder h3 small{font-weight:normal;color:#666}.files{font-size:85%;color:#444}.folder img{max-width:100%}
 """
 
 
-def _samples_html(output: str, picks: List[dict]) -> str:
+# ----------------------------------------------------------------------------- folder recipes
+
+# Where each folder recipe's writer puts a unit's frames (beam_pipeline/recipes/*/writer.py; README's layout
+# tables). Spelled out here: importing the writers would load torch for a page.
+NERF_PARTS = ('ori_imgs', 'parsing', 'gt_imgs', 'com_imgs', 'head_imgs', 'torso_imgs', 'depth')
+MMVOX_EVERY, MMVOX_DRAWINGS = 4, 'draw/style1'  # masks and drawings of frames 0, 4, 8, ...
+PALETTE = np.random.default_rng(7).integers(40, 256, (256, 3)).astype(np.uint8)  # parsing classes
+PALETTE[0] = 0
+
+
+def _image(uri: str) -> Optional[np.ndarray]:
+  """RGB, RGBA or grey as stored; None when the file is not there."""
+  if not FileSystems.exists(uri):
+    return None
+  image = cv2.imdecode(np.frombuffer(read_bytes(uri), np.uint8), cv2.IMREAD_UNCHANGED)
+  if image is not None and image.ndim == 3:
+    image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+  return image
+
+
+def _on_checker(rgba: np.ndarray) -> np.ndarray:
+  """RGBA over a grey checkerboard, so transparency shows."""
+  height, width = rgba.shape[:2]
+  squares = ((np.arange(height)[:, None] // 16 + np.arange(width)[None] // 16) % 2).astype(np.float32)
+  board = (150 + 60 * squares)[..., None]
+  alpha = rgba[..., 3:4].astype(np.float32) / 255
+  return (rgba[..., :3] * alpha + board * (1 - alpha)).astype(np.uint8)
+
+
+def _tile(image: Optional[np.ndarray], caption: str) -> np.ndarray:
+  """A TILE-square picture with its caption; a dark tile saying 'missing' where the file is not there."""
+  if image is None:
+    tile = np.full((TILE, TILE, 3), 48, np.uint8)
+    cv2.putText(tile, 'missing', (40, TILE // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (230, 90, 80), 1, cv2.LINE_AA)
+  else:
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, 2)
+    image = _on_checker(image) if image.shape[2] == 4 else image
+    tile = cv2.resize(np.ascontiguousarray(image[..., :3]), (TILE, TILE), interpolation=cv2.INTER_AREA)
+  cv2.rectangle(tile, (0, TILE - 16), (TILE, TILE), (0, 0, 0), -1)
+  cv2.putText(tile, caption[:30], (3, TILE - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (255, 255, 255), 1, cv2.LINE_AA)
+  return tile
+
+
+def _overlay_labels(frame: Optional[np.ndarray], labels: Optional[np.ndarray]) -> Optional[np.ndarray]:
+  """Parsing classes in colour, half over the frame (alone when the frame is missing)."""
+  if labels is None:
+    return None
+  coloured = PALETTE[labels if labels.ndim == 2 else labels[..., 0]]
+  if frame is None or frame.shape[:2] != labels.shape[:2]:
+    return coloured
+  return cv2.addWeighted(np.ascontiguousarray(frame[..., :3]), 0.5, coloured, 0.5, 0)
+
+
+def _with_points(image: Optional[np.ndarray], points: Optional[np.ndarray]) -> Optional[np.ndarray]:
+  if image is None or points is None:
+    return image
+  image = np.ascontiguousarray(image[..., :3]) if image.ndim == 3 and image.shape[2] == 4 else image.copy()
+  draw_points(image, np.asarray(points, np.float32).reshape(-1, 2), 1.0, max(1, image.shape[0] // 256))
+  return image
+
+
+def _spread_frames(count: int, step: int = 1) -> List[int]:
+  """Up to FOLDER_FRAMES frame numbers spread over `count` frames, multiples of `step`."""
+  if count <= 0:
+    return []
+  return sorted({int(round(x / step)) * step for x in np.linspace(0, count - 1, FOLDER_FRAMES)} & set(
+      range(0, count, step)))
+
+
+def _nerf_rows(base: str, frames: List[int]) -> List[Tuple[str, List[np.ndarray]]]:
+  rows = {'frame, 68 landmarks (ori_imgs/*.jpg, *.lms)': [], 'parsing over the frame (parsing/*.png)': [],
+          'gt image (gt_imgs/*.jpg)': [], 'torso, RGBA (torso_imgs/*.png)': []}
+  for i in frames:
+    frame = _image(f'{base}/ori_imgs/{i}.jpg')
+    lms = f'{base}/ori_imgs/{i}.lms'
+    points = np.loadtxt(io.StringIO(read_bytes(lms).decode())) if FileSystems.exists(lms) else None
+    tiles = (_with_points(frame, points), _overlay_labels(frame, _image(f'{base}/parsing/{i}.png')),
+             _image(f'{base}/gt_imgs/{i}.jpg'), _image(f'{base}/torso_imgs/{i}.png'))
+    for row, image in zip(rows.values(), tiles):
+      row.append(_tile(image, f'frame {i}'))
+  rows['background (bc.jpg)'] = [_tile(_image(f'{base}/bc.jpg'), 'bc.jpg')]
+  return list(rows.items())
+
+
+def _avatar_rows(base: str, frames: List[int]) -> List[Tuple[str, List[np.ndarray]]]:
+  keypoints, irises = (json.loads(read_bytes(f'{base}/{name}')) if FileSystems.exists(f'{base}/{name}') else {}
+                       for name in ('keypoint.json', 'iris.json'))
+  rows = {'RGBA frame, 68 keypoints and irises (image/*.png)': [], 'alpha': []}
+  for i in frames:
+    name = f'{i:05d}.png'
+    image = _image(f'{base}/image/{name}')
+    drawn = _with_points(_with_points(image, keypoints.get(name)), irises.get(name))
+    if image is not None and image.ndim == 3 and image.shape[2] == 4:
+      drawn = np.dstack([drawn, image[..., 3]])  # keep the alpha: the tile shows it over a checkerboard
+    rows['RGBA frame, 68 keypoints and irises (image/*.png)'].append(_tile(drawn, name))
+    alpha = image[..., 3] if image is not None and image.ndim == 3 and image.shape[2] == 4 else None
+    rows['alpha'].append(_tile(alpha, name))
+  return list(rows.items())
+
+
+def _mmvox_rows(output: str, key: str, frames: List[int], tube_format: str) -> List[Tuple[str, List[np.ndarray]]]:
+  decoded = {}
+  if tube_format == 'mp4' and FileSystems.exists(f'{output}/video/{key}.mp4'):
+    with av.open(io.BytesIO(read_bytes(f'{output}/video/{key}.mp4'))) as container:
+      for index, frame in enumerate(container.decode(video=0)):
+        if index in frames:
+          decoded[index] = frame.to_ndarray(format='rgb24')
+        if index >= max(frames):
+          break
+  rows = {'frame (video/)': [], 'parsing (mask/)': [], f'drawing ({MMVOX_DRAWINGS}/)': []}
+  for i in frames:
+    name = f'{i:07d}.png'
+    frame = decoded.get(i) if tube_format == 'mp4' else _image(f'{output}/video/{key}/{name}')
+    tiles = (frame, _image(f'{output}/mask/{key}/{name}'), _image(f'{output}/{MMVOX_DRAWINGS}/{key}/{name}'))
+    for row, image in zip(rows.values(), tiles):
+      row.append(_tile(image, name))
+  return list(rows.items())
+
+
+def _listing(folder: str) -> List[str]:
+  """The names of the files directly in `folder` (one listing), none when it is not there."""
+  if not FileSystems.exists(folder):
+    return []
+  paths = [m.path for m in FileSystems.match([folder.rstrip('/') + '/*'])[0].metadata_list]
+  return sorted(path.rstrip('/').rsplit('/', 1)[-1] for path in paths if not path.endswith(PARTIAL))
+
+
+def _file_counts(base: str, folders: Sequence[str]) -> str:
+  """'ori_imgs/: 50 jpg, 50 lms; ...': the files each folder (relative to `base`) holds, by extension."""
+  parts = []
+  for folder in folders:
+    by_ext = collections.Counter(os.path.splitext(name)[1].lstrip('.') or 'file'
+                                 for name in _listing(f'{base}/{folder}'))
+    if by_ext:
+      parts.append(f'{_e(folder)}/: ' + ', '.join(f'{n} {_e(ext)}' for ext, n in sorted(by_ext.items())))
+  return '; '.join(parts)
+
+
+def _folder_block(output: str, folder: Folder) -> str:
+  """A pictured folder: its counts, files, frames spread over it with their overlays, and its audio."""
+  base = f'{output}/{folder.name}'
+  href = _media_href(folder.name)
+  extra = ''
+  if folder.kind == 'nerf':
+    rows = _nerf_rows(base, _spread_frames(folder.frames))
+    files = _file_counts(base, NERF_PARTS) + '; beside them: ' + ', '.join(
+        _e(name) for name in _listing(base) if '.' in name)
+    if FileSystems.exists(f'{base}/audio.wav'):
+      extra = f'<audio controls preload="none" src="{href}/audio.wav"></audio>'
+  elif folder.kind == 'avatar':
+    rows = _avatar_rows(base, _spread_frames(folder.frames))
+    files = _file_counts(base, ['image']) + '; beside them: ' + ', '.join(
+        _e(name) for name in _listing(base) if '.' in name)
+  else:
+    tube_format = folder.record.get('tube_format', 'png')
+    rows = _mmvox_rows(output, folder.name, _spread_frames(folder.frames, MMVOX_EVERY), tube_format)
+    files = _file_counts(output, [f'{where}/{folder.name}' for where in ('video', 'mask', MMVOX_DRAWINGS)])
+    if tube_format == 'mp4':
+      extra = f'<video controls preload="metadata" src="video/{href}.mp4"></video>'
+    captions = f'{output}/txt/{folder.name}.txt'
+    if FileSystems.exists(captions):
+      first = (read_bytes(captions).decode().splitlines() or [''])[0]
+      extra += f'<p class="caption">first caption (txt/): {_e(first)}</p>'
+  width = max(len(tiles) for _, tiles in rows)
+  sheet = np.full((len(rows) * TILE, width * TILE, 3), 255, np.uint8)
+  for r, (_, tiles) in enumerate(rows):
+    for c, tile in enumerate(tiles):
+      sheet[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = tile
+  name = _write_media(output, f'{FOLDER_PICTURES}/{sample_key(folder.name)}.png', png(sheet))
+  legend = ' / '.join(_e(label) for label, _ in rows)
+  return (f'<section class="folder" data-folder="{_e(folder.name)}"><h3>{_e(folder.name)} <small>{folder.clips} '
+          f'clip{"s" if folder.clips != 1 else ""}, {folder.frames} frames</small></h3>'
+          f'<p class="files">{files}</p><figure><img src="{name}" alt="{_e(folder.name)}"><figcaption>rows: '
+          f'{legend}</figcaption></figure>{extra}</section>')
+
+
+def _folders_html(output: str, facts: Facts) -> str:
+  """Folder recipes: how many subjects or tubes, a table of them, and pictures of a few."""
+  shown = facts.folders.shown()
+  if not shown:
+    return ''
+  total = len(facts.folders.names)
+  noun = ('tube' if shown[0].kind == 'mmvox' else 'subject') + ('s' if total != 1 else '')
+  rows = ''.join(f'<tr><td>{_e(f.name)}</td><td>{_e(f.kind)}</td><td class="n" data-v="{f.clips}">{f.clips}</td>'
+                 f'<td class="n" data-v="{f.frames}">{f.frames}</td></tr>' for f in sorted(shown, key=lambda f: f.name))
+  note = f'{total} {noun}.' if len(shown) == total else f'{len(shown)} of {total} {noun}, spread over the run.'
+  blocks = ''.join(_folder_block(output, folder) for folder in shown[:FOLDERS_PICTURED])
+  heading = 'Tubes' if shown[0].kind == 'mmvox' else 'Subjects'
+  return (f'<h2>{heading}</h2><p>{note} Frames by their index records; the pictures show '
+          f'{FOLDER_FRAMES} frames spread over each of {min(len(shown), FOLDERS_PICTURED)} of them as written, '
+          'with their overlays, and the files each folder holds.</p>'
+          '<div class="scroll"><table class="sortable" id="folders"><thead><tr><th data-type="text">folder</th>'
+          '<th data-type="text">recipe</th><th data-type="num">clips</th><th data-type="num">frames</th></tr></thead>'
+          f'<tbody>{rows}</tbody></table></div>{blocks}')
+
+
+def _samples_html(output: str, picks: List[dict], folders: str = '') -> str:
+  """Kept samples of a shard (or hdtf files) output; a folder recipe's point to its subjects or tubes."""
+  if not picks and folders:
+    return '<p>This recipe writes folders, not samples: see the subjects or tubes below.</p>'
   tiles, videos = kept_samples(output, picks, VIDEOS)
   blocks = []
   for record, _ in tiles:
@@ -710,6 +980,7 @@ def write_report(output: str, samples: int = 16) -> str:
   stats = facts.stats
   picks = facts.picks.items()
   reasons_table, gallery = _rejects_html(output, facts)
+  folders = _folders_html(output, facts)
   totals = ''.join(f'<span>{_e(name)} <b>{_e(stats[name])}</b></span>' for name in
                    ('planned', 'written', 'rejected', 'written_this_run', 'frames_written', 'balanced')
                    if name in stats) or '<span>no stats.json (an unfinished run?)</span>'
@@ -719,7 +990,7 @@ def write_report(output: str, samples: int = 16) -> str:
 <body><h1>Run report</h1><p>{_e(output)}: {facts.kept} clips in the index, {facts.rejected} reject records.</p>
 <p class="totals">{totals}</p><details><summary>stats.json</summary><table>{raw}</table></details>
 <h2>Rejects by reason</h2>{reasons_table}{gallery}
-<h2>Kept samples</h2>{_samples_html(output, picks)}
+<h2>Kept samples</h2>{_samples_html(output, picks, folders)}{folders}
 <h2>Scores against the thresholds</h2>
 <p>Blue: kept clips. Red: clips that filter rejected (a clip counts under the first filter it failed).</p>
 {_figures_html(output, facts)}

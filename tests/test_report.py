@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 import av
 import cv2
@@ -21,6 +22,7 @@ import pytest
 from beam_pipeline import report
 from beam_pipeline.demo import VideoSpec, write_video
 from tests.helpers import REPO, background, free_port, read_jsonl, run_cli
+from transforms import filters
 from transforms.filters import Thresholds, failures
 from transforms.writers.shards import sample_key
 
@@ -103,12 +105,17 @@ def test_every_image_and_video_of_the_report_loads_in_chromium(run):
   images = in_chromium(page, IMAGES)
   names = {src.split('/')[-1] for src, _, _ in images}
   assert {'contact_sheet.png', 'duration.png', 'source_face_px.png', 'sharpness.png', 'max_abs_yaw.png',
-          'max_abs_pitch.png', 'sync_corr.png', sample_key('turned_0') + '.jpg'} <= names, names
+          'max_abs_pitch.png', 'sync_corr.png'} <= names, names
   assert all(complete and width > 0 for _, complete, width in images), images
   videos = in_chromium(page, VIDEOS)
-  assert sorted(src.split('/')[-1] for src, *_ in videos) == ['talk_0.mp4', 'talk_1.mp4']
+  samples = [v for v in videos if '/samples/' in v[0]]
+  assert sorted(src.split('/')[-1] for src, *_ in samples) == ['talk_0.mp4', 'talk_1.mp4']
   assert all(ready >= 1 and width == report.PREVIEW and duration > 1.5 and error is None
-             for _, ready, width, duration, error in videos), videos
+             for _, ready, width, duration, error in samples), videos
+  # The reject nearest --max_yaw plays (the filter stage's preview), its thumbnail as the poster.
+  (reject,) = [v for v in videos if '/rejects/' in v[0]]
+  assert reject[0] == f'report_media/rejects/{sample_key("turned_0")}.mp4' and reject[1] >= 1, reject
+  assert reject[2] == filters.REJECT_CLIP_PX and reject[3] > 2.0 and reject[4] is None, reject
 
 
 # ----------------------------------------------------------------------------- what it shows
@@ -127,16 +134,17 @@ def test_reject_gallery_shows_each_reason_with_its_value_against_the_threshold(r
       reason: s.id, rule: (s.querySelector('.rule') || {}).textContent || '',
       cards: [...s.querySelectorAll('.card')].map(c => ({
         id: c.querySelector('.cid').textContent, measure: (c.querySelector('.measure') || {}).textContent || '',
-        picture: c.querySelector('img') ? c.querySelector('img').naturalWidth : 0}))}));""")
+        picture: c.querySelector('img') ? c.querySelector('img').naturalWidth : 0,
+        clip: c.querySelector('video') ? c.querySelector('video').getAttribute('poster') : null}))}));""")
   by_reason = {section['reason']: section for section in sections}
   assert set(by_reason) == {'reason-yaw_too_large', 'reason-no_face'}
   yaw = by_reason['reason-yaw_too_large']
   assert 'keeps head yaw, largest |angle| ≤ 20 degrees (--max_yaw)' in yaw['rule']
   (card,) = yaw['cards']
-  assert card['id'] == 'turned_0' and card['picture'] > 0
+  assert card['id'] == 'turned_0' and card['clip'] == f'report_media/rejects/{sample_key("turned_0")}.jpg'
   assert card['measure'] == f"head yaw, largest |angle| {report.plain(turned['value'])} > 20 --max_yaw"
   (card,) = by_reason['reason-no_face']['cards']
-  assert card == {'id': 'empty_0', 'measure': '', 'picture': 0}
+  assert card == {'id': 'empty_0', 'measure': '', 'picture': 0, 'clip': None}
 
 
 def test_clips_table_sorts_when_a_header_is_clicked(run):
@@ -153,6 +161,65 @@ def test_clips_table_sorts_when_a_header_is_clicked(run):
   assert len(yaws) == 3 and yaws == sorted(yaws) and clicks['yawUp'][-1] == ''  # no value: last
   assert [float(v) for v in clicks['yawDown'] if v] == sorted(yaws, reverse=True) and clicks['yawDown'][-1] == ''
   assert clicks['statusUp'] == ['kept', 'kept', 'no_face', 'yaw_too_large']
+
+
+def test_clips_table_carries_every_score_of_every_clip(run):
+  """Kept clips and filter rejects alike: a column per score measured, every cell filled (in Chromium)."""
+  rejects = {r['id']: r for r in read_jsonl(os.path.join(run['output'], 'rejects.jsonl'))}
+  index = {r['id']: r for r in read_jsonl(os.path.join(run['output'], 'index.jsonl'))}
+  assert set(rejects['turned_0']['scores']) == set(index['talk_0']['scores']) and 'scores' not in rejects['empty_0']
+  numeric = {name for record in (*index.values(), rejects['turned_0']) for name, value in record['scores'].items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+  table = in_chromium(os.path.join(run['output'], report.REPORT), """
+    const table = document.getElementById('clips');
+    const heads = [...table.tHead.rows[0].cells];
+    const scores = heads.slice(2).map(th => th.dataset.score);
+    const values = () => Object.fromEntries([...table.tBodies[0].rows].map(r => [r.cells[0].textContent,
+        [...r.cells].slice(2).map(c => c.dataset.v)]));
+    const cells = values();
+    heads[scores.indexOf('sharpness') + 2].click();
+    const sharpUp = [...table.tBodies[0].rows].map(r => r.cells[0].textContent);
+    const failed = [...table.querySelectorAll('td.failed')].map(c => [c.parentNode.cells[0].textContent,
+        scores[c.cellIndex - 2]]);
+    return {scores, cells, sharpUp, failed};""")
+  assert set(table['scores']) == numeric, (table['scores'], numeric)
+  for clip_id, record in (*index.items(), ('turned_0', rejects['turned_0'])):
+    row = dict(zip(table['scores'], table['cells'][clip_id]))
+    assert {name: float(row[name]) for name in numeric if record['scores'].get(name) is not None} == {
+        name: float(value) for name, value in record['scores'].items() if name in numeric and value is not None}
+  assert set(table['cells']['empty_0']) == {''}  # rejected before it was scored
+  sharpness = {clip_id: record['scores']['sharpness'] for clip_id, record in (*index.items(),
+                                                                            ('turned_0', rejects['turned_0']))}
+  assert table['sharpUp'] == sorted(sharpness, key=sharpness.get) + ['empty_0']
+  assert table['failed'] == [['turned_0', 'max_abs_yaw']]
+
+
+def test_reject_nearest_its_threshold_is_a_short_clip_with_audio(run):
+  clip = os.path.join(run['output'], report.MEDIA, 'rejects', sample_key('turned_0') + '.mp4')
+  with av.open(clip) as container:
+    assert [s.type for s in container.streams] == ['video', 'audio']
+    frames = [f.to_ndarray(format='rgb24') for f in container.decode(video=0)]
+  with av.open(clip) as container:
+    sound = np.concatenate([f.to_ndarray().ravel() for f in container.decode(audio=0)])
+  assert len(frames) >= 60 and frames[0].shape == (filters.REJECT_CLIP_PX, filters.REJECT_CLIP_PX, 3)
+  assert sum(green_pixels(frame) > 50 for frame in frames) > 0.85 * len(frames)  # its landmarks (where found)
+  assert len(sound) >= 16000 * 2.4 and np.abs(sound).max() > 0.01
+  assert not os.path.exists(clip.replace(sample_key('turned_0'), sample_key('empty_0')))  # never rendered
+
+
+def test_reject_clips_stay_bounded_to_the_nearest_per_reason(run, tmp_path):
+  """Each worker keeps a preview for only its k rejects nearest the threshold, per reason."""
+  record = read_jsonl(os.path.join(run['output'], 'index.jsonl'))[0]
+  (_, members), = report.shard_samples(os.path.join(run['output'], record['shard']), [record['key']])
+  source = tmp_path / 'rendered.mp4'
+  source.write_bytes(members['mp4'])
+  nearest = filters.NearestRejects(str(tmp_path / 'media'), k=2)
+  for clip_id, reason, value in (('a', 'blurry', 20.0), ('b', 'blurry', 24.0), ('c', 'blurry', 10.0),
+                                 ('d', 'blurry', 24.5), ('e', 'face_too_small', 10.0)):
+    clip = types.SimpleNamespace(task=types.SimpleNamespace(clip_id=clip_id), mp4_uri=str(source),
+                                 wav=members['wav'], arrays={})
+    nearest.offer(clip, reason, value, 25.0 if reason == 'blurry' else 64.0)
+  assert sorted(os.listdir(tmp_path / 'media' / filters.REJECT_THUMBNAILS)) == ['b.mp4', 'd.mp4', 'e.mp4']
 
 
 def test_table_stops_at_its_row_limit_and_says_so(run, tmp_path, monkeypatch):
@@ -172,7 +239,7 @@ def green_pixels(image: np.ndarray) -> int:
 
 def test_kept_sample_videos_play_with_landmarks_and_audio(run):
   page = open(os.path.join(run['output'], report.REPORT)).read()
-  sources = re.findall(r'<video src="([^"]+)"', page)
+  sources = re.findall(r'<video src="(report_media/samples/[^"]+)"', page)
   assert len(sources) == 2
   index = {r['key']: r for r in read_jsonl(os.path.join(run['output'], 'index.jsonl'))}
   for source in sources:
@@ -307,9 +374,12 @@ def test_report_command_refuses_a_folder_that_is_no_output(tmp_path):
 # ----------------------------------------------------------------------------- progress and inspect
 
 def test_progress_line_from_beam_metrics(run):
+  """The run is on the local runner's default workers (every core: tests/test_local_workers.py); their metrics
+  add up to the same line and summary as one worker's."""
   final = [line for line in run['stderr'].splitlines() if 'downloaded |' in line][-1]
   assert 'sources 3/3 downloaded' in final
   assert 'clips 4/4 done: 3 rendered, 2 written, 2 rejected' in final
+  assert 'wrote 2 new clips (2 in total, 2 rejected of 4 planned)' in run['stdout']
 
 
 def test_inspect_output_and_shard(run, tmp_path):
