@@ -1,6 +1,7 @@
-"""Benchmark the `hdtf` recipe against its floor, a seed-script baseline and more workers.
+"""Benchmark the `hdtf` recipe against its floor, a seed-script baseline and 1 against N local workers.
 
   python bench/run.py [--sources 8] [--duration 60] [--work bench/work]
+  python bench/run.py --skip baseline long_sources --worker_runs 2   # default, floor, 1 vs N workers (~9 min)
 
 A script, not a test: it prints a table and writes bench/results.md. Every
 figure comes from one run on this machine; the load average before and after
@@ -15,6 +16,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from beam_pipeline import local_runner  # noqa: E402
 from beam_pipeline.demo import VideoSpec, write_video  # noqa: E402
 from beam_pipeline.options import TalkingFaceOptions  # noqa: E402
 
@@ -447,7 +450,8 @@ def table(results: dict) -> str:
   rows = [('workload', f'{w["sources"]} sources ({w["sizes"]}), {w["duration"]:g} s at 30 fps, '
                        f'{w["clips"]} clips of {CLIP_S:g} s -> {OUT_SIZE}px {OUT_FPS:g} fps')]
   if ours:
-    rows += [('ours, FnApiRunner in-memory: wall', f'{ours["wall_s"]:.1f} s{_loads(ours)}'),
+    rows += [(f'ours, default local runner ({results["default_workers"]}): wall',
+              f'{ours["wall_s"]:.1f} s{_loads(ours)}'),
              ('ours: clips/s', f'{ours["clips"] / ours["wall_s"]:.3f}'),
              ('ours: output frames/s', f'{ours["frames"] / ours["wall_s"]:.1f}'),
              ('ours: peak RSS (main process)', f'{ours["rss_mb"].get("main", 0)} MiB')]
@@ -457,19 +461,29 @@ def table(results: dict) -> str:
               f'{floor["landmarks_s"]:.1f} s ({floor["output_frames"]} frames)'),
              ('floor: encode outputs (mp4 + wav)', f'{floor["encode_s"]:.1f} s'),
              ('floor: total', f'{floor["total_s"]:.1f} s{_loads(floor)}')]
+    cores = results['cores_in_use']
+    rows.append((f'floor / {cores} cores in use', f'{floor["total_s"] / cores:.1f} s'))
     if ours:
       rows.append(('end-to-end / floor', f'{ours["wall_s"] / floor["total_s"]:.2f}x'))
+      rows.append((f'end-to-end / (floor / {cores} cores)', f'{ours["wall_s"] * cores / floor["total_s"]:.2f}x'))
   if base:
     rows.append(('baseline (sequential ffmpeg + jpg + landmarks + wav passes): wall',
                  f'{base["wall_s"]:.1f} s{_loads(base)}'))
     if ours:
       rows.append(('baseline / ours', f'{base["wall_s"] / ours["wall_s"]:.2f}x'))
-  mp = results.get('multi_processing', {})
-  for workers, run in sorted(mp.items()):
-    rows.append((f'multi_processing, {workers} worker(s): wall',
-                 f'{run["wall_s"]:.1f} s, peak RSS per worker {run["rss_mb"].get("worker", 0)} MiB{_loads(run)}'))
-  if '1' in mp and '2' in mp:
-    rows.append(('speed-up 1 -> 2 workers', f'{mp["1"]["wall_s"] / mp["2"]["wall_s"]:.2f}x'))
+  workers = results.get('workers', {})
+  walls = {name: statistics.median(run['wall_s'] for run in runs) for name, runs in workers.items()}
+  for name, runs in workers.items():
+    rss = max(run['rss_mb'].get('worker') or run['rss_mb'].get('main', 0) for run in runs)
+    spread = '' if len(runs) == 1 else ' median of {} ({:.1f}-{:.1f} s),'.format(
+        len(runs), *(f(run['wall_s'] for run in runs) for f in (min, max)))
+    loads = ', '.join('{}->{}'.format(*run['load']) for run in runs)
+    rows.append((f'{name}: wall', f'{walls[name]:.1f} s,{spread} peak RSS per process {rss} MiB (load {loads})'))
+  for name in walls:
+    if ONE_WORKER in walls and name != ONE_WORKER:
+      rows.append((f'speed-up 1 worker -> {name}', f'{walls[ONE_WORKER] / walls[name]:.2f}x'))
+  if ONE_WORKER in walls and ours:
+    rows.append(('speed-up 1 worker -> default', f'{walls[ONE_WORKER] / ours["wall_s"]:.2f}x'))
   long = results.get('long_sources')
   if long:
     short_rss = [r['rss_mb'].get('worker', 0) for r in long['short']]
@@ -508,7 +522,9 @@ def write_results(path: str, results: dict) -> None:
       'Floor: decoding exactly the clips\' source frames (from the keyframe a seek lands on), the face '
       f'landmarker on every output frame as the render pass calls it (SharedModel, batches of {BATCH}, with '
       'the face\'s sharpness) and encoding the outputs (H.264 crf 18 veryfast + '
-      'AAC + 16 kHz wav), each timed alone in one process, summed. Baseline: the seed scripts\' way, one clip '
+      'AAC + 16 kHz wav), each timed alone in one process, summed; divided by the cores the default run uses, '
+      'the wall time those cores could reach if the parts spread over them perfectly. Workers: the same job '
+      'with 1 worker (in_memory) and with N (threads, then processes). Baseline: the seed scripts\' way, one clip '
       'after another: an ffmpeg subprocess cuts, crops and resizes to a temporary mp4, then separate passes '
       'extract jpg frames, run the landmarker on each jpg and extract the wav. Peak RSS is VmHWM from /proc.',
       '', '```json', json.dumps(results, indent=2, sort_keys=True), '```', '']
@@ -516,6 +532,16 @@ def write_results(path: str, results: dict) -> None:
   with open(path + '.tmp', 'w') as handle:
     handle.write('\n'.join(body) + ('\n' + kept if kept else ''))
   os.replace(path + '.tmp', path)
+
+
+ONE_WORKER = '1 worker, in_memory'
+
+
+def worker_runs(n: int) -> Dict[str, List[str]]:
+  """The runs of the 1 vs N worker comparison: their names and the flags that make them."""
+  return {ONE_WORKER: ['--direct_num_workers=1'],
+          **{f'{n} workers, {mode}': [f'--direct_num_workers={n}', f'--direct_running_mode={mode}']
+             for mode in ('multi_threading', 'multi_processing')}}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -528,8 +554,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
   parser.add_argument('--work', default=os.path.join(REPO, 'bench', 'work'), help='Cache of sources and runs.')
   parser.add_argument('--results', default=os.path.join(REPO, 'bench', 'results.md'), help='Where to write.')
   parser.add_argument('--skip', nargs='*', default=[],
-                      choices=('ours', 'floor', 'baseline', 'multi_processing', 'long_sources'),
+                      choices=('ours', 'floor', 'baseline', 'workers', 'long_sources'),
                       help='Parts not to run.')
+  parser.add_argument('--workers', type=int, default=local_runner.usable_cores(),
+                      help='N of the 1 vs N worker comparison (default: the cores this process may use).')
+  parser.add_argument('--worker_runs', type=int, default=1,
+                      help='Runs of each worker setting, alternated; the table gives the median.')
   args = parser.parse_args(argv)
   shortest = 2 * CLIP_S + 10.0
   if args.duration < shortest:  # shorter, the two clips overlap and the pipeline rejects one of them
@@ -539,8 +569,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     os.environ['BEAM_PIPELINE_MODEL_DIR'] = models
   os.makedirs(args.work, exist_ok=True)
   annotations, clips = make_workload(args.work, args.sources, args.duration)
+  default = local_runner.choose(local_runner.usable_cores(), local_runner.available_mib())
   results = {'date': time.strftime('%Y-%m-%d %H:%M %Z'), 'argv': ' '.join(argv if argv is not None else sys.argv[1:]),
-             'machine': machine(),
+             'machine': machine(), 'default_workers': '{} worker(s), {}'.format(*default),
+             'cores_in_use': default[0],
              'workload': {'sources': args.sources, 'duration': args.duration, 'clips': len(clips),
                           'sizes': ', '.join(f'{sum(1 for i in range(args.sources) if i % 2 == k)}x{h}p'
                                              for k, (_, h, _) in enumerate(SIZES))}}
@@ -554,11 +586,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if 'baseline' not in args.skip:
       print('baseline ...', flush=True)
       results['baseline'] = measure_baseline(clips, tempfile.mkdtemp(dir=scratch))
-    if 'multi_processing' not in args.skip:
-      results['multi_processing'] = {
-          str(n): run_pipeline(annotations, args.work, f'mp{n}', [
-              '--direct_running_mode=multi_processing', f'--direct_num_workers={n}', '--no_progress', '--no_report'])
-          for n in (1, 2)}
+    if 'workers' not in args.skip:
+      runs = worker_runs(args.workers)
+      results['workers'] = {name: [] for name in runs}
+      for _ in range(args.worker_runs):  # alternated, so a change in the machine's load hits each alike
+        for name, flags in runs.items():
+          results['workers'][name].append(run_pipeline(annotations, args.work, name.replace(' ', '_').replace(
+              ',', ''), [*flags, '--no_progress', '--no_report']))
     if 'long_sources' not in args.skip:
       long_annotations, _ = make_workload(args.work, args.sources, args.duration, args.long_repeat)
       one_worker = ['--direct_running_mode=multi_processing', '--direct_num_workers=1', '--no_progress', '--no_report']
