@@ -3,33 +3,50 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import glob
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
 from typing import List, Optional, Tuple
 
+
+def on_interrupt(*_) -> None:
+  """Ctrl-C: one line and status 130. What finished is kept (published shards and units, rendered fragments
+  in the work dir); the runner's threads would only add tracebacks, so the process ends at once."""
+  print('\ninterrupted; rerun with the same --output to resume', file=sys.stderr, flush=True)
+  os._exit(130)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # before the imports below, which take seconds
+  signal.signal(signal.SIGINT, on_interrupt)
+
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions, _BeamArgumentParser
 
-from beam_pipeline import native_log, progress
+from beam_pipeline import local_runner, native_log, progress
 from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
 from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.base import apply_defaults
 from model_handlers.weights import WeightsError
 from transforms.crash_guard import CrashGuard
+from transforms.core.fileio import write_atomic
 from transforms.writers import shards as write
+from transforms.writers.folders import unit_indexes
 
 
 DISTRIBUTED_RUNNERS = ('DataflowRunner', 'FlinkRunner', 'SparkRunner', 'PortableRunner')
 # The local default: Beam's FnApiRunner, the engine DirectRunner runs batch jobs on (in-memory or
-# --direct_running_mode=multi_processing), without DirectRunner's first attempt to download Prism.
+# --direct_running_mode=multi_processing), without DirectRunner's first attempt to download Prism. Its
+# workers default to every core (beam_pipeline/local_runner.py).
 LOCAL_RUNNER = 'FnApiRunner'
 
 
@@ -97,13 +114,18 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
   the job is submitted). What earlier runs wrote is not read here: the pipeline reads it itself. A
   `--dry_run` only builds the job graph: the output is neither read nor cleaned.
   """
+  refuse_unknown_flags(argv if argv is not None else sys.argv[1:])
   options = PipelineOptions(argv)
   opts = options.view_as(TalkingFaceOptions)
   applied = apply_defaults(get_recipe(opts.recipe), opts, argv if argv is not None else sys.argv[1:])
+  if opts.allow_silent and get_recipe(opts.recipe).silent:
+    raise SystemExit(f'--allow_silent is refused: {get_recipe(opts.recipe).silent}')
+  get_recipe(opts.recipe).output_layout(opts)  # --layout=files outside hdtf: a one-line error
   if applied:
     logging.info('recipe %s sets %s', opts.recipe, ', '.join(f'--{k}={v}' for k, v in sorted(applied.items())))
   if not options.view_as(StandardOptions).runner:
     options.view_as(StandardOptions).runner = LOCAL_RUNNER
+  local_runner.use_all_cores(options, argv if argv is not None else sys.argv[1:])
   opts.run_id = opts.run_id or new_run_id()
   if not opts.input:
     if runs_elsewhere(options):
@@ -121,10 +143,64 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
     return options, opts
   if not any(ch in opts.input for ch in '*?[') and not FileSystems.exists(opts.input):
     raise SystemExit(f'--input {opts.input} does not exist')
+  if any(ch in opts.input for ch in '*?[') and not _glob_matches(opts.input):
+    raise SystemExit(f'--input {opts.input} matches no file')
   if _is_local(opts.output):
     os.makedirs(opts.output, exist_ok=True)
+  bind_output(opts, get_recipe(opts.recipe).output_layout(opts))
   write.clean_unfinished(opts.output, opts.stale_after_h * 3600)
   return options, opts
+
+
+def refuse_unknown_flags(argv: List[str]) -> None:
+  """A flag neither this pipeline nor Beam knows exits 2 with the nearest known one: Beam itself would only
+  warn and run without it (`--recipie=nerf` would make an hdtf dataset)."""
+  parser = _BeamArgumentParser(allow_abbrev=False)
+  for options_class in {str(cls): cls for cls in PipelineOptions.__subclasses__()}.values():
+    options_class._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(argv)
+  known = [flag for action in parser._actions for flag in action.option_strings]  # pylint: disable=protected-access
+  if unknown:
+    name = unknown[0].split('=', 1)[0]
+    close = difflib.get_close_matches(name, known, n=1) if name.startswith('-') else []
+    print(f'error: unknown {"flag" if name.startswith("-") else "argument"} {name}'
+          + (f'; did you mean {close[0]}?' if close else '; see --help'), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _glob_matches(pattern: str) -> bool:
+  if _is_local(pattern):
+    return bool(glob.glob(pattern.replace('file://', '', 1)))
+  try:
+    return bool(FileSystems.match([pattern])[0].metadata_list)
+  except Exception:  # pylint: disable=broad-except  # a bucket or folder that does not exist
+    return False
+
+
+OUTPUT_RECORD = 'output.json'  # what made the output: its recipe and layout (an output belongs to one recipe)
+
+
+def bind_output(opts: TalkingFaceOptions, layout: str) -> None:
+  """Refuse an output another recipe (or layout) made, with what to do; record this one's on a new output.
+  An output from before the record is known by its layout: shards/ or published/."""
+  path = FileSystems.join(opts.output, OUTPUT_RECORD)
+  if FileSystems.exists(path):
+    with FileSystems.open(path) as handle:
+      bound = json.loads(handle.read())
+  elif write.finished_shard_indexes(opts.output):
+    bound = {'layout': 'shards'}
+  elif unit_indexes(opts.output):
+    bound = {'layout': 'folders'}
+  else:
+    bound = None
+  if bound and (bound.get('recipe', opts.recipe) != opts.recipe or bound.get('layout', layout) != layout):
+    made = f'--recipe={bound["recipe"]}' if 'recipe' in bound else 'another recipe'
+    raise SystemExit(f'--output={opts.output} holds a dataset made by {made} ({bound.get("layout")}), not by '
+                     f'--recipe={opts.recipe} ({layout}): give this run another --output, or rerun with the flags '
+                     'that made it')
+  if not bound or 'recipe' not in bound:
+    write_atomic(path, json.dumps({'recipe': opts.recipe, 'layout': layout, 'first_run': opts.run_id},
+                                  sort_keys=True).encode())
 
 
 def run(argv: Optional[List[str]] = None) -> dict:
@@ -144,14 +220,16 @@ def run(argv: Optional[List[str]] = None) -> dict:
     print(f'dry run: the {options.view_as(StandardOptions).runner} job was built, nothing ran')
     return {}
   CrashGuard(opts.work_dir, opts.run_id).clear()
-  stats = report(opts.output, opts.incremental, opts.recipe)
+  stats = report(opts.output, opts.incremental, opts.recipe, get_recipe(opts.recipe).output_layout(opts))
+  if stats and (not stats['planned'] or stats['rejected_by_reason'].get('empty_input')):
+    raise SystemExit(f'error: --input {opts.input} holds no entries: nothing to make')
   if stats and not opts.no_report:
     from beam_pipeline.report import write_report
     print(f'report: {write_report(opts.output, opts.report_samples)}')
   return stats
 
 
-def report(output: str, incremental: bool = False, recipe: str = 'hdtf') -> dict:
+def report(output: str, incremental: bool = False, recipe: str = 'hdtf', layout: str = '') -> dict:
   path = FileSystems.join(output, 'stats.json')
   if not FileSystems.exists(path):
     return {}  # a remote runner still working (e.g. Dataflow without waiting)
@@ -159,14 +237,23 @@ def report(output: str, incremental: bool = False, recipe: str = 'hdtf') -> dict
     stats = json.loads(handle.read())
   if stats.get('already_written'):
     print(f'resumed: {stats["already_written"]} clips already in {output} were skipped')
+  if stats.get('reused'):
+    print(f'resumed: {stats["reused"]} clips an interrupted run had made were packed without making them again')
+  if stats.get('retired'):
+    print(f'retired: {stats["retired"]} earlier samples (their clip changed, or left the input with --prune)')
+  if stats.get('not_in_manifest'):
+    print(f'{stats["not_in_manifest"]} clips in {output} are no longer in the input (stats.json '
+          'not_in_manifest_examples); --prune retires them')
   if incremental and stats.get('carried_rejects'):
     print(f'incremental: {stats["carried_rejects"]} clips rejected for good by an earlier run were skipped')
   print(f'wrote {stats["written_this_run"]} new clips ({stats["written"]} in total, '
         f'{stats["rejected"]} rejected of {stats["planned"]} planned) to {output}')
   for reason, count in stats['rejected_by_reason'].items():
     print(f'  rejected {count} x {reason} (see rejects.jsonl)')
-  where = (f'shards: {FileSystems.join(output, write.SHARDS)}/*.tar' if get_recipe(recipe).layout == 'shards'
-           else f'folders: {output} (one per subject or tube, listed in published/)')
+  layout = layout or get_recipe(recipe).layout
+  where = {'shards': f'shards: {FileSystems.join(output, write.SHARDS)}/*.tar',
+           'files': f'clips: {FileSystems.join(output, "clips")}/*.mp4 (and their sidecars)'}.get(
+               layout, f'folders: {output} (one per subject or tube, listed in published/)')
   print(f'{where}  index: {FileSystems.join(output, "index.jsonl")}')
   return stats
 
@@ -194,11 +281,14 @@ def main() -> None:
   # The local runner logs a worker's exception and then raises it: the raise is what main() reports (one line
   # for a weights flag to fix, else the traceback), so the log line would only say it twice.
   logging.getLogger('apache_beam.runners.common').setLevel(logging.CRITICAL)
+  local_runner.quiet_worker_errors()  # the same for a worker thread's failure (several local workers)
   if {'-h', '--help'} & set(sys.argv[1:]):
     print_help()
     return
   try:
     run(sys.argv[1:])
+  except KeyboardInterrupt:
+    on_interrupt()
   except Exception as error:  # pylint: disable=broad-except
     message = weights_problem(error)
     if message is None:

@@ -55,6 +55,7 @@ class VideoSpec:
   yaw_deg: float = 0.0  # the head turns from 0 to this (cylinder warp) over the clip
   blur_sigma: float = 0.0  # Gaussian blur of every frame (an out-of-focus camera)
   second_face_scale: float = 0.0  # > 0: a second, static face of this scale in the right third
+  second_face_speaks: bool = False  # the second face's mouth moves with the audio, the main face's stays shut
   face_gone: Tuple[float, float] = ()  # the face slides out before this interval and back in after
   cut_at: float = 0.0  # > 0: a hard shot change here (other background, face elsewhere)
   irregular_speech: bool = False  # syllables at random times, so a sync offset has one true lag
@@ -182,6 +183,9 @@ def _draw_face(spec: VideoSpec, t: float, background: np.ndarray, sprite: Option
     sx, sy = max(0, int(spec.width * 0.75 - sw / 2)), max(0, (spec.height - sh) // 2)
     part = second[:spec.height - sy, :spec.width - sx]
     frame[sy:sy + part.shape[0], sx:sx + part.shape[1]] = part
+    if spec.second_face_speaks:
+      _draw_mouth(frame, (int(sx + _MOUTH[0] * spec.second_face_scale), int(sy + _MOUTH[1] * spec.second_face_scale)),
+                  spec.second_face_scale, float(openness(spec, t)))
   if sprite is None:
     return frame
   turn = spec.yaw_deg * t / spec.duration
@@ -195,17 +199,20 @@ def _draw_face(spec: VideoSpec, t: float, background: np.ndarray, sprite: Option
     return frame
   frame[fy0:fy1, fx0:fx1] = sprite[fy0 - y:fy1 - y, fx0 - x:fx1 - x]
   scale = spec.face_scale
-  opening = float(openness(spec, t))
+  opening = 0.0 if spec.second_face_speaks else float(openness(spec, t))
   mouth_x = _turned_x(_MOUTH[0] * scale, turn, scale) if turn else _MOUTH[0] * scale
-  centre = (int(x + mouth_x), int(y + _MOUTH[1] * scale))
+  _draw_mouth(frame, (int(x + mouth_x), int(y + _MOUTH[1] * scale)), scale, opening)
+  if spec.gaze_deg > 0:
+    _draw_eyes(frame, (x, y), scale, turn, gaze(spec, t))
+  return frame
+
+
+def _draw_mouth(frame: np.ndarray, centre: Tuple[int, int], scale: float, opening: float) -> None:
   axes = (int(_MOUTH_HALF_WIDTH * scale), max(1, int((1.5 + 11 * opening) * scale)))
   cv2.ellipse(frame, centre, axes, 0, 0, 360, (70, 20, 30), -1)
   if opening > 0.3:
     teeth = (axes[0] - 3, max(1, axes[1] // 3))
     cv2.ellipse(frame, (centre[0], centre[1] - axes[1] + teeth[1]), teeth, 0, 0, 360, (230, 225, 220), -1)
-  if spec.gaze_deg > 0:
-    _draw_eyes(frame, (x, y), scale, turn, gaze(spec, t))
-  return frame
 
 
 def _draw_eyes(frame: np.ndarray, origin: Tuple[int, int], scale: float, turn: float,

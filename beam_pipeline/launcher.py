@@ -2,8 +2,9 @@
 
 The Dataflow launcher VM runs this file with the template parameters as flags.
 Unlike the CLI it must not wait for the job: waiting blocks the launch. The
-options are checked and completed the same way (remote paths, run id, work dir)
-and stale unfinished shards removed; the job itself reads what earlier runs wrote.
+options are checked and completed the same way (unknown flags, remote paths, run id,
+work dir, the recipe the output was made by) and stale unfinished shards removed;
+the job itself reads what earlier runs wrote.
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ import threading
 
 NOISE = re.compile(rb'Sparsity tensors may not yet be fully supported|DestroyAccelerator: ptr=|'
                    rb'Created TensorFlow Lite XNNPACK delegate|Logging before InitGoogle|'
-                   rb'^[WI]0000 00:00:|^INFO: \[')
+                   rb'^[WI]0000 00:00:|^INFO: \[|'
+                   # TensorFlow, when installed (an extra), is imported by mediapipe.tasks and says this once
+                   rb'^WARNING: All log messages before absl::InitializeLog|rebuild TensorFlow with the appropriate')
 
 
 def filter_native_stderr() -> None:

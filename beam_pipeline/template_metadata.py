@@ -53,7 +53,7 @@ def _label(name: str) -> str:
 def _regex(action: argparse.Action) -> str:
   if action.dest in _PATHS:
     return _PATHS[action.dest]
-  if isinstance(action, argparse._StoreTrueAction):  # pylint: disable=protected-access
+  if isinstance(action, argparse._StoreTrueAction) or action.const is True:  # pylint: disable=protected-access
     return _BOOL
   if action.choices:
     return '^(' + '|'.join(re.escape(str(c)) for c in action.choices) + ')$'

@@ -131,7 +131,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def download_server(root: str, tls: Optional[Tuple[str, str]] = None) -> Iterator[_Server]:
-  """A threaded loopback server for `root`; yields it (`.url`, `.requests`, `.most_active`: the most requests held unanswered at once).
+  """A threaded loopback server for `root`; yields it (`.url`, `.requests`, `.most_active`: the most requests held
+  unanswered at once).
   With `tls` (certificate file, key file) it speaks https."""
   server = _Server(('127.0.0.1', 0), _Handler)
   server.root, server.requests, server.cookies, server.limited = root, [], [], set()

@@ -144,13 +144,19 @@ def run_cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 6
   return result
 
 
+def _keep_pickles(key: str, data: bytes):
+  """Pickled members (megactor's `.pyd`) stay bytes: tests read them with pickles.load_restricted, not with
+  webdataset's plain pickle.loads."""
+  return data if key.rsplit('.', 1)[-1] in ('pyd', 'pickle', 'pkl') else None
+
+
 def read_shards(output: str) -> List[dict]:
-  """Every sample of the output's shards, read with webdataset as a training job would."""
+  """Every sample of the output's shards, read with webdataset as a training job would (pickles left as bytes)."""
   import webdataset as wds
   shards = sorted(glob.glob(os.path.join(output, 'shards', '*.tar')))
   if not shards:
     return []
-  return list(wds.WebDataset(shards, shardshuffle=False).decode())
+  return list(wds.WebDataset(shards, shardshuffle=False).decode(_keep_pickles))
 
 
 def read_jsonl(path: str) -> List[dict]:

@@ -92,7 +92,7 @@ def test_score_only_writes_every_clip_with_its_failed_filters(analysed):
   for name, record in analysed.items():
     assert set(record['scores']) == {'source_face_px', 'face_ratio', 'source_resolution', 'duration', 'sharpness',
                                      'max_abs_yaw', 'max_abs_pitch', 'eye_motion_var', 'sync_corr',
-                                     'sync_lag_frames'}
+                                     'sync_lag_frames', 'face_score'}
   assert analysed['blur']['failed'] == ['blurry'] and analysed['sync']['failed'] == []
 
 
@@ -149,8 +149,26 @@ def test_eye_motion_rule_keeps_moving_eyes(portrait_face):
   shift = 4 * np.sin(np.arange(320) / 7.0)  # the irises look left and right, +-4 px in a ~20 px eye
   for iris in range(468, 478):
     moving[:, iris, 0] += shift
-  assert features.eye_motion_variance(still) < 1e-6
-  assert features.eye_motion_variance(moving) > 50
+  open_eyes = np.zeros((320, len(BLENDSHAPE_NAMES)), np.float32)
+  assert features.eye_motion_variance(still, open_eyes) < 1e-6
+  assert features.eye_motion_variance(moving, open_eyes) > 50
+
+
+def test_eye_motion_leaves_blinks_out(portrait_face):
+  """A blink runs the iris's place between the closing lids to +-90 degrees: still eyes that blink every
+  second read as moving eyes unless the blink frames (the eyeBlink blendshapes) are left out."""
+  _, face = portrait_face
+  blinking = np.repeat(face.landmarks[:1], 320, axis=0)
+  closed = np.zeros(320, bool)
+  closed[np.arange(320) % 30 < 3] = True  # a 3-frame blink every second at 30 fps
+  for upper, lower in ((159, 145), (386, 374)):
+    blinking[closed, upper, 1] = blinking[closed, lower, 1]
+  blendshapes = np.zeros((320, len(BLENDSHAPE_NAMES)), np.float32)
+  assert BLENDSHAPE_NAMES.index('eyeBlinkLeft') in features.EYE_BLINK
+  assert BLENDSHAPE_NAMES.index('eyeBlinkRight') in features.EYE_BLINK
+  assert features.eye_motion_variance(blinking, blendshapes) > 100  # the blinks, unmarked
+  blendshapes[closed, BLENDSHAPE_NAMES.index('eyeBlinkLeft')] = 0.8
+  assert features.eye_motion_variance(blinking, blendshapes) < 1e-6
 
 
 def test_blendshape_names_iris_and_68_points(portrait_face, analysed):
@@ -201,7 +219,12 @@ def test_a_clip_failing_every_filter_gets_the_first_code_of_the_readme_table():
                 for code in re.findall(r'`([a-z_]+)`', row.split('|')[3])]
   everything_wrong = {'face_ratio': 0.1, 'source_face_px': 10, 'source_resolution': 100, 'duration': 0.2,
                       'sharpness': 1.0, 'max_abs_yaw': 80.0, 'max_abs_pitch': 60.0, 'eye_motion_var': 0.0,
-                      'sync_corr': -0.5, 'sync_lag_frames': 12}
-  checked = [code for code, _, _, _ in failures(everything_wrong, Thresholds(
-      min_resolution=360, eye_motion=True, max_sync_lag=3))]
-  assert checked == documented
+                      'speech_ratio': 0.0, 'face_score': 0.2, 'sync_corr': -0.5, 'sync_lag_frames': 12}
+  thresholds = Thresholds(min_resolution=360, eye_motion=True, max_sync_lag=3, min_sync_corr=0.3, min_face_score=0.5)
+  checked = [code for code, _, _, _ in failures(everything_wrong, thresholds)]
+  # SyncNet's scores replace the offline sync filters (av_sync_*) with its own (sync_conf_low, av_offset_large)
+  with_syncnet = [code for code, _, _, _ in failures(dict(everything_wrong, lse_c=0.5, av_offset_frames=-9),
+                                                       thresholds)]
+  assert sorted(set(checked) | set(with_syncnet), key=documented.index) == documented
+  assert checked == [c for c in documented if c in checked] and with_syncnet == [c for c in documented
+                                                                                 if c in with_syncnet]

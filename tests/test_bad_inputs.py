@@ -114,11 +114,14 @@ def test_stalled_server_costs_only_the_time_limit(corpus_run):
   assert 1 <= len(stall) <= 2  # one try, at most one retry inside --download_timeout_s
 
 
-def test_empty_manifest_run_completes(tmp_path):
+def test_empty_manifest_is_accounted_and_fails_the_run(tmp_path):
+  """Nothing to make is a mistake a scheduled run must not report as success: exit 1 with a message, after the
+  manifest is accounted as one `empty_input` reject."""
   manifest = tmp_path / 'empty.jsonl'
   manifest.write_bytes(b'\xef\xbb\xbf\r\n\n')  # a BOM and blank lines, nothing else
   output = tmp_path / 'out'
-  run_cli(f'--input={manifest}', f'--output={output}', '--no_progress', '--no_report')
+  with pytest.raises(AssertionError, match=r'CLI failed \(1\)[\s\S]*holds no entries: nothing to make'):
+    run_cli(f'--input={manifest}', f'--output={output}', '--no_progress', '--no_report')
   stats = json.load(open(output / 'stats.json'))
   rejects = read_jsonl(str(output / 'rejects.jsonl'))
   assert [(r['id'], r['reason']) for r in rejects] == [('empty.jsonl', 'empty_input')]

@@ -39,16 +39,17 @@ def measured():
     spec = VideoSpec(duration=4.0, audio=False, gaze_deg=gaze_deg)
     faces = pool.map(handler._infer, face_crops(spec), handler._failed)  # pylint: disable=protected-access
     assert all(len(face.landmarks) for face in faces), f'{name}: the landmarker lost the face'
-    out[name] = (spec, np.stack([face.landmarks[0] for face in faces]))
+    out[name] = (spec, np.stack([face.landmarks[0] for face in faces]),
+                 np.stack([face.blendshapes[0] for face in faces]))
   pool.close()
   return out
 
 
 def test_the_landmarker_sees_the_drawn_gaze(measured):
-  _, still = measured['still']
-  gaze_spec, looking = measured['gaze']
-  assert features.eye_motion_variance(still) < 0.5
-  assert features.eye_motion_variance(looking) > 6.0  # three times --min_eye_motion_var's default
+  _, still, still_shapes = measured['still']
+  gaze_spec, looking, looking_shapes = measured['gaze']
+  assert features.eye_motion_variance(still, still_shapes) < 0.5
+  assert features.eye_motion_variance(looking, looking_shapes) > 6.0  # three times --min_eye_motion_var's default
   # The irises are seen where they were drawn: the measured gaze follows the drawn one.
   drawn = np.array([gaze(gaze_spec, index / gaze_spec.fps) for index in range(len(looking))])
   yaw, pitch = features.gaze_angles(looking)

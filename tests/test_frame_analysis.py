@@ -1,5 +1,6 @@
 """Per-frame models where the frames are: in-process models, landmarks that follow the track, model errors,
 sharpness at the face's source scale, one element per clip."""
+import os
 import pickle
 from fractions import Fraction
 
@@ -14,6 +15,7 @@ from apache_beam.testing.util import assert_that
 from beam_pipeline.demo import VideoSpec, _sprite, write_video
 from model_handlers.in_process import FATAL_AFTER_FRAMES, ModelError, SharedModel
 from model_handlers.mediapipe_face import FaceDetectorModelHandler, FaceLandmarkerModelHandler
+from tests.helpers import REPO
 from transforms.core.elements import ClipTask, FaceSamples, FatalError, MediaFile, RenderedClip
 from transforms.deadletter import DeadLetter
 from transforms.filters import ScoreAndFilter, Thresholds, failures
@@ -86,7 +88,7 @@ def test_shared_model_is_loaded_once_per_process_and_batched(talking):
 
 
 def test_detection_is_one_element_per_clip(talking):
-  sampler = SampleFrames(FaceDetectorModelHandler(max_faces=4), detect_fps=5.0, shot_threshold=0.4)
+  sampler = SampleFrames(FaceDetectorModelHandler(max_faces=4), detect_fps=5.0, shots=0.4)
   sampler.setup()
   (found,) = list(sampler.process(_task(talking, 't_0', 2.0)))
   assert isinstance(found, FaceSamples) and found.task.clip_id == 't_0'
@@ -255,3 +257,29 @@ def test_sharpness_is_judged_at_the_face_source_scale(tmp_path, blur_sigma, blur
   (analysis,) = list(ScoreAndFilter(Thresholds(score_only=True)).process(clip))
   codes = [f[0] for f in failures(analysis.scores, Thresholds())]
   assert ('blurry' in codes) == blurry, analysis.scores['sharpness']
+
+
+def test_sharpness_does_not_depend_on_the_window(tmp_path):
+  """The same real face reads the same through a tracked crop and through fixed windows scaled up or down
+  (on output pixels it read 27.9 tracked and 15-16 in HDTF's 380-400 px windows, and was rejected blurry)."""
+  path = os.path.join(os.path.dirname(REPO), 'shared', 'real_clips', 'talk_glasses_512.mp4')
+  if not os.path.exists(path):
+    pytest.skip('needs ../shared/real_clips (see its PROVENANCE.md)')
+  landmarker = FaceLandmarkerModelHandler(max_faces=4)
+  sampler = SampleFrames(FaceDetectorModelHandler(max_faces=4), detect_fps=5.0)
+  sampler.setup()
+  (found,) = list(sampler.process(_task(path, 'real_0', 1.2)))
+  (tracked,) = list(TrackFaces(1.8).process(found))
+  assert not isinstance(tracked, beam.pvalue.TaggedOutput), tracked.value
+  cx, cy = (tracked.window[0] + tracked.window[2] / 2), (tracked.window[1] + tracked.window[3] / 2)
+  readings = {}
+  for name, task, size in (('tracked', tracked, 512),
+                           ('window380', _task(path, 'w380_0', 1.2, (int(cx) - 190, int(cy) - 190, 380, 380)), 512),
+                           ('window400', _task(path, 'w400_0', 1.2, (int(cx) - 200, int(cy) - 200, 400, 400)), 256)):
+    render = RenderClips(str(tmp_path / name), size, 25.0, 18, 'ultrafast', analyzers=[FaceLandmarks(landmarker)])
+    render.setup()
+    (clip,) = list(render.process(task))
+    readings[name] = float(np.nanmedian(clip.arrays['sharpness']))
+  # Measured: tracked 482, 380 px window 428; the face scaled down twice (400 px to 256, then to 128) 347.
+  assert abs(readings['tracked'] - readings['window380']) < 0.15 * readings['tracked'], readings
+  assert readings['window400'] > 0.6 * readings['tracked'] and min(readings.values()) > Thresholds().min_sharpness

@@ -9,7 +9,7 @@ import pytest
 from beam_pipeline.recipes import NAMES, get_recipe
 from beam_pipeline.recipes.base import Recipe, apply_defaults, explicit_flags
 from transforms.core.frame_store import FrameArchive, archive_uri, read_frame_archive
-from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
+from transforms.frame_analysis import ClipPass, FrameAnalyzer, PassResult
 from transforms.writers.folders import is_published, publish_unit
 from transforms.writers.summary import published_indexes
 

@@ -37,7 +37,8 @@ from transforms.writers import folders, shards as write
 from transforms.writers.shards import PublishShard, sample_key
 
 QUIET = ('--no_report', '--no_progress')
-RUN_FILES = {'index.jsonl', 'rejects.jsonl', 'stats.json', mmvox_writer.CACHE_NAME}  # one per run, not per unit
+# One per output or run, not per unit (mmvox's caches: beside the folder); each run's own copies under runs/<id>/.
+RUN_FILES = {'index.jsonl', 'rejects.jsonl', 'stats.json', 'output.json'}
 SHUFFLE_URNS = ('beam:transform:group_by_key:v1', 'beam:transform:combine_per_key:v1')
 
 
@@ -236,7 +237,7 @@ def tree(root: str) -> Dict[str, bytes]:
     for name in names:
       path = os.path.join(folder, name)
       relative = os.path.relpath(path, root)
-      if relative not in RUN_FILES:
+      if relative not in RUN_FILES and not relative.startswith('runs' + os.sep):
         found[relative] = pathlib.Path(path).read_bytes()
   return found
 
@@ -261,7 +262,7 @@ def _nerf_media(element):
 
 
 def _avatar_media(element):
-  return [uri for analysis in element[1] for uri in (analysis.clip.mp4_uri, *analysis.clip.files.values())]
+  return [uri for clip in element[1] for uri in clip.consumed]
 
 
 FOLDER_WRITERS = {
@@ -270,7 +271,7 @@ FOLDER_WRITERS = {
     'avatar': FolderWriter('avatar_run', 'WriteSubject', lambda out, o: avatar_writer.WriteSubject(out),
                            avatar_writer, lambda e: e[0], _avatar_media),
     'mmvox': FolderWriter('mmvox_run', 'WriteTube', lambda out, o: mmvox_writer.WriteTube(
-        out, o.tube_format, {}, bool(o.parsing_weights)), mmvox_writer, lambda e: e.clip.task.clip_id,
+        out, o.tube_format, bool(o.parsing_weights)), mmvox_writer, lambda e: mmvox_writer.unit_name(mmvox_writer.tube_key(e.clip.task)),
         lambda e: [e.clip.mp4_uri, *e.clip.files.values()]),
 }
 
@@ -386,9 +387,10 @@ def test_two_attempts_of_a_writer_at_once_give_each_clip_one_record_and_no_rejec
 def _megactor_parts(run):
   from beam_pipeline.recipes.megactor.stylize import make_styler
   opts = run.opts
-  copies = megactor_writer.MakeCopies(run.work, make_styler(opts.style, opts.sdxl_model, opts.style_prompt), None,
-                                      opts.crf, opts.x264_preset)
-  return copies, megactor_writer.AssembleMegactorSample(run.work, opts.style, None)
+  copies = megactor_writer.MakeCopies(run.work, make_styler(opts.style, opts.sdxl_model, opts.style_prompt),
+                                      megactor_writer.style_key(opts.style, opts.style_prompt, opts.sdxl_model),
+                                      None, opts.crf, opts.x264_preset)
+  return copies, megactor_writer.AssembleMegactorSample(run.work, opts.style, None, opts.megactor_members)
 
 
 def _sample_digest(samples):
@@ -431,7 +433,7 @@ def test_megactor_copies_and_samples_run_twice_then_publish_the_real_runs_bytes(
   ours = _sample_digest(read_shards(output))
   real = _sample_digest(read_shards(megactor_run.output))
   assert list(ours) == [ref.key] and ours[ref.key] == real[ref.key]
-  assert {megactor_writer.STYLED, 'dwpose_result.npy', 'dwpose_score.npy', 'faces_bbox.npy'} <= set(ours[ref.key])
+  assert {megactor_writer.STYLED, 'dwpose_result.pyd', 'dwpose_score.pyd', 'faces_bbox.pyd'} <= set(ours[ref.key])
 
 
 def test_megactor_copy_failing_half_way_leaves_no_copy_and_the_retry_makes_the_same(megactor_run, tmp_path):
@@ -440,7 +442,7 @@ def test_megactor_copy_failing_half_way_leaves_no_copy_and_the_retry_makes_the_s
   and keeps the copy."""
   element = megactor_run.element('MakeCopies')
   copies, assemble = _megactor_parts(megactor_run)
-  target = megactor_writer.copy_uri(megactor_run.work, element.clip.task.clip_id, megactor_writer.STYLED)
+  target = copies.target(element.clip.task.clip_id, megactor_writer.STYLED)
   records, _, _, error = attempt(copies, element, (megactor_writer,), fail_at=1)
   assert records == [] and error is not None and not os.path.exists(target)
   assert os.path.exists(element.clip.mp4_uri)
@@ -496,6 +498,9 @@ def test_dataflow_translates_each_recipe_with_remote_paths(recipe, monkeypatch):
   assert pipeline.ByteSize() < 1_000_000
 
 
+SHARD_RECIPES = ('hdtf', 'megactor')
+
+
 def _graph_size(tmp_path, recipe: str, name: str, sources: int, units: int) -> int:
   """Bytes of the job graph for a manifest of `sources` videos and an output holding `units` published units."""
   root = tmp_path / name
@@ -504,9 +509,13 @@ def _graph_size(tmp_path, recipe: str, name: str, sources: int, units: int) -> i
   published.mkdir(parents=True)
   manifest.write_text(''.join(json.dumps({'id': f'v{i:05d}', 'url': f'/media/v{i:05d}.mp4'}) + '\n'
                               for i in range(sources)))
-  for i in range(units):
-    (published / f'v{i:05d}.jsonl').write_text(json.dumps({'id': f'v{i:05d}_0', 'planned_id': f'v{i:05d}_0',
-                                                           'num_frames': 250, 'folder': f'v{i:05d}'}) + '\n')
+  records = [{'id': f'v{i:05d}_0', 'planned_id': f'v{i:05d}_0', 'num_frames': 250, 'folder': f'v{i:05d}'}
+             for i in range(units)]
+  if recipe in SHARD_RECIPES:  # a shard output's records are its index (a published/ folder marks a folder output)
+    published.rmdir()
+    (root / 'out' / 'index.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
+  for record in records if recipe not in SHARD_RECIPES else ():
+    (published / f'{record["folder"]}.jsonl').write_text(json.dumps(record) + '\n')
   options, opts = prepare([f'--input={manifest}', f'--output={root / "out"}', f'--recipe={recipe}', '--run_id=fixed',
                            *QUIET])
   p = beam.Pipeline(options=options)

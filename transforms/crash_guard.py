@@ -198,6 +198,9 @@ class CrashGuard:
     except BeamIOError:
       return 0
     delete_quietly(markers)
+    if '://' not in self.folder:  # a local run's folder would stay behind empty (object stores have none)
+      with contextlib.suppress(OSError):
+        os.rmdir(self.folder)
     return len(markers)
 
 

@@ -6,7 +6,11 @@ unless `--score_only` is set: then every clip with a face is written and nothing
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import heapq
+import os
+import tempfile
 from typing import List, Optional, Tuple
 
 import apache_beam as beam
@@ -16,12 +20,16 @@ from apache_beam.metrics import Metrics
 from scipy import ndimage
 
 from transforms.core.elements import Reject, RenderedClip
-from transforms.core.fileio import delete_quietly, write_atomic
-from transforms.lib import features
+from transforms.core.fileio import delete_quietly, put_file, read_bytes, write_atomic
+from transforms.lib import avsync, features
+from transforms.lib.features import speech_ratio
+from transforms.lib.preview import preview_mp4
 from transforms.writers.shards import sample_key
 
 STAGE = 'filter'
 REJECT_THUMBNAILS = 'rejects'  # under the media dir ScoreAndFilter is given: <output>/report_media
+REJECT_CLIPS = 3  # per reason and worker: previews of the rejects nearest the threshold (see NearestRejects)
+REJECT_CLIP_PX, REJECT_CLIP_S = 160, 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +44,13 @@ class Thresholds:
   max_pitch: float = 30.0
   eye_motion: bool = False
   min_eye_motion_var: float = 2.0
-  min_sync_corr: float = 0.3
+  min_speech_ratio: float = 0.5
+  min_face_score: float = 0.0
+  min_sync_corr: float = 0.0
   max_sync_lag: int = 0
   sync_search: int = 15
+  min_sync_conf: float = 3.0
+  max_av_offset: int = 6
   score_only: bool = False
 
   @classmethod
@@ -84,10 +96,29 @@ def score_clip(clip: RenderedClip, arrays: dict, face: dict, th: Thresholds) -> 
       'sharpness': _round(np.median(sharpness) if len(sharpness) else None, 2),
       'max_abs_yaw': _round(_robust_max_abs(arrays['pose'][:, 0]), 2),
       'max_abs_pitch': _round(_robust_max_abs(arrays['pose'][:, 1]), 2),
-      'eye_motion_var': _round(features.eye_motion_variance(arrays['landmarks'])),
+      'eye_motion_var': _round(features.eye_motion_variance(arrays['landmarks'], arrays['blendshapes'],
+                                                            arrays.get('l2cs_gaze'))),
       'sync_corr': _round(corr),
       'sync_lag_frames': lag if corr is not None else None,
+      **syncnet_scores(arrays),
+      **({'speech_ratio': _round(speech_ratio(arrays['speech']))} if 'speech' in arrays else {}),
+      'face_score': dict(clip.task.face_stats).get('face_score'),
   }
+
+
+def syncnet_scores(arrays: dict) -> dict:
+  """SyncNet's read-out (transforms/analyzers/syncnet.py) when it ran: offset in 25 fps frames (positive: the
+  sound comes first), LSE-C (confidence), LSE-D (distance at the best offset), windows scored, and the lowest
+  per-window confidence (where a long clip loses sync). None where it could not judge (silence, no face)."""
+  if 'syncnet' not in arrays:
+    return {}
+  offset, conf, dist, windows = (float(v) for v in arrays['syncnet'])
+  frame_conf = arrays['sync_frame_conf']
+  frame_conf = frame_conf[~np.isnan(frame_conf)]
+  measured = not np.isnan(conf)
+  return {'av_offset_frames': int(offset) if measured else None, 'lse_c': _round(conf if measured else None),
+          'lse_d': _round(dist if measured else None), 'sync_windows': int(windows) if measured else 0,
+          'min_window_conf': _round(frame_conf.min() if len(frame_conf) else None)}
 
 
 def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
@@ -97,6 +128,8 @@ def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str, Optional[floa
   """
   s = scores
   lag = abs(s['sync_lag_frames']) if s['sync_lag_frames'] is not None else None
+  syncnet = 'lse_c' in s
+  offset = abs(s['av_offset_frames']) if s.get('av_offset_frames') is not None else None
   checks = [
       ('face_ratio_low', s['face_ratio'] < th.min_face_ratio, s['face_ratio'], th.min_face_ratio,
        f'face on {s["face_ratio"]:.0%} of frames < --min_face_ratio {th.min_face_ratio}'),
@@ -115,18 +148,83 @@ def failures(scores: dict, th: Thresholds) -> List[Tuple[str, str, Optional[floa
       ('eye_motion_low', th.eye_motion and (s['eye_motion_var'] or 0.0) <= th.min_eye_motion_var,
        s['eye_motion_var'], th.min_eye_motion_var,
        f'eye motion variance {s["eye_motion_var"]} <= --min_eye_motion_var {th.min_eye_motion_var}'),
-      ('av_sync_low', s['sync_corr'] is not None and s['sync_corr'] < th.min_sync_corr, s['sync_corr'],
-       th.min_sync_corr, f'mouth/audio correlation {s["sync_corr"]} < --min_sync_corr {th.min_sync_corr}'),
-      ('av_sync_offset', th.max_sync_lag > 0 and lag is not None and lag > th.max_sync_lag, lag, th.max_sync_lag,
+      ('no_speech', s.get('speech_ratio') is not None and s['speech_ratio'] < th.min_speech_ratio,
+       s.get('speech_ratio'), th.min_speech_ratio,
+       f'speech on {s.get("speech_ratio")} of the frames < --min_speech_ratio {th.min_speech_ratio} (Silero VAD)'),
+      ('face_score_low', s.get('face_score') is not None and s['face_score'] < th.min_face_score, s.get('face_score'),
+       th.min_face_score, f'face detector confidence {s.get("face_score")} < --min_face_score {th.min_face_score}'),
+      ('sync_conf_low', syncnet and s['lse_c'] is not None and s['lse_c'] < th.min_sync_conf, s.get('lse_c'),
+       th.min_sync_conf, f'SyncNet confidence {s.get("lse_c")} < --min_sync_conf {th.min_sync_conf}'),
+      ('av_offset_large', syncnet and offset is not None and offset > th.max_av_offset, offset, th.max_av_offset,
+       f'SyncNet AV offset {s.get("av_offset_frames")} frames (25 fps), beyond --max_av_offset {th.max_av_offset}'),
+      ('av_sync_low', not syncnet and s['sync_corr'] is not None and s['sync_corr'] < th.min_sync_corr,
+       s['sync_corr'], th.min_sync_corr,
+       f'mouth/audio correlation {s["sync_corr"]} < --min_sync_corr {th.min_sync_corr}'),
+      ('av_sync_offset', not syncnet and th.max_sync_lag > 0 and lag is not None and lag > th.max_sync_lag, lag,
+       th.max_sync_lag,
        f'audio lags the mouth by {s["sync_lag_frames"]} frames, more than --max_sync_lag {th.max_sync_lag}'),
   ]
   return [(code, detail, None if value is None else float(value), float(threshold))
           for code, failed, value, threshold, detail in checks if failed]
 
 
-def reject_thumbnail_uri(media_dir: str, clip_id: str) -> str:
-  """Where a rejected clip's thumbnail goes (report.html shows it): named by its (file-safe, bounded) sample key."""
-  return FileSystems.join(media_dir, REJECT_THUMBNAILS, sample_key(clip_id) + '.jpg')
+def correct_offset(clip: RenderedClip, scores: dict) -> RenderedClip:
+  """The clip with its audio moved by SyncNet's offset (mp4 and wav), recorded in `scores` as
+  `audio_shift_s` (positive: the audio now plays later). Only offsets SyncNet is confident of reach here.
+
+  The shifted mp4 gets its own name in the work dir and the unshifted one goes after it is in place, so a
+  retried bundle finds the shifted file and never shifts twice."""
+  offset = scores.get('av_offset_frames')
+  if not offset:
+    return clip
+  seconds = offset / avsync.FPS
+  scores['audio_shift_s'] = round(seconds, 4)
+  shifted_uri = clip.mp4_uri[:-len('.mp4')] + '_av.mp4'
+  if not FileSystems.exists(shifted_uri):
+    with tempfile.TemporaryDirectory(prefix='avshift-') as tmp:
+      src, dst = os.path.join(tmp, 'in.mp4'), os.path.join(tmp, 'out.mp4')
+      with open(src, 'wb') as handle:
+        handle.write(read_bytes(clip.mp4_uri))
+      avsync.shift_mp4_audio(src, dst, seconds)
+      put_file(dst, shifted_uri, move=True)
+  delete_quietly([clip.mp4_uri])
+  return dataclasses.replace(clip, mp4_uri=shifted_uri, wav=avsync.shift_wav(clip.wav, seconds))
+
+
+def reject_thumbnail_uri(media_dir: str, clip_id: str, extension: str = '.jpg') -> str:
+  """Where a rejected clip's thumbnail (or `.mp4` preview) goes (report.html shows it): named by its (file-safe,
+  bounded) sample key."""
+  return FileSystems.join(media_dir, REJECT_THUMBNAILS, sample_key(clip_id) + extension)
+
+
+class NearestRejects:
+  """Per reason, the `k` rejects nearest their threshold this worker has seen, with a short preview each
+  (the first REJECT_CLIP_S seconds, REJECT_CLIP_PX wide, landmarks drawn, with the audio) beside the
+  thumbnail, so report.html can play the ones a threshold change would keep. The run's nearest `k` are
+  among every worker's nearest `k`, so they all have one, while the files stay bounded (`k` per reason and
+  worker): a reject pushed out by a nearer one loses its preview."""
+
+  def __init__(self, media_dir: str, k: int = REJECT_CLIPS):
+    self.media_dir, self.k = media_dir, k
+    self.held = collections.defaultdict(list)  # reason -> heap of (-distance, clip id)
+
+  def offer(self, clip: RenderedClip, reason: str, value: Optional[float], threshold: Optional[float]) -> None:
+    if value is None or threshold is None or not self.k:
+      return
+    entry, held = (-abs(value - threshold), clip.task.clip_id), self.held[reason]
+    if (len(held) >= self.k and entry <= held[0]) or not FileSystems.exists(clip.mp4_uri):  # gone: a retry
+      return
+    landmarks = clip.arrays.get('lmk68')
+    data = preview_mp4(read_bytes(clip.mp4_uri), clip.wav, REJECT_CLIP_PX, REJECT_CLIP_S,
+                       None if landmarks is None else landmarks[..., :2], crf=32)
+    if data is None:
+      return
+    write_atomic(reject_thumbnail_uri(self.media_dir, clip.task.clip_id, '.mp4'), data)
+    if len(held) >= self.k:
+      _, dropped = heapq.heapreplace(held, entry)
+      delete_quietly([reject_thumbnail_uri(self.media_dir, dropped, '.mp4')])
+    else:
+      heapq.heappush(held, entry)
 
 
 class ScoreAndFilter(beam.DoFn):
@@ -138,6 +236,10 @@ class ScoreAndFilter(beam.DoFn):
     self.media_dir = media_dir  # <output>/report_media: rejected clips' thumbnails go there; None: nowhere
     self.kept = Metrics.counter(STAGE, 'clips_kept')
     self.rejected = Metrics.counter(STAGE, 'clips_rejected')
+    self.nearest: Optional[NearestRejects] = None
+
+  def setup(self):
+    self.nearest = NearestRejects(self.media_dir) if self.media_dir else None
 
   def process(self, clip: RenderedClip):
     yield self._filter(clip)
@@ -151,19 +253,26 @@ class ScoreAndFilter(beam.DoFn):
     failed = failures(scores, self.th)
     if failed and not self.th.score_only:
       code, _, value, threshold = failed[0]
-      return self._reject(clip, code, '; '.join(detail for _, detail, _, _ in failed), value, threshold)
+      return self._reject(clip, code, '; '.join(detail for _, detail, _, _ in failed), value, threshold, scores)
+    if not {code for code, *_ in failed} & {'sync_conf_low', 'av_offset_large'}:
+      clip = correct_offset(clip, scores)
     self.kept.inc()
     return Analysis(clip, arrays, face, scores, failed)
 
   def _reject(self, clip: RenderedClip, reason: str, detail: str, value: Optional[float] = None,
-              threshold: Optional[float] = None):
-    """The reject, with the measurement it failed on. Its thumbnail goes where report.html finds it, named
-    from the clip id (a retried bundle overwrites it); the rendered mp4 and the clip's frame archives go (a
-    retry finds them gone, and nothing here reads them)."""
+              threshold: Optional[float] = None, scores: Optional[dict] = None):
+    """The reject, with the measurement it failed on and all its scores. Its thumbnail (and, near the
+    threshold, a preview) goes where report.html finds it, named from the clip id (a retried bundle overwrites
+    it); the rendered mp4 and the clip's frame archives go (a retry finds them gone, and nothing here reads
+    them)."""
     self.rejected.inc()
     if self.media_dir and clip.thumbnail:
       write_atomic(reject_thumbnail_uri(self.media_dir, clip.task.clip_id), clip.thumbnail)
+    if self.nearest is not None:
+      self.nearest.offer(clip, reason, value, threshold)
     delete_quietly([clip.mp4_uri, *clip.files.values()])
+    kept_scores = tuple((name, score) for name, score in sorted((scores or {}).items())
+                        if score is None or isinstance(score, (bool, int, float, str)))
     return beam.pvalue.TaggedOutput('rejects', Reject(
         clip.task.clip_id, STAGE, reason, detail, clip.task.source_id, planned_id=clip.task.planned_id, value=value,
-        threshold=threshold))
+        threshold=threshold, scores=kept_scores))

@@ -51,6 +51,10 @@ class ClipPass:
   def add(self, frames: List[Frame]) -> None:
     raise NotImplementedError
 
+  def hear(self, wav: bytes) -> None:
+    """The clip's 16 kHz mono wav, once every frame was added and before `finish` (for a pass that judges
+    the frames against the sound, e.g. SyncNet); ignored by default."""
+
   def finish(self, num_frames: int) -> PassResult:
     raise NotImplementedError
 

@@ -34,6 +34,8 @@ PERMANENT_REASONS = frozenset({
     'bad_frame', 'mixed_frame_sizes',
     # mmvox face tubes (beam_pipeline/recipes/mmvox/tubes.py): the tube's frames against video-preprocessing's rules
     'tube_too_short', 'tube_too_small', 'tube_out_of_frame',
+    # avatar frames (beam_pipeline/recipes/avatar/face_frames.py): no frame with the face inside the crop
+    'face_outside_crop',
 })
 
 

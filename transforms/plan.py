@@ -20,8 +20,10 @@ class PlanClips(beam.DoFn):
   tag `rejects` for the ones that cannot be cut."""
 
   def __init__(self, crop_mode: str = 'auto', allow_silent: bool = False, min_duration: float = 1.0,
-               max_duration: float = 0.0, max_clip_s: float = 0.0):
+               max_duration: float = 0.0, max_clip_s: float = 0.0,
+               silent_hint: str = 'use --allow_silent to keep silent clips'):
     self.crop_mode = crop_mode
+    self.silent_hint = silent_hint  # what the user can do about a silent source: the recipe decides
     self.allow_silent = allow_silent
     self.min_duration = min_duration
     self.max_duration = max_duration
@@ -45,7 +47,7 @@ class PlanClips(beam.DoFn):
       return Reject(clip.clip_id, STAGE, reason, detail, source.source_id)
 
     if not info.has_audio and not self.allow_silent:
-      return reject('no_audio', 'the source has no audio stream (use --allow_silent to keep silent clips)')
+      return reject('no_audio', f'the source has no audio stream ({self.silent_hint})')
     media_end = media.offset + info.duration
     start = clip.start if clip.start is not None else media.offset
     end = clip.end if clip.end is not None else media_end
@@ -77,7 +79,7 @@ class PlanClips(beam.DoFn):
       notes.append('no crop window given: the full frame' + (
           f', padded {padding} (left, top, right, bottom) to square' if any(padding) else ''))
     return ClipTask(clip.clip_id, source.source_id, source.url, media, start, end, window, mode,
-                    clip.crop_ratio, tuple(notes), padding=padding)
+                    clip.crop_ratio, tuple(notes), padding=padding, origin=source.origin, inputs=clip.inputs)
 
   def _pieces(self, task: ClipTask):
     """A clip longer than --max_clip_s as consecutive pieces `<clip>_s<start ms>`, so one clip's frames,

@@ -41,6 +41,19 @@ _END = (av.error.EOFError, EOFError)
 _TURNS = {90: (('transpose', 'cclock'),), 180: (('hflip', None), ('vflip', None)), 270: (('transpose', 'clock'),)}
 
 
+def picture_box(window, padding, size: int) -> Tuple[int, int, int, int]:
+  """(x0, y0, x1, y1): the output pixels of a `size` square that hold the window's picture; the rest is the
+  black padding (exact pixels: the padding is added after the scale)."""
+  _, _, w, h = window
+  left, top, right, bottom = padding
+  side = max(w + left + right, h + top + bottom)
+  scale = size / side
+  out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+  pad_x = min(size - out_w, round((left + (side - w - left - right) / 2) * scale))
+  pad_y = min(size - out_h, round((top + (side - h - top - bottom) / 2) * scale))
+  return pad_x, pad_y, pad_x + out_w, pad_y + out_h
+
+
 class _VideoFilter:
   """buffer -> [yadif] -> [turn upright] -> crop -> scale -> rgb24 -> [pad], as one libavfilter graph.
 
@@ -61,12 +74,8 @@ class _VideoFilter:
     if follow:  # a window that follows the face is cut per frame (crop.follow_crop)
       chain.append(self.graph.add('format', 'rgb24'))
     else:
-      left, top, right, bottom = padding
-      side = max(w + left + right, h + top + bottom)
-      scale = size / side
-      out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
-      pad_x = min(size - out_w, round((left + (side - w - left - right) / 2) * scale))
-      pad_y = min(size - out_h, round((top + (side - h - top - bottom) / 2) * scale))
+      pad_x, pad_y, right, bottom = picture_box(window, padding, size)
+      out_w, out_h = right - pad_x, bottom - pad_y
       chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'), self.graph.add('scale', f'{out_w}:{out_h}:flags=area'),
                 self.graph.add('format', 'rgb24')]
       if (out_w, out_h) != (size, size):
@@ -395,6 +404,7 @@ class RenderClips(beam.DoFn):
       return
     arrays, files, model_errors = {}, {}, 0
     for analyzer, analysis in zip(self.analyzers, passes):
+      analysis.hear(wav)
       found = analysis.finish(produced)
       self.model_errors.inc(found.model_errors)
       files.update(found.files)

@@ -109,7 +109,7 @@ def track_faces(samples: Sequence[Tuple[float, np.ndarray]], cuts: Iterable[floa
 
 def choose_tracks(tracks: List[Track], policy: str) -> Tuple[List[Track], Optional[str]]:
   """Apply --multi_face: (tracks to keep, or a reject detail when faces share the screen under `reject`)."""
-  if policy == 'split':
+  if policy in ('split', 'speaker'):  # speaker: every face is rendered, transforms/speaker.py keeps the one speaking
     return tracks, None
   if policy == 'reject':
     for i, a in enumerate(tracks):

@@ -15,12 +15,17 @@ class Recipe:
     (transforms/frame_analysis.py); they see each frame once, with what earlier analyzers found on it.
   - `tracker`: a PTransform that replaces the spine's face detection and tracking (ClipTask -> ClipTasks
     with their crop windows, under 'tasks', and Rejects under 'rejects'), or None to keep the spine's.
+  - `subjects`: True when a subject (source video) is one unit (transforms/subject_window.py): the `tracker`
+    gets every task, those whose window is given too, and gives a subject's clips one window; its clips are
+    written only when none failed in a way a later run retries.
   - `write`: the kept clips (transforms/filters.Analysis) -> {'records': index record dicts with at least
     'id', 'planned_id' and 'num_frames', 'rejects': Rejects}. Every kept clip must end in one of the two.
   """
 
   name = ''
   layout = 'shards'  # what `write` makes: 'shards' (WebDataset tars) or 'folders' (transforms/writers/folders.py)
+  subjects = False
+  silent: str = ''  # why the recipe cannot use a source without audio ('': --allow_silent keeps such clips)
   defaults: Dict[str, Any] = {}
 
   def analyzers(self, opts, landmarker: ModelHandler) -> List:
@@ -31,6 +36,12 @@ class Recipe:
 
   def write(self, kept: beam.PCollection, opts, work_dir: str) -> Dict[str, beam.PCollection]:
     raise NotImplementedError
+
+  def output_layout(self, opts) -> str:
+    """What this run's `write` makes; `--layout=files` is hdtf's alone, a one-line error elsewhere."""
+    if opts.layout != 'shards':
+      raise SystemExit(f'--layout={opts.layout} is for --recipe=hdtf; the {self.name} recipe writes {self.layout}')
+    return self.layout
 
 
 def explicit_flags(argv) -> set:

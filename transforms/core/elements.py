@@ -26,6 +26,7 @@ class ClipSpec:
   end: Optional[float] = None  # seconds; None: to the end
   crop: Optional[Window] = None  # fixed window in reference pixels
   crop_ratio: Optional[float] = None  # auto-crop enlargement
+  inputs: str = ''  # digest of what decides the clip's bytes (transforms/resume.clip_inputs); set by SkipDoneClips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Source:
   url: str
   clips: Tuple[ClipSpec, ...]
   height: Optional[int] = None  # reference / wanted download height
+  # (speaker, video, utterance) when the manifest names them (VoxCeleb's identity, mmvox's ids); else ()
+  origin: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +51,18 @@ class Reject:
   planned_id: str = ''  # the planned clip this id is a piece of (plan or tracking splits); '' means id
   value: Optional[float] = None  # a filter reject's measured score (report.html sets it against the threshold)
   threshold: Optional[float] = None  # the filter setting it failed
+  # a filter reject's every score, (name, value) pairs (a tuple keeps the Reject hashable): report.html's table
+  scores: Tuple[Tuple[str, object], ...] = ()
 
   @property
   def planned(self) -> str:
     return self.planned_id or self.id
 
   def to_json(self) -> dict:
-    return dict(dataclasses.asdict(self), planned_id=self.planned)
+    record = dict(dataclasses.asdict(self), planned_id=self.planned, scores=dict(self.scores))
+    if not self.scores:
+      del record['scores']
+    return record
 
 
 class ReasonError(Exception):
@@ -112,6 +120,8 @@ class ClipTask:
   # the landmarker follows this face, not another one in the crop. None: no track (a given window).
   face_box: Optional[Tuple[float, float, float, float]] = None
   padding: Padding = (0, 0, 0, 0)  # black added around `window` where the square did not fit the frame
+  origin: Tuple[str, ...] = ()  # the source's (speaker, video, utterance), see Source
+  inputs: str = ''  # the planned clip's ClipSpec.inputs: stored with the sample, resume compares it
 
   @property
   def planned(self) -> str:

@@ -13,6 +13,7 @@ duplicate clip ids settled by a shuffle (transforms/sources/duplicates.py).
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -51,6 +52,9 @@ MAX_SIDECAR_BYTES = 1 << 20  # a <stem>.json / .pkl metadata record is read whol
 _ID_UNSAFE = re.compile(r'[^A-Za-z0-9._-]+')
 MAX_ID_LENGTH = 120
 OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
+ORIGIN_FIELDS = ('speaker', 'video', 'utterance')  # VoxCeleb's identity of a row (Source.origin: mmvox's ids)
+# Every field a manifest row (or an archive member's sidecar) may carry: the one list of known fields.
+MANIFEST_FIELDS = ('id', 'url', 'clips', 'crop', 'crop_ratio', 'height') + ORIGIN_FIELDS
 
 
 class ManifestError(ReasonError, ValueError):
@@ -303,7 +307,8 @@ def _clips_of(source_id: str, record: dict) -> Iterator[Union[ClipSpec, Reject, 
 
 def source_from_record(record: dict, row: int, context: Optional['_ArchiveContext'] = None
                        ) -> Iterator[Union[Source, Reject]]:
-  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`).
+  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`, and `speaker`, `video`,
+  `utterance` together: VoxCeleb's identity, which names mmvox's tubes).
 
   A `url` naming a tar or zip of videos (local or gs://) expands into one source per
   member video, `<id>_<member>`, with this row's clips and crop.
@@ -314,6 +319,10 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
   if not isinstance(record, dict) or '__error__' in record:
     detail = record.get('__error__') if isinstance(record, dict) else f'row {row} is not an object'
     yield Reject(source_id, STAGE, 'bad_manifest_row', str(detail)[:300], source_id)
+    return
+  unknown = [name for name in record if name not in MANIFEST_FIELDS]
+  if unknown:  # a misspelt field would otherwise be dropped silently (`clip` for `clips`: the whole video)
+    yield Reject(source_id, STAGE, 'unknown_field', f'row {row}: {unknown_fields(unknown)}'[:300], source_id)
     return
   url = str(record.get('url') or '').strip()
   if not raw_id.strip() or not url:
@@ -331,6 +340,7 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
     return
   try:
     items = list(_clips_of(source_id, record))
+    origin = _origin(record)
   except (ValueError, TypeError) as error:
     reason = getattr(error, 'reason', 'bad_manifest_row')
     yield Reject(source_id, STAGE, reason, f'row {row}: {error}'[:300], source_id)
@@ -338,7 +348,32 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
   (_, height), clips = items[0], [c for c in items[1:] if isinstance(c, ClipSpec)]
   yield from (r for r in items[1:] if isinstance(r, Reject))
   if clips:
-    yield Source(source_id, url, tuple(clips), height or None)
+    yield Source(source_id, url, tuple(clips), height or None, origin)
+
+
+def unknown_fields(names) -> str:
+  """`unknown field 'clip' (did you mean 'clips'?)` for each name that is not a manifest field."""
+  said = []
+  for name in names:
+    if name is None:  # csv.DictReader: more values than the header names
+      said.append('more values than the header has columns')
+      continue
+    close = difflib.get_close_matches(str(name), MANIFEST_FIELDS, n=1)
+    said.append(f'unknown field {str(name)[:40]!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+  return '; '.join(said) + f'; the fields are {", ".join(MANIFEST_FIELDS)}'
+
+
+def _origin(record: dict) -> Tuple[str, ...]:
+  """(speaker, video, utterance) of a row that names all three, path-safe; () when it names none."""
+  values = [str(record.get(name) or '').strip() for name in ORIGIN_FIELDS]
+  if not any(values):
+    return ()
+  if not all(values):
+    missing = [name for name, value in zip(ORIGIN_FIELDS, values) if not value]
+    raise ManifestError('bad_manifest_row', f'speaker, video and utterance go together; {missing} missing')
+  speaker, video, utterance = values
+  utterance = utterance[:-len('.txt')] if utterance.lower().endswith('.txt') else utterance  # VoxCeleb's 00001.txt
+  return tuple(sanitize_id(value) for value in (speaker, video, utterance))
 
 
 def parse_manifest(path: str, context: Optional['_ArchiveContext'] = None) -> Iterator[Union[Source, Reject]]:

@@ -21,9 +21,10 @@ def unit_index_uri(output: str, unit: str) -> str:
   return FileSystems.join(output, PUBLISHED, unit + '.jsonl')
 
 
-def publish_unit(output: str, unit: str, records: Iterable[dict]) -> List[dict]:
-  """Mark `unit` written, with one index record per clip it holds (each gets `folder: unit`)."""
-  records = [dict(record, folder=unit) for record in records]
+def publish_unit(output: str, unit: str, records: Iterable[dict], folder: Optional[str] = None) -> List[dict]:
+  """Mark `unit` written, with one index record per clip it holds (each gets `folder`: the unit's folder when
+  its name is not one an object store reads back safely, as mmvox's '#' keys, else `unit`)."""
+  records = [dict(record, folder=folder or unit) for record in records]
   write_atomic(unit_index_uri(output, unit),
                ''.join(json.dumps(record, sort_keys=True) + '\n' for record in records).encode())
   return records

@@ -15,6 +15,7 @@ The run's index, rejects and stats are transforms/writers/summary.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -141,6 +142,7 @@ def sample_json(analysis) -> dict:
       'failed': [code for code, *_ in analysis.failed],
       'blendshape_names': list(BLENDSHAPE_NAMES),
       'notes': list(task.notes),
+      'inputs': task.inputs,
   }
 
 
@@ -157,7 +159,9 @@ class AssembleSample(beam.DoFn):
     record), and the work-dir files they came from (deleted once the shard is published). None here."""
     return {}, ()
 
-  def process(self, analysis):
+  def payload(self, analysis) -> Tuple[dict, Dict[str, object], Tuple[str, ...]]:
+    """(json, member name -> value, work-dir files the members came from): what a sample holds, whatever
+    packs it (a tar fragment here; one file per member in hdtf's `--layout=files`)."""
     clip, arrays = analysis.clip, analysis.arrays
     meta = sample_json(analysis)
     extra, consumed = self.extra_members(analysis, meta)
@@ -165,14 +169,51 @@ class AssembleSample(beam.DoFn):
         'mp4': read_bytes(clip.mp4_uri), 'wav': clip.wav, 'json': meta,
         'landmarks.npy': arrays['landmarks'], 'bbox.npy': arrays['bbox'], 'pose.npy': arrays['pose'],
         'blendshapes.npy': arrays['blendshapes'], 'iris.npy': arrays['iris'], 'lmk68.npy': arrays['lmk68'],
+        # SyncNet's per-window confidence at each window's middle frame (cut a long clip where it drops)
+        **({'sync_conf.npy': arrays['sync_frame_conf']} if 'sync_frame_conf' in arrays else {}),
         **extra,
     }
+    return meta, payload, (clip.mp4_uri,) + tuple(consumed)
+
+  def process(self, analysis):
+    meta, payload, consumed = self.payload(analysis)
     data = tar_members(meta['key'], payload)
     uri = FileSystems.join(self.work_dir, FRAGMENTS, meta['key'] + '.tar')
     write_atomic(uri, data)
+    ref = SampleRef(meta['key'], meta['id'], analysis.clip.task.source_id, uri, len(data), meta, consumed)
+    # Written after the fragment: a rerun after a kill packs the fragment instead of making the clip again.
+    write_atomic(ref_uri(uri), json.dumps(dataclasses.asdict(ref), sort_keys=True).encode())
     self.assembled.inc()
-    yield SampleRef(meta['key'], meta['id'], clip.task.source_id, uri, len(data), meta,
-                    (clip.mp4_uri,) + tuple(consumed))
+    yield ref
+
+
+def ref_uri(fragment_uri: str) -> str:
+  return fragment_uri[:-len('.tar')] + '.ref.json'
+
+
+def read_fragment_ref(uri: str) -> Optional[SampleRef]:
+  """The SampleRef a `.ref.json` describes, when its fragment is still there (else None)."""
+  try:
+    fields = json.loads(read_bytes(uri))
+  except (OSError, ValueError):
+    return None
+  ref = SampleRef(**dict(fields, consumed=tuple(fields.get('consumed', ()))))
+  return ref if FileSystems.exists(ref.fragment_uri) else None
+
+
+class ReadFragments(beam.PTransform):
+  """The SampleRefs of fragments in `work_dir` that no shard has published yet (an interrupted run's)."""
+
+  def __init__(self, work_dir: str):
+    super().__init__()
+    self.work_dir = work_dir
+
+  def expand(self, pbegin):
+    return (pbegin
+            | 'WorkDir' >> beam.Create([FileSystems.join(self.work_dir, FRAGMENTS, '*.ref.json')])
+            | 'RefFiles' >> beam.FlatMap(lambda pattern: [m.path for m in _matches(pattern)])
+            | 'SpreadRefFiles' >> beam.Reshuffle()
+            | 'ReadRefs' >> beam.FlatMap(lambda uri: [ref for ref in [read_fragment_ref(uri)] if ref]))
 
 
 class _Total(beam.CombineFn):
@@ -233,7 +274,7 @@ class BatchSamples(beam.DoFn):
 
 def shard_name(batch: ShardBatch) -> str:
   """Named from the keys it holds: a retried publish of the same batch writes the same shard."""
-  digest = hashlib.sha1('\n'.join(ref.key for ref in batch.refs).encode()).hexdigest()
+  digest = hashlib.sha1('\n'.join(ref.key + ref.record.get('inputs', '') for ref in batch.refs).encode()).hexdigest()
   return f'shard-{digest[:20]}'
 
 
@@ -261,7 +302,7 @@ class PublishShard(beam.DoFn):
       self.republished.inc()  # a retry after the publish: the fragments may be gone already
     else:
       self._publish(batch, base, records)
-    delete_quietly([uri for ref in batch.refs for uri in (ref.fragment_uri,) + ref.consumed])
+    delete_quietly([uri for ref in batch.refs for uri in (ref_uri(ref.fragment_uri), ref.fragment_uri) + ref.consumed])
     self.samples.inc(len(records))
     yield from records
 
@@ -333,3 +374,74 @@ def write_shards(kept, output: str, work_dir: str, max_samples: int, max_mb: flo
   written = samples.refs | 'WriteShards' >> WriteShards(output, max_samples, max_mb, writers)
   rejects = (samples.rejects, written['rejects']) | 'WriterRejects' >> beam.Flatten()
   return {'records': written['records'], 'rejects': rejects}
+
+
+# ----------------------------------------------------------------------------- retiring samples
+
+def _without_keys(tar_path: str, keys: set, out_path: str) -> int:
+  """Copy the tar at `tar_path` to `out_path` byte for byte, less the members of `keys`; returns how many
+  members went."""
+  dropped = 0
+  with tarfile.open(tar_path, 'r:') as archive, open(tar_path, 'rb') as raw, open(out_path, 'wb') as out:
+    for member in archive:
+      if member.name.split('.', 1)[0] in keys:
+        dropped += 1
+        continue
+      raw.seek(member.offset)
+      out.write(raw.read(member.offset_data + member.size + (-member.size % _BLOCK) - member.offset))
+    end = out.tell() + 2 * _BLOCK
+    out.write(b'\0' * (2 * _BLOCK + (-end % _RECORD)))
+  return dropped
+
+
+class RetireFromShards(beam.DoFn):
+  """(shard path relative to the output, [earlier records (id, planned id, frames, inputs, shard, key)]) -> those
+  records, once their samples are no longer in the output.
+
+  The shard is rewritten in place without those samples: the tar first (one atomic replace), then its index.
+  A crash between the two leaves index lines whose samples are gone, which the next run retires again; a
+  bundle run twice rewrites the same bytes. A shard left with no sample is removed (tar, then index).
+  """
+
+  def __init__(self, output: str):
+    self.output = output
+    self.retired = Metrics.counter(STAGE, 'samples_retired')
+
+  def process(self, keyed):
+    shard, records = keyed
+    keys = {record[5] for record in records}
+    base = FileSystems.join(self.output, shard[:-len('.tar')])
+    kept = [record for record in iter_jsonl(base + '.jsonl') if record.get('key') not in keys]
+    if not kept:
+      delete_quietly([base + '.tar'])
+      delete_quietly([base + '.jsonl'])
+    elif FileSystems.exists(base + '.tar'):
+      local = tempfile.mkdtemp(prefix='retire-')
+      try:
+        source, trimmed = os.path.join(local, 'in.tar'), os.path.join(local, 'out.tar')
+        with FileSystems.open(base + '.tar', mime_type='application/octet-stream',
+                              compression_type='uncompressed') as handle, open(source, 'wb') as out:
+          shutil.copyfileobj(handle, out, 1 << 20)
+        if _without_keys(source, keys, trimmed):
+          put_file(trimmed, base + '.tar', move=True)
+        write_atomic(base + '.jsonl', ''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept).encode())
+      finally:
+        shutil.rmtree(local, ignore_errors=True)
+    self.retired.inc(len(records))
+    yield from records
+
+
+class RetireSamples(beam.PTransform):
+  """Earlier records (id, planned id, frames, inputs, shard, key) to retire -> those retired (shard samples;
+  a folder unit's clips are left to its writer)."""
+
+  def __init__(self, output: str):
+    super().__init__()
+    self.output = output
+
+  def expand(self, stale):
+    return (stale
+            | 'InShards' >> beam.Filter(lambda record: bool(record[4]))
+            | 'ByShard' >> beam.Map(lambda record: (record[4], record))
+            | 'GroupByShard' >> beam.GroupByKey()
+            | 'Retire' >> beam.ParDo(RetireFromShards(self.output)))

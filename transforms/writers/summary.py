@@ -1,7 +1,8 @@
 """The run's summary, whatever the recipe's writer: index.jsonl, rejects.jsonl and stats.json.
 
 They come from combiners over this run's records and rejects and the records an earlier run published (read
-for resume). Every planned clip is counted once: written, rejected, or published before.
+for resume). Every planned clip is counted once: written, rejected, or published before. Each run also keeps its
+own stats.json and rejects.jsonl under runs/<run id>/, which later runs leave alone.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import tempfile
 from typing import List, Optional, Tuple
 
@@ -28,13 +30,15 @@ def published_indexes(output: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- run summary
 
-def _earlier_record(record: dict) -> Tuple[str, str, int]:
-  return record['id'], record.get('planned_id') or record['id'], int(record.get('num_frames', 0))
+def _earlier_record(record: dict) -> Tuple[str, str, int, str, str, str]:
+  """(id, planned id, frames, inputs, shard, key): what resume, retiring and the summary need of a record."""
+  return (record['id'], record.get('planned_id') or record['id'], int(record.get('num_frames', 0)),
+          record.get('inputs', ''), record.get('shard', ''), record.get('key', ''))
 
 
 class ReadPublished(beam.PTransform):
   """Records of the shards and folder units already published in `output` (an earlier run):
-  (id, planned id, frames).
+  (id, planned id, frames, inputs, shard, key).
 
   Read inside the pipeline, index file by index file, so the job graph does not grow with the output.
   """
@@ -57,6 +61,10 @@ def _events(tag):
     return lambda clip_id: (clip_id, ('planned',))
   if tag == 'earlier':
     return lambda written: (written[1], ('earlier', written[0], written[2]))
+  if tag == 'retired':
+    return lambda written: (written[1], ('retired', written[0]))
+  if tag == 'reused':
+    return lambda ref: (ref.record.get('planned_id') or ref.id, ('reused', ref.id))
   if tag == 'written':
     return lambda record: (record.get('planned_id') or record['id'], ('written', record['id'],
                                                                        int(record.get('num_frames', 0))))
@@ -74,8 +82,12 @@ def planned_outcome(keyed) -> dict:
   """
   planned_id, facts = keyed
   planned = sum(1 for fact in facts if fact[0] == 'planned')
-  if not planned:
-    return {}  # an earlier sample or carried reject of a clip this input no longer plans
+  retired = sum(1 for fact in facts if fact[0] == 'retired')
+  if not planned:  # an earlier sample (kept, or retired by --prune) or carried reject of a clip no longer planned
+    kept = any(fact[0] == 'earlier' for fact in facts)
+    return {'counts': collections.Counter({'not_in_manifest': int(kept), 'retired': retired}),
+            'rejected_by_reason': collections.Counter(), 'rejected_by_stage': collections.Counter(),
+            'unbalanced': [], 'not_in_manifest': [planned_id] if kept else []}
   new = {fact[1]: fact[2] for fact in facts if fact[0] == 'written'}
   earlier = {fact[1]: fact[2] for fact in facts if fact[0] == 'earlier' and fact[1] not in new}
   rejects = [fact for fact in facts if fact[0] in ('rejected', 'carried')]
@@ -88,11 +100,12 @@ def planned_outcome(keyed) -> dict:
       'already_written': 1 if earlier and not new else 0, 'rejected': rejected,
       'samples': len(new) + len(earlier), 'frames_written': sum(new.values()) + sum(earlier.values()),
       'reject_records': len(rejects), 'pieces_rejected': len(piece_rejects),
-      'carried_rejects': sum(1 for fact in rejects if fact[0] == 'carried')})
+      'carried_rejects': sum(1 for fact in rejects if fact[0] == 'carried'), 'retired': retired,
+      'reused': sum(1 for fact in facts if fact[0] == 'reused')})
   summary = {'counts': counts,
              'rejected_by_reason': collections.Counter(fact[2] for fact in rejects),
              'rejected_by_stage': collections.Counter(fact[3] for fact in rejects),
-             'unbalanced': [planned_id] if written + rejected != planned else []}
+             'unbalanced': [planned_id] if written + rejected != planned else [], 'not_in_manifest': []}
   return summary
 
 
@@ -101,13 +114,14 @@ class StatsFn(beam.CombineFn):
 
   def create_accumulator(self):
     return {'counts': collections.Counter(), 'rejected_by_reason': collections.Counter(),
-            'rejected_by_stage': collections.Counter(), 'unbalanced': []}
+            'rejected_by_stage': collections.Counter(), 'unbalanced': [], 'not_in_manifest': []}
 
   def add_input(self, acc, outcome):
     if outcome:
       for name in ('counts', 'rejected_by_reason', 'rejected_by_stage'):
         acc[name].update(outcome[name])
-      acc['unbalanced'] = (acc['unbalanced'] + outcome['unbalanced'])[:MAX_UNBALANCED_LISTED]
+      for name in ('unbalanced', 'not_in_manifest'):
+        acc[name] = (acc[name] + outcome[name])[:MAX_UNBALANCED_LISTED]
     return acc
 
   def merge_accumulators(self, accs):
@@ -120,11 +134,12 @@ class StatsFn(beam.CombineFn):
     counts = acc['counts']
     stats = {name: int(counts.get(name, 0)) for name in (
         'planned', 'written', 'rejected', 'written_this_run', 'already_written', 'samples', 'reject_records',
-        'pieces_rejected', 'frames_written', 'carried_rejects')}
+        'pieces_rejected', 'frames_written', 'carried_rejects', 'not_in_manifest', 'retired', 'reused')}
     stats['balanced'] = stats['written'] + stats['rejected'] == stats['planned'] and not acc['unbalanced']
     stats['rejected_by_reason'] = dict(sorted(acc['rejected_by_reason'].items()))
     stats['rejected_by_stage'] = dict(sorted(acc['rejected_by_stage'].items()))
     stats['unbalanced_examples'] = sorted(acc['unbalanced'])
+    stats['not_in_manifest_examples'] = sorted(acc['not_in_manifest'])
     return stats
 
 
@@ -139,7 +154,7 @@ class WriteIndex(beam.DoFn):
   def __init__(self, output: str):
     self.output = output
 
-  def process(self, _, published_count):
+  def process(self, _, published_count, retired_count=0):
     target = FileSystems.join(self.output, 'index.jsonl')
     fd, local = tempfile.mkstemp(prefix='index-')
     try:
@@ -159,16 +174,31 @@ class WriteIndex(beam.DoFn):
     yield lines
 
 
-class WriteStats(beam.DoFn):
-  """Last: stats.json, once index.jsonl and rejects.jsonl are in place (the CLI takes it as 'finished')."""
+RUNS = 'runs'  # runs/<run id>/: each run's stats.json and rejects.jsonl, kept when a later run writes its own
 
-  def __init__(self, output: str, thresholds: dict):
+
+class WriteStats(beam.DoFn):
+  """Last: the run's copy of rejects.jsonl and stats.json under runs/<run id>/, then the output's stats.json
+  (the CLI takes it as 'finished'), once index.jsonl and rejects.jsonl are in place."""
+
+  def __init__(self, output: str, thresholds: dict, run_id: str = ''):
     self.output = output
     self.thresholds = thresholds
+    self.run_id = run_id
 
   def process(self, stats, index_lines, unused_reject_files):
-    stats = dict(stats, index_lines=index_lines, thresholds=self.thresholds)
-    write_atomic(FileSystems.join(self.output, 'stats.json'), json.dumps(stats, indent=2, sort_keys=True).encode())
+    stats = dict(stats, index_lines=index_lines, thresholds=self.thresholds, run_id=self.run_id)
+    data = json.dumps(stats, indent=2, sort_keys=True).encode()
+    if self.run_id:
+      history = FileSystems.join(self.output, RUNS, self.run_id)
+      fd, local = tempfile.mkstemp(prefix='rejects-')
+      with os.fdopen(fd, 'wb') as out, FileSystems.open(
+          FileSystems.join(self.output, 'rejects.jsonl'), mime_type='application/octet-stream',
+          compression_type='uncompressed') as handle:
+        shutil.copyfileobj(handle, out, 1 << 20)
+      put_file(local, FileSystems.join(history, 'rejects.jsonl'), move=True)
+      write_atomic(FileSystems.join(history, 'stats.json'), data)
+    write_atomic(FileSystems.join(self.output, 'stats.json'), data)
     if not stats['balanced']:
       logging.error('accounting mismatch: %s', stats)
     yield stats
@@ -181,20 +211,30 @@ class WriteRunSummary(beam.PTransform):
   combiner; rejects are written by Beam's own text sink (temporary files, then one rename).
   """
 
-  def __init__(self, output: str, thresholds: Optional[dict] = None):
+  def __init__(self, output: str, thresholds: Optional[dict] = None, run_id: str = ''):
     super().__init__()
     self.output = output
     self.thresholds = thresholds or {}
+    self.run_id = run_id
 
   def expand(self, inputs):
+    """`earlier`: the records still valid; optional `retired`: the earlier records this run took out, and
+    `reused`: the SampleRefs of work-dir fragments (an interrupted run's) packed without being made again."""
     planned, earlier, records, rejects, carried = (
         inputs['planned'], inputs['earlier'], inputs['records'], inputs['rejects'], inputs['carried'])
+    retired, reused = inputs.get('retired'), inputs.get('reused')
+    if retired is None:
+      retired = planned.pipeline | 'NoneRetired' >> beam.Create([])
+    if reused is None:
+      reused = planned.pipeline | 'NoneReused' >> beam.Create([])
     facts = (
         (planned | 'PlannedFacts' >> beam.Map(_events('planned')),
          earlier | 'EarlierFacts' >> beam.Map(_events('earlier')),
          records | 'WrittenFacts' >> beam.Map(_events('written')),
          rejects | 'RejectFacts' >> beam.Map(_events('rejected')),
-         carried | 'CarriedFacts' >> beam.Map(_events('carried')))
+         carried | 'CarriedFacts' >> beam.Map(_events('carried')),
+         retired | 'RetiredFacts' >> beam.Map(_events('retired')),
+         reused | 'ReusedFacts' >> beam.Map(_events('reused')))
         | 'AllFacts' >> beam.Flatten())
     stats = (facts
              | 'ByPlannedClip' >> beam.GroupByKey()
@@ -203,12 +243,15 @@ class WriteRunSummary(beam.PTransform):
     published = records | 'CountPublished' >> beam.combiners.Count.Globally()
     index_lines = (published.pipeline
                    | 'AfterShards' >> beam.Create([None])
-                   | 'WriteIndex' >> beam.ParDo(WriteIndex(self.output), beam.pvalue.AsSingleton(published)))
+                   | 'WriteIndex' >> beam.ParDo(WriteIndex(self.output), beam.pvalue.AsSingleton(published),
+                                                beam.pvalue.AsSingleton(
+                                                    retired | 'CountRetired' >> beam.combiners.Count.Globally())))
     reject_files = ((rejects, carried)
                     | 'AllRejectLines' >> beam.Flatten()
                     | 'RejectLine' >> beam.Map(reject_line)
                     | 'WriteRejects' >> beam.io.WriteToText(FileSystems.join(self.output, 'rejects'),
                                                            file_name_suffix='.jsonl', num_shards=1,
                                                            shard_name_template=''))
-    return stats | 'WriteStats' >> beam.ParDo(WriteStats(self.output, self.thresholds), beam.pvalue.AsSingleton(index_lines),
+    return stats | 'WriteStats' >> beam.ParDo(WriteStats(self.output, self.thresholds, self.run_id),
+                                              beam.pvalue.AsSingleton(index_lines),
                                               beam.pvalue.AsList(reject_files))
