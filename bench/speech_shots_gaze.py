@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.run import replace_section  # noqa: E402
 from beam_pipeline.recipes.megactor.l2cs import L2CS, L2CSModelHandler, face_input  # noqa: E402
 from model_handlers.silero_vad import RATE, load_vad, speech_probabilities  # noqa: E402
 from model_handlers.transnetv2 import SIZE, load_transnetv2, transition_probabilities  # noqa: E402
@@ -90,13 +90,7 @@ def main() -> None:
              f'{os.path.basename(CLIP)}, L2CS-Net on {args.l2cs_frames} frames in batches of 8:\n\n{table}\n\n'
              f'```json\n{json.dumps(per)}\n```\n')
   print(section)
-  text = open(RESULTS).read() if os.path.exists(RESULTS) else ''
-  if HEADING in text:
-    text = re.sub(rf'{re.escape(HEADING)}\n.*?(?=\n## |\Z)', section.rstrip('\n'), text, flags=re.S)
-  else:
-    text = text.rstrip('\n') + '\n\n' + section
-  with open(RESULTS, 'w') as handle:
-    handle.write(text)
+  replace_section(RESULTS, HEADING, section.split('\n'))
 
 
 def cv2_resize(frame: np.ndarray, size) -> np.ndarray:

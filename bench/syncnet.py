@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.run import replace_section  # noqa: E402
 from model_handlers.in_process import SharedModel  # noqa: E402
 from model_handlers.syncnet import SyncNet, SyncNetModelHandler  # noqa: E402
 from transforms.lib import avsync  # noqa: E402
@@ -72,13 +72,7 @@ def main() -> None:
   section = (f'{HEADING}\n`{command}` ({machine}); {args.frames} frames of '
              f'{os.path.basename(CLIP)}:\n\n{table}\n\n```json\n{json.dumps(per)}\n```\n')
   print(section)
-  text = open(RESULTS).read() if os.path.exists(RESULTS) else ''
-  if HEADING in text:
-    text = re.sub(rf'{re.escape(HEADING)}\n.*?(?=\n## |\Z)', section.rstrip('\n'), text, flags=re.S)
-  else:
-    text = text.rstrip('\n') + '\n\n' + section
-  with open(RESULTS, 'w') as handle:
-    handle.write(text)
+  replace_section(RESULTS, HEADING, section.split('\n'))
 
 
 if __name__ == '__main__':
