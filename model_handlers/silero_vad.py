@@ -6,10 +6,9 @@ the busy build machine (bench/speech_shots_gaze.py: 1.9 ms per 25 fps frame). On
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence
-
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from model_handlers.whole_input import WholeInputHandler
 
 RATE = 16000
 WINDOW = 512  # samples per probability at 16 kHz
@@ -47,23 +46,15 @@ def speech_probabilities(model, samples: np.ndarray) -> np.ndarray:
   return probs.reshape(-1).numpy().astype(np.float32)
 
 
-class SileroVadModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+class SileroVadModelHandler(WholeInputHandler):
   """(N,) float32 16 kHz samples -> PredictionResult whose inference is the (windows,) speech probabilities.
   One clip's audio at a time: the model keeps a recurrent state across windows, reset for each clip."""
+
+  model_name = 'silero_vad'
+  namespace = 'speech'
 
   def load_model(self):
     return load_vad()
 
-  def run_inference(self, batch: Sequence[np.ndarray], model: Any,
-                    inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    for samples in batch:
-      yield PredictionResult(example=None, inference=speech_probabilities(model, samples), model_id='silero_vad')
-
-  def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-    return sum(samples.nbytes for samples in batch)
-
-  def get_metrics_namespace(self) -> str:
-    return 'speech'
-
-  def batch_elements_kwargs(self) -> Dict[str, Any]:
-    return {'min_batch_size': 1, 'max_batch_size': 1}
+  def infer(self, model, example: np.ndarray) -> np.ndarray:
+    return speech_probabilities(model, example)

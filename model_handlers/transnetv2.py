@@ -9,12 +9,10 @@ algorithms for the whole process; those are put back, so the worker's other mode
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterable, Optional, Sequence
-
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from model_handlers.torch_handler import pick_device
+from model_handlers.whole_input import WholeInputHandler
 
 SIZE = (48, 27)  # width, height the network takes
 CUT = 0.5  # a frame whose transition probability is above this is part of a cut (the published threshold)
@@ -61,8 +59,12 @@ def cut_frames(probs: np.ndarray, threshold: float = CUT) -> np.ndarray:
   return np.flatnonzero(above[:-1] & ~above[1:]) + 1
 
 
-class TransNetV2ModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
-  """(N, 27, 48, 3) uint8 frames of one clip -> PredictionResult whose inference is the (N,) probabilities."""
+class TransNetV2ModelHandler(WholeInputHandler):
+  """(N, 27, 48, 3) uint8 frames of one clip -> PredictionResult whose inference is the (N,) probabilities; the
+  clip's 100-frame windows are its batch."""
+
+  model_name = 'transnetv2'
+  namespace = 'shots'
 
   def __init__(self, device: str = 'auto'):
     super().__init__()
@@ -71,16 +73,5 @@ class TransNetV2ModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
   def load_model(self):
     return load_transnetv2(self._device)
 
-  def run_inference(self, batch: Sequence[np.ndarray], model: Any,
-                    inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    for frames in batch:
-      yield PredictionResult(example=None, inference=transition_probabilities(model, frames), model_id='transnetv2')
-
-  def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-    return sum(frames.nbytes for frames in batch)
-
-  def get_metrics_namespace(self) -> str:
-    return 'shots'
-
-  def batch_elements_kwargs(self) -> Dict[str, Any]:
-    return {'min_batch_size': 1, 'max_batch_size': 1}
+  def infer(self, model, example: np.ndarray) -> np.ndarray:
+    return transition_probabilities(model, example)
