@@ -25,7 +25,7 @@ demo: models
 # Test files spread over the cores (at most 4 workers); a file's tests stay on one worker, so its module
 # fixtures (a recipe's run, a server) are made once. Much of the suite waits on servers and time limits.
 test: venv chromium
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20 tests
 
 # tests/test_report.py renders report.html in headless Chromium; install it where it is missing (Debian/Ubuntu).
 chromium:
