@@ -11,7 +11,7 @@ setup(
     install_requires=[
         'apache-beam[gcp]==2.77.0',
         'mediapipe>=1.2',
-        'opencv-contrib-python>=4.10',  # what mediapipe pulls; never a second OpenCV package
+        'opencv-contrib-python>=4.12',  # what mediapipe pulls; never a second OpenCV package (4.12: PNG filter choice)
         'av>=14',
         'imageio-ffmpeg>=0.5',
         'yt-dlp>=2025.1.1',

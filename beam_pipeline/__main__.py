@@ -36,11 +36,12 @@ from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
 from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.base import apply_defaults
+from beam_pipeline.recipes.hdtf import FILES
 from model_handlers.weights import WeightsError
 from transforms.crash_guard import CrashGuard
-from transforms.core.fileio import write_atomic
+from transforms.core.fileio import iter_jsonl, remove_empty_dirs, write_atomic
 from transforms.writers import shards as write
-from transforms.writers.folders import unit_indexes
+from transforms.writers.folders import PUBLISHED, clean_scratch, unit_indexes
 
 
 DISTRIBUTED_RUNNERS = ('DataflowRunner', 'FlinkRunner', 'SparkRunner', 'PortableRunner')
@@ -149,6 +150,7 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
     os.makedirs(opts.output, exist_ok=True)
   bind_output(opts, get_recipe(opts.recipe).output_layout(opts))
   write.clean_unfinished(opts.output, opts.stale_after_h * 3600)
+  clean_scratch(opts.output, (PUBLISHED, FILES), opts.stale_after_h * 3600)  # what killed folder writers left
   return options, opts
 
 
@@ -180,25 +182,61 @@ def _glob_matches(pattern: str) -> bool:
 OUTPUT_RECORD = 'output.json'  # what made the output: its recipe and layout (an output belongs to one recipe)
 
 
+MEGACTOR_FIELDS = ('keypoints', 'styled', 'swapped')  # what megactor's shard records add to hdtf's
+
+
+def made_by(record: dict, in_shard: bool) -> Tuple[str, str]:
+  """(recipe, layout) an index record shows it was written by ('' for a recipe it does not tell)."""
+  if in_shard:
+    return ('megactor' if any(name in record for name in MEGACTOR_FIELDS) else 'hdtf'), 'shards'
+  if record.get('file'):
+    return 'hdtf', 'files'
+  from beam_pipeline.report import folder_kind
+  return folder_kind(record) or '', 'folders'
+
+
+def told_by_records(output: str) -> Optional[Tuple[str, str, bool]]:
+  """(recipe, layout, whether its samples carry `inputs`) by the first record the output published (a finished
+  shard's index, else a folder unit's); None when it published none."""
+  for indexes, in_shard in ((write.finished_shard_indexes(output), True), (unit_indexes(output), False)):
+    for index in indexes:
+      for record in iter_jsonl(index):
+        return (*made_by(record, in_shard), bool(record.get('inputs')))
+  return None
+
+
 def bind_output(opts: TalkingFaceOptions, layout: str) -> None:
   """Refuse an output another recipe (or layout) made, with what to do; record this one's on a new output.
-  An output from before the record is known by its layout: shards/ or published/."""
+
+  An output from before output.json is adopted by the recipe its records show (and refused to any other): the
+  record is written, and said in one line. Its samples carry no `inputs`, so a rerun keeps them as they are (it
+  cannot tell whether their range, crop or options changed). Records that show no recipe are refused."""
   path = FileSystems.join(opts.output, OUTPUT_RECORD)
+  told = None
   if FileSystems.exists(path):
     with FileSystems.open(path) as handle:
       bound = json.loads(handle.read())
-  elif write.finished_shard_indexes(opts.output):
-    bound = {'layout': 'shards'}
-  elif unit_indexes(opts.output):
-    bound = {'layout': 'folders'}
   else:
-    bound = None
+    told = told_by_records(opts.output)
+    bound = told and {'recipe': told[0], 'layout': told[1]}
+  if told and not told[0]:
+    raise SystemExit(f'--output={opts.output} holds {told[1]} from before outputs recorded their recipe, and its '
+                     f'records do not show which recipe made them: give this run another --output, or write '
+                     f'{{"recipe": "...", "layout": "{told[1]}"}} into {path}')
   if bound and (bound.get('recipe', opts.recipe) != opts.recipe or bound.get('layout', layout) != layout):
     made = f'--recipe={bound["recipe"]}' if 'recipe' in bound else 'another recipe'
-    raise SystemExit(f'--output={opts.output} holds a dataset made by {made} ({bound.get("layout")}), not by '
+    raise SystemExit(f'--output={opts.output} holds a dataset made by {made} ({bound.get("layout")}'
+                     f'{", by its records: it has no " + OUTPUT_RECORD if told else ""}), not by '
                      f'--recipe={opts.recipe} ({layout}): give this run another --output, or rerun with the flags '
                      'that made it')
-  if not bound or 'recipe' not in bound:
+  if told:
+    write_atomic(path, json.dumps({'recipe': opts.recipe, 'layout': layout, 'adopted_by': opts.run_id},
+                                  sort_keys=True).encode())
+    print(f'adopted {opts.output}: made before outputs recorded their recipe; its records show --recipe='
+          f'{opts.recipe} ({layout}), now in {OUTPUT_RECORD}' + ('' if told[2] else
+          '; its samples carry no inputs digest, so reruns keep them as they are (they cannot tell whether '
+          'their range, crop or options changed): give another --output to make them again'))
+  elif not bound or 'recipe' not in bound:
     write_atomic(path, json.dumps({'recipe': opts.recipe, 'layout': layout, 'first_run': opts.run_id},
                                   sort_keys=True).encode())
 
@@ -220,6 +258,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
     print(f'dry run: the {options.view_as(StandardOptions).runner} job was built, nothing ran')
     return {}
   CrashGuard(opts.work_dir, opts.run_id).clear()
+  for folder in (opts.output, opts.work_dir):  # a finished run leaves no empty folder (scratch it emptied)
+    remove_empty_dirs(folder)
   stats = report(opts.output, opts.incremental, opts.recipe, get_recipe(opts.recipe).output_layout(opts))
   if stats and (not stats['planned'] or stats['rejected_by_reason'].get('empty_input')):
     raise SystemExit(f'error: --input {opts.input} holds no entries: nothing to make')

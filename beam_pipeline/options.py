@@ -121,8 +121,9 @@ class TalkingFaceOptions(PipelineOptions):
                      'a run ends with at most this many partly filled shards. Batching only collects small '
                      'references; the shards themselves are written in parallel on any worker.')
     out.add_argument('--stale_after_h', type=float, default=24.0,
-                     help='At start, unfinished shard files (a shard index without its tar, *.partial) older than this '
-                     'many hours are removed; younger ones may belong to a job still writing to the same output.')
+                     help='At start, unfinished shard files (a shard index without its tar, *.partial) and '
+                     'scratch files (*.partial) in clips/ and published/ older than this many hours are removed; '
+                     'younger ones may belong to a job still writing to the same output.')
     out.add_argument('--landmark_batch_size', type=int, default=32,
                      help='Largest batch of frames handed to the face landmarker at once.')
 
@@ -251,6 +252,16 @@ class TalkingFaceOptions(PipelineOptions):
                        help='With --syncnet_weights: reject (av_offset_large) clips whose |AV offset| exceeds this '
                        'many frames at 25 fps; a smaller non-zero offset is corrected by shifting the audio of the '
                        'mp4 and wav (the json\'s scores.audio_shift_s records it).')
+    faces.add_argument('--split_at_sync_breaks', action='store_true',
+                       help='With --syncnet_weights (shard recipes: hdtf, megactor): cut a clip whose SyncNet window '
+                       'confidence falls below --min_sync_conf over a stretch into its in-sync stretches of at least '
+                       '--min_duration, each a sample <clip>_sync<start ms> judged by the filters on its own, instead '
+                       'of rejecting the whole clip; the stretches between them are rejected (sync_break). The pieces '
+                       'are cut from the rendered clip (one more H.264 encode of their frames), not from the source.')
+    faces.add_argument('--sync_break_margin', type=float, default=0.5,
+                       help='With --split_at_sync_breaks: hysteresis around --min_sync_conf, in confidence units: a '
+                       'stretch in sync ends where the window confidence falls below --min_sync_conf minus this, one '
+                       'out of sync where it reaches --min_sync_conf plus this (dips under 0.2 s never cut).')
     faces.add_argument('--min_sync_corr', type=float, default=0.0,
                        help='Without SyncNet: reject (av_sync_low) clips whose best correlation between mouth '
                        'opening and audio loudness is below this; 0: off (the default: on real in-sync footage it '

@@ -19,11 +19,12 @@ from transforms.analyzers.syncnet import syncnet_analyzers
 from transforms.deadletter import DeadLetter
 from transforms.filters import ScoreAndFilter, Thresholds
 from transforms.frame_analysis import FaceLandmarks
-from transforms.incremental import CarryRejects, ReadCarriedRejects
+from transforms.incremental import CarryRejects, ReadCarriedRejects, RecordInputs
 from transforms.lib.safety import InputPolicy
 from transforms.plan import PlanClips
 from transforms.render import RenderClips
-from transforms.resume import ReusableFragments, SkipDoneClips, SkipDoneTasks, SortEarlier, planned_inputs
+from transforms.resume import (CutClipsDone, MarkDonePieces, ReusableFragments, SkipDoneClips, SkipDoneTasks,
+                               SortEarlier, cut_facts_of_earlier, cut_facts_of_fragment, planned_inputs)
 from transforms.sampling import shot_detection
 from transforms.sources.archives import MIB
 from transforms.sources.download import DownloadSource
@@ -32,8 +33,10 @@ from transforms.sources.manifest import ReadSources
 from transforms.sources.unpack import UnpackMembers
 from transforms.speaker import ChooseSpeaker
 from transforms.subject_window import HoldIncompleteSubjects
+from transforms.sync_split import SplitAtSyncBreaks
 from transforms.track import DetectAndTrack
-from transforms.writers.shards import ReadFragments, RetireSamples, WriteShards
+from transforms.writers.folders import RetireUnits
+from transforms.writers.shards import DropLeftover, ReadFragments, RetireSamples, WriteShards
 from transforms.writers.summary import ReadPublished, WriteRunSummary
 
 
@@ -52,6 +55,8 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
   """
   work_dir = work_dir_of(opts)
   recipe = get_recipe(opts.recipe)
+  if opts.split_at_sync_breaks:
+    check_sync_split(opts, recipe)
   detector = FaceDetectorModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
                                       max_faces=MAX_TRACKED_FACES)
   landmarker = FaceLandmarkerModelHandler(model_dir=opts.model_dir, max_batch_size=opts.landmark_batch_size,
@@ -71,14 +76,23 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
              | 'SortEarlier' >> SortEarlier(opts.prune))
   retired = earlier['stale'] | 'RetireStale' >> RetireSamples(opts.output)
   published = earlier['current'] | 'PublishedIds' >> beam.Map(lambda written: (written[0], written[3]))
-  carried = ((read['planned'], p | 'ReadCarriedRejects' >> ReadCarriedRejects(opts.output, opts.incremental))
+  # With --incremental, earlier permanent rejects of clips planned with the same inputs count as done.
+  carried = ((plans, p | 'ReadCarriedRejects' >> ReadCarriedRejects(opts.output, opts.incremental))
              | 'CarryRejects' >> CarryRejects())
-  done = [published, carried | 'CarriedIds' >> beam.Map(lambda reject: (reject.id, ''))]
-  reused = None
+  done = [published, carried | 'CarriedIds' >> beam.Map(lambda reject: (reject.id, reject.inputs))]
+  reused = leftover = None
   if recipe.output_layout(opts) == 'shards':  # what a killed run rendered and filtered waits in the work dir
-    reused = ((p | 'ReadFragments' >> ReadFragments(work_dir), plans, published)
-              | 'ReusableFragments' >> ReusableFragments())
+    fragments = ((p | 'ReadFragments' >> ReadFragments(work_dir), listed, published)
+                 | 'ReusableFragments' >> ReusableFragments(opts.prune))
+    reused, leftover = fragments['reusable'], fragments['leftover']
     done.append(reused | 'ReusedIds' >> beam.Map(lambda ref: (ref.id, ref.record.get('inputs', ''))))
+  cut_facts = None
+  if opts.split_at_sync_breaks:  # pieces are cut after the render: their clip is done once all of them are
+    cut_facts = [earlier['current'] | 'CutFactsPublished' >> beam.FlatMap(cut_facts_of_earlier)]
+    if reused is not None:
+      cut_facts.append(reused | 'CutFactsReused' >> beam.FlatMap(cut_facts_of_fragment))
+    cut_facts = cut_facts | 'CutFacts' >> beam.Flatten()
+    done.append(cut_facts | 'CutClipsDone' >> CutClipsDone())
   done = done | 'DoneIds' >> beam.Flatten()
 
   unpacked = (read['sources']
@@ -116,6 +130,8 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
                + recipe.analyzers(opts, landmarker))
   to_render = ((with_window, detected['tasks']) | 'ReadyToRender' >> beam.Flatten()
                | 'SkipDonePieces' >> SkipDoneTasks(done))
+  if cut_facts is not None:
+    to_render = to_render | 'MarkDonePieces' >> MarkDonePieces(cut_facts)
   trim, trimmed_rejects = trim_to_speech(opts), ()
   if trim is not None:  # --trim_silence: the clip from its first to its last speech, before it is rendered
     trimmed = to_render | 'TrimToSpeech' >> beam.ParDo(DeadLetter(trim, 'speech')).with_outputs('rejects', main='tasks')
@@ -126,12 +142,20 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
                                                               run_id=opts.run_id),
                                                   'render'))
               .with_outputs('rejects', main='rendered'))
-  analysed = (rendered.rendered
-              | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(
-                  thresholds, None if opts.no_report else FileSystems.join(opts.output, 'report_media')), 'filter'))
+  media_dir = None if opts.no_report else FileSystems.join(opts.output, 'report_media')
+  to_filter, cut_rejects = rendered.rendered, ()
+  if opts.split_at_sync_breaks:  # a clip whose lip sync breaks goes on as its in-sync pieces
+    cut = (rendered.rendered
+           | 'SplitAtSyncBreaks' >> beam.ParDo(DeadLetter(SplitAtSyncBreaks(
+               work_dir, opts.min_sync_conf, opts.min_duration, opts.crf, opts.x264_preset, media_dir,
+               opts.sync_break_margin), 'filter'))
+           .with_outputs('rejects', main='clips'))
+    to_filter, cut_rejects = cut.clips, (cut.rejects,)
+  analysed = (to_filter
+              | 'ScoreAndFilter' >> beam.ParDo(DeadLetter(ScoreAndFilter(thresholds, media_dir), 'filter'))
               .with_outputs('rejects', main='kept'))
   before_writing = (read['rejects'], unpacked['rejects'], downloaded.rejects, planned.rejects, detected['rejects'],
-                    *trimmed_rejects, rendered.rejects, analysed.rejects)
+                    *trimmed_rejects, rendered.rejects, *cut_rejects, analysed.rejects)
   kept = analysed.kept
   if opts.multi_face == 'speaker':  # the tracker kept every face; the one in sync with the audio stays
     spoken = kept | 'ChooseSpeaker' >> ChooseSpeaker()
@@ -147,15 +171,38 @@ def build_pipeline(p: beam.Pipeline, opts: TalkingFaceOptions, progress_dir: Opt
                                                    opts.shard_writers)
     records = (records, packed['records']) | 'AllRecords' >> beam.Flatten()
     writer_rejects += (packed['rejects'],)
+  # Once every writer is done: folder units whose clips changed and no writer made again are retired (one a
+  # writer made again keeps its new version), and work-dir fragments no run will pack are deleted.
+  writers_done = records | 'WritersDone' >> beam.combiners.Count.Globally()
+  retired = ((retired, earlier['stale'] | 'RetireStaleUnits' >> RetireUnits(opts.output, recipe.unit_files,
+                                                                             writers_done))
+             | 'AllRetired' >> beam.Flatten())
+  if leftover is not None:
+    _ = leftover | 'DropLeftovers' >> beam.ParDo(DropLeftover(), beam.pvalue.AsSingleton(writers_done))
+  recipe.after_output(retired | 'Settled' >> beam.combiners.Count.Globally(), opts)
 
   rejects = (before_writing + writer_rejects) | 'AllRejects' >> beam.Flatten()
-  summary = ({'planned': read['planned'], 'earlier': earlier['current'], 'records': records, 'rejects': rejects,
+  recorded = (rejects, plans) | 'RejectInputs' >> RecordInputs()  # what a later --incremental run compares
+  summary = ({'planned': read['planned'], 'earlier': earlier['current'], 'records': records, 'rejects': recorded,
               'carried': carried, 'retired': retired, **({'reused': reused} if reused is not None else {})}
              | 'WriteRunSummary' >> WriteRunSummary(opts.output, dataclasses.asdict(thresholds), opts.run_id))
   if not opts.no_progress:
     progress.watch({'sources': read['sources'], 'planned': read['planned'], 'downloaded': downloaded.media,
                     'rendered': rendered.rendered, 'written': records, 'rejected': rejects}, progress_dir)
   return {'records': records, 'rejects': rejects, 'summary': summary}
+
+
+def check_sync_split(opts: TalkingFaceOptions, recipe) -> None:
+  """--split_at_sync_breaks needs SyncNet's windows, a recipe whose clips are cut whole (a folder recipe keeps
+  per-frame files and per-clip state from the render pass that a cut would not follow), and filters that reject."""
+  why = ('it needs --syncnet_weights (the breaks are where SyncNet\'s window confidence falls)'
+         if not opts.syncnet_weights else
+         f'the {recipe.name} recipe writes {recipe.layout}, whose per-frame files a cut would not follow; it cuts '
+         'shard recipes (hdtf, megactor)' if recipe.layout != 'shards' else
+         '--score_only rejects nothing, and the stretches out of sync would be rejects' if opts.score_only else
+         f'--sync_break_margin {opts.sync_break_margin} is negative' if opts.sync_break_margin < 0 else '')
+  if why:
+    raise SystemExit(f'--split_at_sync_breaks: {why}')
 
 
 # Flags that change how a run goes, not what a sample holds: a rerun with other values keeps the samples.

@@ -69,6 +69,8 @@ FOLDERS_PICTURED = 4
 FOLDER_FRAMES = 4  # frames per pictured folder, spread over it
 TILE = 160
 DOTS_BELOW = 20  # fewer clips than this: a dot per clip instead of a histogram
+LANGUAGES_SHOWN = 8  # score distributions per language: the languages with most clips; the rest as one row
+NO_LANGUAGE, OTHER_LANGUAGES = '(none)', '(other)'
 NOT_COMPUTED = 'not computed'
 KEPT_COLOUR, REJECTED_COLOUR = '#3b7dd8', '#d8453b'
 
@@ -238,6 +240,11 @@ class Facts:
   reasons: Dict[str, ReasonFacts] = dataclasses.field(default_factory=lambda: collections.defaultdict(ReasonFacts))
   rows: Smallest = dataclasses.field(default_factory=lambda: Smallest(TABLE_ROWS))
   folders: 'Folders' = dataclasses.field(default_factory=lambda: Folders(FOLDERS_LISTED))
+  # per manifest `language` ('' where none): kept clips' scores, and each filter reason's rejected values
+  kept_by_language: Dict[str, Dict[str, array.array]] = dataclasses.field(
+      default_factory=lambda: collections.defaultdict(lambda: collections.defaultdict(lambda: array.array('d'))))
+  rejected_by_language: Dict[str, Dict[str, array.array]] = dataclasses.field(
+      default_factory=lambda: collections.defaultdict(lambda: collections.defaultdict(lambda: array.array('d'))))
 
   def threshold(self, metric: Metric) -> Optional[float]:
     """This run's setting when stats.json records it, else the one most of its rejects name."""
@@ -338,12 +345,15 @@ def gather(output: str, samples: int) -> Facts:
   for record in iter_jsonl(FileSystems.join(output, 'index.jsonl')):
     facts.kept += 1
     scores = record.get('scores') or {}
+    by_language = facts.kept_by_language[str(record.get('language') or '')]
     for name, value in scores.items():
       number = _number(value)
       if number is not None:
         facts.kept_values[name].append(number)
+        by_language[name].append(number)
     if 'duration' not in scores and _number(record.get('duration')) is not None:
       facts.kept_values['duration'].append(float(record['duration']))
+      by_language['duration'].append(float(record['duration']))
     rank = _spread(record['id'])
     facts.rows.offer(rank, _kept_row(record))
     facts.folders.add(record)
@@ -357,6 +367,7 @@ def gather(output: str, samples: int) -> Facts:
     value, threshold = _number(reject.get('value')), _number(reject.get('threshold'))
     if value is not None:
       reason.values.append(value)
+      facts.rejected_by_language[str(reject.get('language') or '')][reject.get('reason', '?')].append(value)
     if threshold is not None:
       reason.thresholds[threshold] += 1
     if value is not None and threshold is not None:
@@ -669,6 +680,98 @@ def _figures_html(output: str, facts: Facts) -> str:
     blocks.append(f'<figure><figcaption>{_e(score)}</figcaption><img src="{name}" alt="{_e(score)}">'
                   f'<p>{len(values)} kept clips (no filter uses it)</p></figure>')
   return ''.join(blocks)
+
+
+def language_figure(label: str, unit: str, rows: Sequence[Tuple[str, Sequence[float], Sequence[float]]],
+                    threshold: Optional[float], flag: str, whole: bool = False):
+  """One score's kept (blue) and rejected (red) clips, a row per language on a shared axis, the threshold dashed
+  in every row: whether one threshold suits every language. Each row as `score_figure` draws its clips (dots
+  when the language has few, stacked histograms on common bins otherwise), its median in its label."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  from matplotlib import ticker
+  rows = [(name, np.asarray(kept, float), np.asarray(rejected, float)) for name, kept, rejected in rows]
+  everything = np.concatenate([np.concatenate([k, r]) for _, k, r in rows] + (
+      [[threshold]] if threshold is not None else []))
+  low, high = _axis_range(everything, whole)
+  edges = np.histogram_bin_edges(everything, bins=min(40, max(10, len(everything) // 5)), range=(low, high))
+  figure, axes = plt.subplots(len(rows), 1, sharex=True, figsize=(4.8, 0.35 + 1.05 * len(rows)), squeeze=False)
+  for axis, (name, kept, rejected) in zip(axes[:, 0], rows):
+    both = np.concatenate([kept, rejected])
+    axis.set_ylabel(f'{name}\n{len(kept)} kept, {len(rejected)} rej.\nmedian {plain(float(np.median(both)))}',
+                    rotation=0, ha='right', va='center', fontsize=7)
+    if len(both) < DOTS_BELOW:
+      for lane, values, colour, marker in ((1, kept, KEPT_COLOUR, 'o'), (0, rejected, REJECTED_COLOUR, 'X')):
+        jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+        axis.scatter(values, lane + jitter, s=20, color=colour, marker=marker, alpha=0.85, linewidths=0)
+      axis.set_yticks([])
+      axis.set_ylim(-0.6, 1.6)
+    else:
+      axis.hist([kept, rejected], bins=edges, stacked=True, color=[KEPT_COLOUR, REJECTED_COLOUR])
+      axis.yaxis.set_major_locator(ticker.MaxNLocator(nbins=2, integer=True))
+      axis.tick_params(axis='y', labelsize=7)
+    if threshold is not None:
+      axis.axvline(threshold, color='#222', linestyle='--', linewidth=1.0)
+    axis.spines[['top', 'right']].set_visible(False)
+  margin = (high - low) * 0.05
+  axes[0, 0].set_xlim(low - margin, high + margin)
+  if threshold is not None:
+    axes[0, 0].annotate(f'--{flag} {plain(threshold)}', (threshold, 1.0), xycoords=('data', 'axes fraction'),
+                        xytext=(3, 2), textcoords='offset points', fontsize=8)
+  formatter = ticker.ScalarFormatter(useOffset=False)
+  formatter.set_scientific(False)
+  axes[-1, 0].xaxis.set_major_formatter(formatter)
+  if whole:
+    axes[-1, 0].xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+  axes[-1, 0].set_xlabel(f'{label} ({unit})')
+  return figure
+
+
+def _language_rows(facts: Facts) -> List[Tuple[str, List[str]]]:
+  """(row label, the language codes it gathers): the LANGUAGES_SHOWN languages with most clips, then the rest
+  as one row, then the clips without a language."""
+  counts = collections.Counter()
+  for language, scores in facts.kept_by_language.items():
+    counts[language] += max((len(values) for values in scores.values()), default=0)
+  for language, reasons in facts.rejected_by_language.items():
+    counts[language] += sum(len(values) for values in reasons.values())
+  named = sorted((language for language in counts if language), key=lambda language: (-counts[language], language))
+  rows = [(language, [language]) for language in named[:LANGUAGES_SHOWN]]
+  if named[LANGUAGES_SHOWN:]:
+    rows.append((OTHER_LANGUAGES, named[LANGUAGES_SHOWN:]))
+  if '' in counts:
+    rows.append((NO_LANGUAGE, ['']))
+  return rows
+
+
+def _languages_html(output: str, facts: Facts) -> str:
+  """The scores against the thresholds again, split by the manifest's `language` (when it names any)."""
+  rows = _language_rows(facts)
+  if not any(codes != [''] for _, codes in rows):
+    return ''
+  blocks = []
+  known = {metric.score: metric for metric in METRICS}
+  extra = sorted({score for scores in facts.kept_by_language.values() for score in scores} - set(known))
+  for metric in list(METRICS) + [Metric(score, score, 'as in the json', '', '', '<') for score in extra]:
+    lanes = []
+    for name, codes in rows:
+      kept = [v for code in codes for v in facts.kept_by_language.get(code, {}).get(metric.score, ())]
+      kept = [abs(v) for v in kept] if metric.magnitude else kept
+      rejected = [v for code in codes for v in facts.rejected_by_language.get(code, {}).get(metric.reason, ())]
+      if kept or rejected:
+        lanes.append((name, kept, rejected))
+    if not lanes:
+      continue
+    threshold = facts.threshold(metric) if metric.reason else None
+    name = _write_media(output, f'{FIGURES}/by_language/{metric.score}.png', _figure_png(language_figure(
+        metric.label, metric.unit, lanes, threshold, metric.flag, metric.whole)))
+    counts = ', '.join(f'{_e(lane)}: {len(kept)} kept, {len(rejected)} rejected' for lane, kept, rejected in lanes)
+    blocks.append(f'<figure data-score="{_e(metric.score)}"><figcaption>{_e(metric.label)}</figcaption>'
+                  f'<img src="{name}" alt="{_e(metric.label)} by language"><p>{counts}</p></figure>')
+  return ('<h2>Scores by language</h2><p>The same scores, a row per language the manifest gives (<code>language'
+          f'</code>; the {LANGUAGES_SHOWN} with most clips, then the others together): whether one threshold suits '
+          'every language. Red: clips that filter rejected.</p>' + ''.join(blocks))
 
 
 def _columns(rows: Sequence[dict]) -> List[Tuple[str, str, str]]:
@@ -994,6 +1097,7 @@ def write_report(output: str, samples: int = 16) -> str:
 <h2>Scores against the thresholds</h2>
 <p>Blue: kept clips. Red: clips that filter rejected (a clip counts under the first filter it failed).</p>
 {_figures_html(output, facts)}
+{_languages_html(output, facts)}
 <h2>Clips</h2>{_table_html(facts)}
 <script>{SORT_SCRIPT}</script>
 </body></html>

@@ -49,16 +49,22 @@ def workload(root: str, sources: int, duration: float, clips: int) -> str:
   return manifest
 
 
+# The CLI with Ctrl-C raising KeyboardInterrupt even where this process ignores SIGINT (it is inherited); set in the
+# child's Python, not in a preexec_fn, which can deadlock a fork from a process with threads.
+INTERRUPTIBLE_CLI = [sys.executable, '-c', 'import runpy, signal; '
+                     'signal.signal(signal.SIGINT, signal.default_int_handler); '
+                     'runpy.run_module("beam_pipeline", run_name="__main__", alter_sys=True)']
+
+
 def command(manifest: str, output: str, extra: List[str]) -> List[str]:
-  return [sys.executable, '-m', 'beam_pipeline', f'--input={manifest}', f'--output={output}', '--no_progress',
+  return [*INTERRUPTIBLE_CLI, f'--input={manifest}', f'--output={output}', '--no_progress',
           '--no_report', *extra]
 
 
 def timed(args: List[str], kill_after: float = 0.0) -> dict:
   """Run the CLI; with `kill_after`, send it SIGINT after that many seconds."""
   start = time.monotonic()
-  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if kill_after:
     try:
       process.wait(timeout=kill_after)

@@ -120,9 +120,27 @@ def tiny_clip(path: str) -> str:
   return path
 
 
-def fake_output(output: str, rows: int, written: int, carried: int, shard_size: int, template: dict) -> dict:
+def planned_inputs_of(missing_dir: str):
+  """row -> the inputs its clip is planned with by a run with the default options (transforms/resume.py): a
+  permanent reject is carried only when it recorded these (transforms/incremental.py)."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from beam_pipeline.options import TalkingFaceOptions
+  from beam_pipeline.pipeline import decisive_settings
+  from transforms.resume import planned_inputs
+  from transforms.sources.manifest import source_from_record
+  settings = decisive_settings(PipelineOptions([]).view_as(TalkingFaceOptions))
+
+  def inputs(row: int) -> str:
+    (source,) = source_from_record({'id': source_id(row), 'url': os.path.join(missing_dir, f'{row:07d}.mp4')}, row)
+    ((_, digest),) = planned_inputs(source, settings)
+    return digest
+  return inputs
+
+
+def fake_output(output: str, rows: int, written: int, carried: int, shard_size: int, template: dict,
+                inputs_of) -> dict:
   """An output as earlier runs leave it: `written` published ids in shards of `shard_size` (index files
-  and empty tars) and `carried` permanent rejects in rejects.jsonl.
+  and empty tars) and `carried` permanent rejects in rejects.jsonl, each with its row's inputs (`inputs_of`).
 
   Published: the manifest's first half, then ids of rows no longer in it; permanent rejects: the next
   quarter, then more gone rows. So a rerun of the manifest skips half, carries a quarter and tries a quarter.
@@ -157,7 +175,7 @@ def fake_output(output: str, rows: int, written: int, carried: int, shard_size: 
   with open(os.path.join(output, 'rejects.jsonl'), 'w') as handle:
     for number, row in enumerate(carried_rows):
       stage, reason = PERMANENT[number % len(PERMANENT)]
-      reject = Reject(clip_id(row), stage, reason, 'earlier run (simulated)', source_id(row))
+      reject = Reject(clip_id(row), stage, reason, 'earlier run (simulated)', source_id(row), inputs=inputs_of(row))
       handle.write(json.dumps(reject.to_json(), sort_keys=True) + '\n')
   return {'written': written, 'shards': -(-written // shard_size), 'carried': carried,
           'skipped_written': in_manifest_written, 'skipped_carried': in_manifest_carried,
@@ -690,7 +708,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     carried = largest if args.carried is None else args.carried
     output = os.path.join(work, 'resume', 'out')  # 'resume' and 'empty0': graphs compared at equal path length
     shutil.rmtree(os.path.dirname(output), ignore_errors=True)
-    fake = fake_output(output, largest, written, carried, args.shard_size, index_template(template_from))
+    fake = fake_output(output, largest, written, carried, args.shard_size, index_template(template_from),
+                       planned_inputs_of(missing_dir))
     empty = os.path.join(work, 'empty0', 'out')
     shutil.rmtree(os.path.dirname(empty), ignore_errors=True)
     one_row = os.path.join(work, 'one-row.jsonl')

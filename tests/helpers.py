@@ -20,6 +20,12 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m beam_pipeline` with Ctrl-C raising KeyboardInterrupt even where pytest's worker ignores SIGINT (the
+# child inherits that); set in the child's Python, not in a preexec_fn, which can deadlock a fork from a process
+# whose other threads (Beam's) hold locks.
+INTERRUPTIBLE_CLI = [sys.executable, '-c', 'import runpy, signal; '
+                     'signal.signal(signal.SIGINT, signal.default_int_handler); '
+                     'runpy.run_module("beam_pipeline", run_name="__main__", alter_sys=True)']
 
 
 class MediaHandler(http.server.BaseHTTPRequestHandler):
@@ -164,6 +170,18 @@ def read_jsonl(path: str) -> List[dict]:
     return []
   with open(path) as handle:
     return [json.loads(line) for line in handle if line.strip()]
+
+
+def leftovers(*roots: str) -> List[str]:
+  """What a finished run must not leave under its output (or work dir): Beam's `beam-temp-*` folders and empty
+  folders."""
+  found = []
+  for root in roots:
+    for folder, folders, files in os.walk(root):
+      found += [os.path.join(folder, name) for name in folders if name.startswith('beam-temp-')]
+      if not folders and not files and folder != root:
+        found.append(folder)
+  return sorted(found)
 
 
 def load_npy(data) -> np.ndarray:

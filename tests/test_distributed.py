@@ -357,7 +357,7 @@ def test_a_remote_output_keeps_raw_sources_out_of_the_dataset(tmp_path):
   assert opts.work_dir == os.path.join(str(tmp_path), 'out', '_work')
 
 
-def test_unfinished_shards_of_a_job_still_writing_are_left_alone(tmp_path):
+def test_unfinished_files_of_a_job_still_writing_are_left_alone(tmp_path):
   shards = tmp_path / 'shards'
   shards.mkdir()
   (shards / 'shard-a.jsonl').write_text('{}\n')  # in flight: its tar comes next
@@ -365,5 +365,12 @@ def test_unfinished_shards_of_a_job_still_writing_are_left_alone(tmp_path):
   old = shards / 'shard-c.jsonl'
   old.write_text('{}\n')
   os.utime(old, (1, 1))
-  assert write.clean_unfinished(str(tmp_path), older_than_s=3600) == 1
+  killed, writing = tmp_path / 'beam-temp-rejects-1', tmp_path / 'beam-temp-rejects-2'  # Beam's text sink
+  for folder in (killed, writing):
+    folder.mkdir()
+    (folder / 'piece.rejects.jsonl').write_text('{}\n')
+  os.utime(killed / 'piece.rejects.jsonl', (1, 1))
+  assert write.clean_unfinished(str(tmp_path), older_than_s=3600) == 2
   assert sorted(os.listdir(shards)) == ['shard-a.jsonl', 'shard-b.tar.partial']
+  assert os.listdir(killed) == [] and os.listdir(writing) == ['piece.rejects.jsonl']
+  assert fileio.remove_empty_dirs(str(tmp_path)) == 1 and not killed.exists() and shards.exists()

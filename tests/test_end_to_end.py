@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.helpers import load_npy, read_jsonl, read_shards, run_cli
+from tests.helpers import leftovers, load_npy, read_jsonl, read_shards, run_cli
 
 
 @pytest.fixture(scope='module')
@@ -43,6 +43,7 @@ def test_accounting(hdtf_run):
   assert stats['planned'] == 6 and stats['written'] == 3 and stats['rejected'] == 3
   assert stats['written'] + stats['rejected'] == stats['planned'] and stats['balanced']
   assert 'wrote 3 new clips' in hdtf_run['stdout']
+  assert leftovers(hdtf_run['output'], hdtf_run['work']) == []  # no beam-temp-* or emptied folder
 
 
 def test_shards_as_training_data(hdtf_run):

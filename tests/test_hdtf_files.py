@@ -14,8 +14,9 @@ import pytest
 from beam_pipeline import report
 from beam_pipeline.__main__ import prepare, run
 from beam_pipeline.recipes import hdtf
-from tests.helpers import load_npy, read_jsonl, run_cli
+from tests.helpers import leftovers, load_npy, read_jsonl, run_cli
 from transforms.deadletter import DeadLetter
+from transforms.writers import folders
 
 QUIET = ('--no_progress', '--no_report')
 
@@ -46,6 +47,7 @@ def files_run(tmp_path_factory, media_dir):
 
 def test_latentsync_lists_and_opens_the_clips(files_run):
   output = files_run['output']
+  assert leftovers(output, files_run['work']) == []  # no beam-temp-* or emptied folder
   folder = os.path.join(output, hdtf.FILES)
   videos = sorted(name for name in os.listdir(folder) if name.endswith('.mp4'))  # UNetDataset's listing
   assert videos == ['talk_0.mp4', 'talk_1.mp4']
@@ -97,6 +99,7 @@ def test_two_attempts_at_once_and_a_retry_publish_one_clip(files_run, tmp_path, 
   data, rendered = files_run['captured'][0]
   analysis = pickle.loads(data)
   key = analysis.clip.task.clip_id
+  os.makedirs(os.path.dirname(analysis.clip.mp4_uri), exist_ok=True)  # the run removed the emptied folder
   with open(analysis.clip.mp4_uri, 'wb') as handle:  # the run's writer deleted it once published
     handle.write(rendered)
   output = tmp_path / 'out'
@@ -146,3 +149,171 @@ def test_16k_audio_keeps_the_video_stream(files_run):
     with av.open(io.BytesIO(data)) as container:
       decoded.append(np.stack([frame.to_ndarray(format='rgb24') for frame in container.decode(video=0)]))
   assert decoded[0].shape == decoded[1].shape and np.array_equal(decoded[0], decoded[1])
+
+
+# ----------------------------------------------------------------------------- reruns that change the clips
+
+def _old_version(output, key: str) -> None:
+  """`key` as an earlier run published it from other inputs, with a member this version does not have."""
+  os.makedirs(os.path.join(output, hdtf.FILES), exist_ok=True)
+  for member in ('mp4', 'json', 'sync_conf.npy'):
+    with open(os.path.join(output, hdtf.FILES, f'{key}.{member}'), 'wb') as handle:
+      handle.write(b'earlier')
+  folders.publish_unit(str(output), key, [{'id': key, 'planned_id': key, 'num_frames': 10, 'inputs': 'earlier',
+                                           'members': ['json', 'mp4', 'sync_conf.npy']}])
+
+
+def test_two_attempts_replacing_an_earlier_version_leave_one(files_run, tmp_path, monkeypatch):
+  """The clip changed since a run published it: two attempts at once (both write every file before either
+  publishes) and a retry leave the run's files, without the member the earlier version had, and one record."""
+  data, rendered = files_run['captured'][0]
+  analysis = pickle.loads(data)
+  key = analysis.clip.task.clip_id
+  os.makedirs(os.path.dirname(analysis.clip.mp4_uri), exist_ok=True)
+  with open(analysis.clip.mp4_uri, 'wb') as handle:
+    handle.write(rendered)
+  output = tmp_path / 'out'
+  _old_version(output, key)
+  both_written = threading.Barrier(2, timeout=60)
+  real_publish = hdtf.publish_unit
+
+  def publish_after_both(*args):
+    if threading.current_thread().name.startswith('attempt'):
+      both_written.wait()
+    return real_publish(*args)
+
+  monkeypatch.setattr(hdtf, 'publish_unit', publish_after_both)
+  outputs = {}
+
+  def attempt(name):
+    outputs[name] = list(DeadLetter(hdtf.WriteClipFiles(str(output), files_run['work'], True), 'write')
+                         .process(analysis))
+
+  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  attempt('retry')
+  assert outputs['attempt1'] == outputs['attempt2'] == outputs['retry'] and len(outputs['retry']) == 1
+  assert outputs['retry'][0]['inputs'] == analysis.clip.task.inputs
+  run_folder = os.path.join(files_run['output'], hdtf.FILES)
+  expected = sorted(name for name in os.listdir(run_folder) if name.split('.')[0] == key)
+  assert sorted(os.listdir(output / hdtf.FILES)) == expected and f'{key}.sync_conf.npy' not in expected
+  for name in expected:
+    assert (output / hdtf.FILES / name).read_bytes() == open(os.path.join(run_folder, name), 'rb').read(), name
+  assert read_jsonl(str(output / 'published' / f'{key}.jsonl')) == outputs['retry']
+
+
+def test_retiring_a_clip_twice_at_once_then_after_it_was_made_again(tmp_path, monkeypatch):
+  """RetireUnit of one clip in two attempts at once (both past the "still the earlier version?" check), then a
+  retry: every file and the index gone, each attempt reports the record. A clip a writer of the run made again
+  keeps its new version: the earlier record counts as retired, nothing is deleted."""
+  output = str(tmp_path / 'out')
+  _old_version(output, 'talk_5')
+  stale = ('talk_5', 'talk_5', 10, 'earlier', '', 'talk_5', (), 'talk_5')
+  both_decided = threading.Barrier(2, timeout=60)
+  real_unpublish = folders.unpublish
+
+  def unpublish_after_both(*args):
+    if threading.current_thread().name.startswith('attempt'):
+      both_decided.wait()
+    return real_unpublish(*args)
+
+  monkeypatch.setattr(folders, 'unpublish', unpublish_after_both)
+  outputs = {}
+
+  def attempt(name):
+    outputs[name] = list(folders.RetireUnit(output, hdtf.RECIPE.unit_files).process(('talk_5', [stale])))
+
+  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  attempt('retry')
+  assert outputs == {name: [stale] for name in ('attempt1', 'attempt2', 'retry')}
+  assert not os.path.exists(os.path.join(output, hdtf.FILES)) and os.listdir(os.path.join(output, 'published')) == []
+
+  _old_version(output, 'talk_5')
+  folders.publish_unit(output, 'talk_5', [{'id': 'talk_5', 'planned_id': 'talk_5', 'num_frames': 12,
+                                           'inputs': 'now', 'members': ['mp4']}])
+  attempt('after_remake')
+  assert outputs['after_remake'] == [stale]
+  assert _clip_names(output) == ['talk_5.json', 'talk_5.mp4', 'talk_5.sync_conf.npy']
+
+
+def _write_manifest(manifest: str, media_dir, clips) -> None:
+  with open(manifest, 'w') as handle:
+    handle.write(json.dumps({'id': 'talk', 'url': str(media_dir / 'talking.mp4'), 'clips': clips}) + '\n')
+
+
+def _clip_state(output: str) -> dict:
+  folder, published = os.path.join(output, hdtf.FILES), os.path.join(output, 'published')
+  return {'files': sorted(os.listdir(folder)) if os.path.isdir(folder) else [],
+          'published': sorted(os.listdir(published)) if os.path.isdir(published) else [],
+          'index': sorted((r['id'], r['start']) for r in read_jsonl(os.path.join(output, 'index.jsonl'))),
+          'records': [r for name in ('talk_0', 'talk_1') for r in read_jsonl(os.path.join(published, name + '.jsonl'))],
+          'stats': json.load(open(os.path.join(output, 'stats.json')))}
+
+
+@pytest.fixture(scope='module')
+def edited_files(files_run, media_dir):
+  """After the runs above, two reruns into the same output: (1) talk_0 moved past the source's end (rejected now)
+  and talk_1's range moved to 2.5-4 s (made again; its earlier version had one more member, as a run with
+  --syncnet_weights writes), with a killed run's scratch files in clips/ and published/ (two a day old, one
+  fresh: a live attempt's); (2) with --prune, only talk_0 listed (still past the end)."""
+  output, args = files_run['output'], files_run['args']
+  manifest = args[0].split('=', 1)[1]
+  clips = os.path.join(output, hdtf.FILES)
+  (earlier,) = read_jsonl(os.path.join(output, 'published', 'talk_1.jsonl'))
+  with open(os.path.join(clips, 'talk_1.sync_conf.npy'), 'wb') as handle:
+    handle.write(b'earlier')
+  with open(os.path.join(output, 'published', 'talk_1.jsonl'), 'w') as handle:
+    handle.write(json.dumps(dict(earlier, members=earlier['members'] + ['sync_conf.npy'])) + '\n')
+  old = [os.path.join(clips, 'talk_9.mp4.0123456789ab.partial'),
+         os.path.join(output, 'published', 'talk_9.jsonl.0123456789ab.partial')]
+  fresh = os.path.join(clips, 'talk_1.wav.ba9876543210.partial')
+  for path in old + [fresh]:
+    with open(path, 'wb') as handle:
+      handle.write(b'half')
+    if path != fresh:
+      os.utime(path, (os.stat(path).st_mtime - 2 * 86400,) * 2)
+  _write_manifest(manifest, media_dir, [[30, 32], [2.5, 4], [20, 22]])
+  run_cli(*args)
+  edited = _clip_state(output)
+  _write_manifest(manifest, media_dir, [[30, 32]])
+  run_cli(*args, '--prune')
+  return {'earlier': earlier, 'edited': edited, 'pruned': _clip_state(output), 'old': old, 'fresh': fresh,
+          'output': output}
+
+
+def test_an_edited_clip_is_made_again_and_one_now_rejected_retired(edited_files):
+  """talk_1 is written again over its earlier version (the member it no longer has gone); talk_0, rejected now,
+  leaves with every file and its published index; stale scratch files go, a fresh one (a live attempt's) stays."""
+  edited = edited_files['edited']
+  stats = edited['stats']
+  assert (stats['planned'], stats['written'], stats['written_this_run'], stats['rejected'], stats['retired']) == (
+      3, 1, 1, 2, 2)
+  assert stats['balanced'] and stats['already_written'] == 0
+  assert edited['index'] == [('talk_1', 2.5)]
+  assert [name for name in edited['files'] if not name.endswith('.partial')] == sorted(
+      f'talk_1.{member}' for member in edited_files['earlier']['members'])
+  assert edited['published'] == ['talk_1.jsonl']
+  (record,) = edited['records']
+  assert record['inputs'] != edited_files['earlier']['inputs'] and record['members'] == edited_files['earlier'][
+      'members']
+  assert not any(os.path.exists(path) for path in edited_files['old']) and os.path.exists(edited_files['fresh'])
+
+
+def test_a_clip_gone_from_the_input_is_pruned_with_its_files(edited_files):
+  pruned = edited_files['pruned']
+  stats = pruned['stats']
+  assert (stats['planned'], stats['written'], stats['rejected'], stats['retired'], stats['not_in_manifest']) == (
+      1, 0, 1, 1, 0)
+  assert stats['balanced'] and pruned['index'] == [] and pruned['published'] == []
+  assert pruned['files'] == [os.path.basename(edited_files['fresh'])]  # only the live attempt's scratch file
+
+
+def _clip_names(output: str) -> list:
+  return sorted(os.listdir(os.path.join(output, hdtf.FILES)))

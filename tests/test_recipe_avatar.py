@@ -13,7 +13,7 @@ from beam_pipeline.recipes.avatar import face_frames
 from beam_pipeline.recipes.avatar.crop import hravatar_box, hravatar_window
 from beam_pipeline.recipes.avatar.writer import iris_json, keypoint_json
 from tests import flame_synthetic
-from tests.helpers import read_jsonl
+from tests.helpers import leftovers, read_jsonl
 from transforms.lib.geometry import box_in_square
 
 
@@ -216,8 +216,8 @@ def avatar_run(tmp_path_factory):
   output, work = root / 'out', root / 'work'
   (output / 'talker' / 'image').mkdir(parents=True)
   (output / 'talker' / 'image' / '00099.png').write_bytes(b'stale')
-  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=avatar', '--no_report',
-          '--no_progress', f'--flame_model={flame}', '--flame_iterations=40', '--min_face_ratio=0.5')
+  run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', '--recipe=avatar', '--no_progress',
+          f'--flame_model={flame}', '--flame_iterations=40', '--min_face_ratio=0.5')
   records = {r['id']: r for r in read_jsonl(os.path.join(output, 'index.jsonl'))}
   count = 36 + records['talker_0']['avatar_frames']['kept']  # talker_1 (0-1.2 s) keeps its 36 frames
   return {'folder': str(output / 'talker'), 'output': str(output), 'work': str(work), 'records': records,
@@ -265,6 +265,32 @@ def test_one_record_per_clip_and_media_cleaned(avatar_run):
   assert stats['written'] == 2 and stats['balanced']
   assert not glob.glob(os.path.join(avatar_run['work'], 'frames', '*'))
   assert not glob.glob(os.path.join(avatar_run['work'], 'clips', '*.mp4'))
+  assert leftovers(avatar_run['output'], avatar_run['work']) == []  # no beam-temp-* or emptied folder
+
+
+def test_report_shows_the_subject_with_its_frames_and_mattes(avatar_run):
+  """report.html of an avatar output, in Chromium: the run's counts, the subject's row, its files, and a picture of
+  frames spread over it (RGBA over a checkerboard with keypoints and irises; the alpha below) that loads whole."""
+  from beam_pipeline import report
+  from tests.test_report import FOLDERS, IMAGES, in_chromium, missing_tiles
+  page, count = os.path.join(avatar_run['output'], report.REPORT), avatar_run['count']
+  shown = in_chromium(page, FOLDERS)
+  assert 'written 2' in shown['totals'] and 'balanced True' in shown['totals']
+  assert shown['heading'] == 'Subjects' and shown['note'].startswith('1 subject.')
+  assert shown['rows'] == [['talker', 'avatar', '2', str(count)]]
+  (folder,) = shown['folders']
+  assert folder['title'] == f'talker 2 clips, {count} frames'
+  assert folder['files'].startswith(f'image/: {count} png; beside them: ')
+  for name in ('flame_params.json', 'iris.json', 'keypoint.json', 'tracked_params.json'):
+    assert name in folder['files'], folder['files']
+  assert folder['picture'] == [f'{report.FOLDER_PICTURES}/talker.png', report.FOLDER_FRAMES * report.TILE,
+                               2 * report.TILE]  # the RGBA frames, their alpha
+  sheet = cv2.imread(os.path.join(avatar_run['output'], folder['picture'][0]))
+  assert not missing_tiles(sheet)
+  alpha = sheet[report.TILE:2 * report.TILE - 16, :report.TILE, 0]  # the first frame's matte: person and background
+  assert (alpha > 200).mean() > 0.1 and (alpha < 50).mean() > 0.1
+  images = in_chromium(page, IMAGES)
+  assert images and all(complete and width > 0 for _, complete, width in images), images
 
 
 def test_frames_whose_face_leaves_the_box_are_cut_out(avatar_run):

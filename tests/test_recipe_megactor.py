@@ -18,7 +18,7 @@ from beam_pipeline.recipes.megactor.dwpose import WholeBody, stack_results, to_o
 from beam_pipeline.recipes.megactor.faceswap import FaceSwap
 from beam_pipeline.recipes.megactor.stylize import OpenCVStyler
 from beam_pipeline.recipes.megactor.writer import MakeCopies, clip_keypoints, pyd_members, style_key
-from tests.helpers import load_npy, read_jsonl, read_shards, run_cli
+from tests.helpers import leftovers, load_npy, read_jsonl, read_shards, run_cli
 from tests.test_dwpose import ANCHORS, constant_graph, expected_region, person, plant, simcc_for
 from tests.test_frame_sources import _add, _Marker, astronaut_frames, png, write_frame_zip
 from transforms.core.elements import ClipTask, MediaFile, ProbeInfo, RenderedClip
@@ -98,6 +98,7 @@ def test_samples_hold_megactor_members(megactor_run):
   assert sorted(s['__key__'] for s in samples) == ['Clip_abc_P0_0', 'Clip_def_P1_0']
   stats = json.load(open(os.path.join(megactor_run['output'], 'stats.json')))
   assert stats['balanced'] and stats['written'] == 2
+  assert leftovers(megactor_run['output']) == []  # no beam-temp-* or emptied folder (the work dir inside)
   for sample in samples:
     meta = sample['json']
     frames = meta['num_frames']

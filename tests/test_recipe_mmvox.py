@@ -18,7 +18,7 @@ from beam_pipeline.recipes.mmvox.writer import loader_cache, tube_key
 from model_handlers.mediapipe_face import BLENDSHAPE_NAMES
 from transforms.core.elements import ClipTask
 from transforms.sources.manifest import source_from_record
-from tests.helpers import REPO, read_jsonl, run_cli
+from tests.helpers import REPO, leftovers, read_jsonl, run_cli
 
 ACTIVE = ('Male', 'Smiling', 'Eyeglasses', 'No_Beard')
 
@@ -177,14 +177,24 @@ def read_like_voxdataset(folder):
   return tubes, index
 
 
-def test_mmvox_layout_end_to_end(hd_clip, tmp_path):
+@pytest.fixture(scope='module')
+def mmvox_run(hd_clip, tmp_path_factory):
+  """The HD clip as one VoxCeleb utterance through `--recipe=mmvox` (png tubes), with its report."""
+  root = tmp_path_factory.mktemp('mmvox_run')
   speaker = {'speaker': 'id10001', 'video': '1zcIwhmdeo4', 'utterance': '00001'}
-  manifest = _manifest(tmp_path / 'vox.jsonl', [dict(id='utt1', url=hd_clip, **speaker)])
-  output = str(tmp_path / 'mmvoxceleb')
-  run_cli('--input', manifest, '--output', output, '--recipe', 'mmvox', '--min_frames', '25', '--no_report',
-          '--no_progress')
+  manifest = _manifest(root / 'vox.jsonl', [dict(id='utt1', url=hd_clip, **speaker)])
+  output = str(root / 'mmvoxceleb')
+  run_cli('--input', manifest, '--output', output, '--recipe', 'mmvox', '--min_frames', '25', '--no_progress')
+  return output
+
+
+TUBE_KEYS = ['id10001#1zcIwhmdeo4#00001.txt#000_f0.mp4', 'id10001#1zcIwhmdeo4#00001.txt#000_f1520.mp4']
+
+
+def test_mmvox_layout_end_to_end(mmvox_run):
+  output = mmvox_run
   records = read_jsonl(os.path.join(output, 'index.jsonl'))
-  keys = ['id10001#1zcIwhmdeo4#00001.txt#000_f0.mp4', 'id10001#1zcIwhmdeo4#00001.txt#000_f1520.mp4']
+  keys = TUBE_KEYS
   assert sorted(r['folder'] for r in records) == keys and read_jsonl(os.path.join(output, 'rejects.jsonl')) == []
   assert sorted(r['id'] for r in records) == ['utt1_0_f0', 'utt1_0_f1520']
   tubes, index = read_like_voxdataset(output)
@@ -215,18 +225,47 @@ def test_mmvox_layout_end_to_end(hd_clip, tmp_path):
   # The tube's work-dir media (rendered mp4, frame archives) went once it was published.
   assert not [p for p in glob.glob(os.path.join(output, '_work', '**', 'utt1*'), recursive=True) if os.path.isfile(p)]
   assert json.load(open(os.path.join(output, 'stats.json')))['planned'] == 1
+  assert leftovers(output) == []  # no beam-temp-* or emptied folder (the work dir inside)
+
+
+def test_report_shows_each_tube_with_its_frames_masks_and_drawings(mmvox_run):
+  """report.html of an mmvox output, in Chromium: the run's counts, one table row per tube, and per tube its
+  files, its first caption and a picture of its frames, masks and drawings (each loads; no tile missing)."""
+  from beam_pipeline import report
+  from tests.test_report import FOLDERS, IMAGES, in_chromium, missing_tiles
+  output = mmvox_run
+  page = os.path.join(output, report.REPORT)
+  stats = json.load(open(os.path.join(output, 'stats.json')))
+  shown = in_chromium(page, FOLDERS)
+  assert f"written {stats['written']}" in shown['totals'] and 'balanced True' in shown['totals']
+  lengths = {key: len(_files(output, 'video', key)) for key in TUBE_KEYS}
+  assert lengths == {TUBE_KEYS[0]: 38, TUBE_KEYS[1]: 37}
+  assert shown['heading'] == 'Tubes' and shown['note'].startswith('2 tubes.')
+  assert shown['rows'] == [[key, 'mmvox', '1', str(lengths[key])] for key in TUBE_KEYS]
+  for key, folder in zip(TUBE_KEYS, sorted(shown['folders'], key=lambda f: f['name'])):
+    every_4th = -(-lengths[key] // 4)
+    assert folder['title'] == f'{key} 1 clip, {lengths[key]} frames'
+    assert folder['files'] == (f'video/{key}/: {lengths[key]} png; mask/{key}/: {every_4th} png; '
+                               f'draw/style1/{key}/: {every_4th} png')
+    with open(os.path.join(output, 'txt', key + '.txt')) as handle:
+      assert folder['caption'] == 'first caption (txt/): ' + handle.read().splitlines()[0]
+    assert folder['picture'][1:] == [report.FOLDER_FRAMES * report.TILE, 3 * report.TILE]  # frame, mask, drawing
+    sheet = cv2.imread(os.path.join(output, folder['picture'][0]))
+    assert not missing_tiles(sheet), folder['picture'][0]
+  images = in_chromium(page, IMAGES)
+  assert images and all(complete and width > 0 for _, complete, width in images), images
 
 
 def test_mmvox_attribute_file_mp4_tubes_and_real_footage(hd_clip, tmp_path):
   """--attributes labels the generated speaker (read by the workers); a real clip without a row gets its
-  hair colour said."""
+  hair colour said. The report plays each mp4 tube ('#' in its name)."""
   real = os.path.join(os.path.dirname(REPO), 'shared', 'real_clips', 'talk_glasses_512.mp4')
   manifest = _manifest(tmp_path / 'in.jsonl', [{'id': 'speaker', 'url': hd_clip}, {'id': 'glasses', 'url': real}])
   attributes = tmp_path / 'attributes.csv'
   attributes.write_text('id,' + ','.join(ATTRIBUTES) + '\nspeaker,' + ','.join(_row(low='0')) + '\n')
   output = str(tmp_path / 'out')
   run_cli('--input', manifest, '--output', output, '--recipe', 'mmvox', '--attributes', str(attributes),
-          '--tube_format', 'mp4', '--min_frames', '25', '--min_tube_px', '100', '--no_report', '--no_progress')
+          '--tube_format', 'mp4', '--min_frames', '25', '--min_tube_px', '100', '--no_progress')
   keys = ['glasses#000#000', 'speaker#000#f0', 'speaker#000#f1520']
   assert sorted(os.listdir(os.path.join(output, 'video'))) == [key + '.mp4' for key in keys]
   with open(os.path.join(output, 'label', keys[1] + '.txt')) as handle:
@@ -241,6 +280,11 @@ def test_mmvox_attribute_file_mp4_tubes_and_real_footage(hd_clip, tmp_path):
   with open(output + '_local.pkl', 'rb') as handle:
     cache = pickle.load(handle)
   assert cache['videos'][keys[1]] == [f'video/{keys[1]}.mp4'] and cache['lengths'][keys[1]] == 38
+  from tests.test_report import VIDEOS, in_chromium
+  videos = in_chromium(os.path.join(output, 'report.html'), VIDEOS)
+  assert sorted(src for src, *_ in videos) == [f'video/{key.replace("#", "%23")}.mp4' for key in keys]
+  assert all(ready >= 1 and width == 256 and duration > 1 and error is None
+             for _, ready, width, duration, error in videos), videos
 
 
 def test_attributes_stay_out_of_the_job_graph(tmp_path):

@@ -124,8 +124,8 @@ def test_frame_aligned_pcm_keeps_frames_on_their_samples():
 
 def test_a_published_subject_is_not_rewritten(tmp_path):
   """A retried bundle finds its subject published and gives the same records; a clip the published subject
-  lacks is rejected (adding it would renumber published frames). The clips' work files go either way."""
-  from apache_beam.pvalue import TaggedOutput
+  lacks, come alone (its published clips unchanged), is rejected (adding it would renumber published frames).
+  The clips' work files go either way."""
   from beam_pipeline.recipes.nerf.writer import NerfClip, WriteSubject
   from transforms.core.elements import ClipTask, MediaFile, ProbeInfo
   from transforms.writers.folders import publish_unit
@@ -140,11 +140,10 @@ def test_a_published_subject_is_not_rewritten(tmp_path):
 
   output = str(tmp_path / 'out')
   publish_unit(output, 'talker', [{'id': 'talker_0', 'planned_id': 'talker_0', 'num_frames': 25}])
-  results = list(WriteSubject(output, 'mel', None, 11).process(('talker', {'clips': [clip(1), clip(0)],
-                                                                           'bc': [b'']})))
-  assert [r['id'] for r in results if isinstance(r, dict)] == ['talker_0']
-  assert [(r.value.id, r.value.reason) for r in results if isinstance(r, TaggedOutput)] == [
-      ('talker_1', 'subject_exists')]
+  results = list(WriteSubject(output, 'mel', None, 11).process(('talker', {'clips': [clip(1)], 'bc': [b'']})))
+  assert [(r.value.id, r.value.reason) for r in results] == [('talker_1', 'subject_exists')]
+  retried = list(WriteSubject(output, 'mel', None, 11).process(('talker', {'clips': [clip(0)], 'bc': [b'']})))
+  assert [r['id'] for r in retried] == ['talker_0']
   assert not any(path.exists() for path in leftovers)
   # A clip of an unpublished subject failed staging: the others wait for the run that makes the whole subject.
   held = list(WriteSubject(output, 'mel', None, 11).process(('other', {'clips': [clip(3)], 'bc': [b''],
@@ -424,6 +423,8 @@ def test_clips_numbered_in_time_order_and_accounted(nerf_run):
   assert stats['written'] == 2 and stats['balanced']
   assert not glob.glob(os.path.join(nerf_run['work'], 'frames', '*'))  # the clips' archives are gone
   assert not glob.glob(os.path.join(nerf_run['work'], 'clips', '*.mp4'))
+  from tests.helpers import leftovers
+  assert leftovers(nerf_run['output'], nerf_run['work']) == []  # no beam-temp-* or emptied folder
 
 
 def test_report_shows_the_subject_with_its_frames(nerf_run):
@@ -499,18 +500,25 @@ def test_dataset_loads_a_batch(nerf_run):
 # ----------------------------------------------------------------------------- a subject is one unit
 
 def test_stale_files_of_an_unpublished_attempt_go(tmp_path):
-  """Frames past the count, `.lms` of frames that have no face now and depth maps this attempt does not make."""
-  from beam_pipeline.recipes.nerf.writer import WriteSubject
+  """What the writer does not write goes before it publishes: frames past the count, `.lms` of frames that have no
+  face now, depth maps and audio features this attempt does not make; another attempt's scratch file stays."""
+  from transforms.writers.folders import UnitFiles, tree
   folder = tmp_path / 'talker'
   names = ['ori_imgs/0.jpg', 'ori_imgs/0.lms', 'ori_imgs/1.jpg', 'ori_imgs/1.lms', 'ori_imgs/2.jpg', 'ori_imgs/2.lms',
-           'gt_imgs/2.jpg', 'torso_imgs/3.png', 'depth/0.npy', 'bc.jpg']
+           'gt_imgs/2.jpg', 'torso_imgs/3.png', 'depth/0.npy', 'aud_hu.npy', 'bc.jpg',
+           'bc.jpg.0123456789ab.partial']
   for name in names:
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(b'x')
-  WriteSubject(str(tmp_path), 'mel', None, 11)._drop_stale_files('talker', 3, {0, 2}, depth=False)
+  written = UnitFiles(str(folder))
+  kept = ['bc.jpg', 'gt_imgs/2.jpg', 'ori_imgs/0.jpg', 'ori_imgs/0.lms', 'ori_imgs/1.jpg', 'ori_imgs/2.jpg',
+          'ori_imgs/2.lms']
+  for name in kept:
+    written.uri(*name.split('/'))
+  written.drop_others(tree(str(folder)))
   left = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
-  assert left == ['bc.jpg', 'gt_imgs/2.jpg', 'ori_imgs/0.jpg', 'ori_imgs/0.lms', 'ori_imgs/1.jpg', 'ori_imgs/2.jpg',
-                  'ori_imgs/2.lms']
+  assert left == sorted(kept + ['bc.jpg.0123456789ab.partial'])
+  assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ['gt_imgs', 'ori_imgs']  # emptied folders go
 
 
 def _hdtf_two_windows(root, video: str) -> str:
@@ -554,7 +562,8 @@ def nerf_reruns(tmp_path_factory):
     (output / 'talker' / stale).parent.mkdir(parents=True, exist_ok=True)
     (output / 'talker' / stale).write_bytes(b'stale')
   run_cli(*args, '--run_id=after')
-  return {'first': first, 'output': str(output), 'folder': str(output / 'talker')}
+  return {'first': first, 'output': str(output), 'folder': str(output / 'talker'), 'args': args,
+          'times': os.path.join(annotations, 'TST_annotion_time.txt')}
 
 
 def test_a_subject_waits_for_a_clip_that_failed_in_passing(nerf_reruns):
@@ -583,3 +592,52 @@ def test_no_stale_file_of_an_unpublished_attempt(nerf_reruns):
   for sub, ext in (('ori_imgs', 'jpg'), ('ori_imgs', 'lms'), ('parsing', 'png'), ('gt_imgs', 'jpg')):
     assert [int(os.path.basename(p).split('.')[0]) for p in _files(folder, sub, ext)] == list(range(60)), (sub, ext)
   assert not glob.glob(os.path.join(folder, 'depth', '*'))  # the attempt had --depth, this run not
+
+
+def _subject_state(output: str) -> dict:
+  folder = os.path.join(output, 'talker')
+  return {'stats': json.load(open(os.path.join(output, 'stats.json'))),
+          'index': sorted((r['id'], r['frames'], r['inputs']) for r in read_jsonl(os.path.join(output, 'index.jsonl'))),
+          'published': read_jsonl(os.path.join(output, 'published', 'talker.jsonl')),
+          'frames': {(sub, ext): [int(os.path.basename(p).split('.')[0]) for p in _files(folder, sub, ext)]
+                     for sub, ext in (('ori_imgs', 'jpg'), ('parsing', 'png'), ('gt_imgs', 'jpg'),
+                                      ('torso_imgs', 'png'))},
+          'split': sorted(f['img_id'] for name in ('train', 'val') for f in _split(folder, name)['frames'])}
+
+
+@pytest.fixture(scope='module')
+def nerf_edited(nerf_reruns):
+  """After the runs above: talker_1's range cut to 1.0 s (00:00-00:01.0), then talker_1 gone from the input, run
+  with --prune. Each time the subject, whose frames are numbered over both clips, is made again whole."""
+  from tests.helpers import run_cli
+  before = _subject_state(nerf_reruns['output'])
+  with open(nerf_reruns['times'], 'w') as handle:
+    handle.write('talker.mp4 00:01.2-00:02.4 00:00-00:01.0\n')
+  run_cli(*nerf_reruns['args'], '--run_id=edited')
+  edited = _subject_state(nerf_reruns['output'])
+  with open(nerf_reruns['times'], 'w') as handle:
+    handle.write('talker.mp4 00:01.2-00:02.4\n')
+  run_cli(*nerf_reruns['args'], '--prune', '--run_id=pruned')
+  return before, edited, _subject_state(nerf_reruns['output'])
+
+
+def test_an_edited_clip_makes_its_subject_again_whole(nerf_edited):
+  before, edited, _ = nerf_edited
+  stats = edited['stats']
+  assert (stats['written_this_run'], stats['already_written'], stats['retired'], stats['rejected']) == (2, 0, 1, 0)
+  assert stats['balanced'] and stats['frames_written'] == 55
+  (old_0, old_1), (new_0, new_1) = before['index'], edited['index']
+  assert new_0[:2] == ('talker_0', [25, 55]) and new_0[2] == old_0[2]  # re-numbered, its inputs unchanged
+  assert new_1[:2] == ('talker_1', [0, 25]) and new_1[2] != old_1[2]
+  assert sorted((r['id'], r['inputs']) for r in edited['published']) == [new_0[::2], new_1[::2]]
+  assert all(frames == list(range(55)) for frames in edited['frames'].values())  # 55-59 of the old version gone
+  assert edited['split'] == list(range(55))
+
+
+def test_a_pruned_clip_leaves_its_subject_made_again_without_it(nerf_edited):
+  _, edited, pruned = nerf_edited
+  stats = pruned['stats']
+  assert (stats['planned'], stats['written_this_run'], stats['retired'], stats['not_in_manifest']) == (1, 1, 1, 0)
+  assert stats['balanced'] and [row[:2] for row in pruned['index']] == [('talker_0', [0, 30])]
+  assert pruned['index'][0][2] == edited['index'][0][2]
+  assert all(frames == list(range(30)) for frames in pruned['frames'].values())

@@ -160,7 +160,7 @@ RUNS = ('nerf', 'avatar', 'megactor', 'mmvox')
 WRITER_SHUFFLES = {'nerf': ('NerfWriter/NerfBySubject', 'NerfWriter/NerfMergeBackgrounds'),
                    'avatar': ('AvatarWriter/AvatarGroupSubjects',),
                    'megactor': ('WriteShards',),
-                   'mmvox': ('MmvoxWriter/MmvoxCombineCache',)}
+                   'mmvox': ('MmvoxLoaderCaches/MmvoxCombineCache',)}
 
 
 @pytest.mark.parametrize('recipe', RUNS)
@@ -382,6 +382,40 @@ def test_two_attempts_of_a_writer_at_once_give_each_clip_one_record_and_no_rejec
   assert as_json(a_records) == as_json(b_records) == expected
   assert sorted(r['id'] for r in b_records) == sorted(set(r['id'] for r in b_records))  # one record per clip
   assert tree(output) == clean
+
+
+def _earlier_version(output: str, unit: str, run: RecipeRun, clean: Dict[str, bytes]) -> str:
+  """The unit as a run published it before its clips changed: the real run's files with other bytes, one frame
+  past the new count, and its records from other inputs. Returns that frame's path."""
+  index = f'{folders.PUBLISHED}/{unit}.jsonl'
+  frame = next(path for path in sorted(clean) if path != index and os.path.basename(path).split('.')[0].isdigit())
+  stem, ext = os.path.basename(frame).split('.', 1)
+  past = os.path.join(os.path.dirname(frame), '9' * max(3, len(stem)) + '.' + ext)
+  records = read_jsonl(os.path.join(run.output, index))
+  for relative in [*clean, past]:
+    path = pathlib.Path(output, relative)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'earlier' if relative != index else ''.join(
+        json.dumps(dict(record, inputs='earlier')) + '\n' for record in records).encode())
+  return past
+
+
+@pytest.mark.parametrize('recipe', list(FOLDER_WRITERS))
+def test_writers_replacing_an_earlier_version_at_once_leave_the_new_one(recipe, request, tmp_path):
+  """A unit published before its clips changed is made again by two attempts at once (B stops at its first read
+  of media until A has published and deleted it) and a retry: the real run's folder exactly (the earlier bytes
+  and the frame past the new count gone), one record per clip, no reject, and the retry writes nothing."""
+  spec, run, element, unit, _, clean = _replay(recipe, request)
+  output = str(tmp_path / 'out')
+  past = _earlier_version(output, unit, run, clean)
+  (a_records, a_rejects), (b_records, b_rejects), found = _two_attempts_at_once(
+      spec.make(output, run.opts), spec.make(output, run.opts), element, spec.module)
+  expected = read_jsonl(os.path.join(run.output, folders.PUBLISHED, unit + '.jsonl'))
+  assert a_rejects == b_rejects == [] and found and found[-1] is not None
+  assert as_json(a_records) == as_json(b_records) == expected
+  assert tree(output) == clean and not os.path.exists(os.path.join(output, past))
+  retried, rejects, log, error = attempt(spec.make(output, run.opts), element, (spec.module, folders))
+  assert error is None and rejects == [] and as_json(retried) == expected and log.writes == []
 
 
 def _megactor_parts(run):

@@ -82,6 +82,28 @@ def in_chromium(page: str, probe: str):
 
 
 IMAGES = "return [...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);"
+# A folder recipe's section: the run's totals, the heading and note above the table of folders, its rows, and
+# each pictured folder (its name, title, files, first caption, and its picture's src and natural size).
+FOLDERS = """
+  const table = document.getElementById('folders');
+  const note = table.parentElement.previousElementSibling;
+  const text = (node, selector) => (node.querySelector(selector) || {}).textContent || '';
+  return {totals: text(document, '.totals'), heading: note.previousElementSibling.textContent, note: note.textContent,
+          rows: [...table.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent)),
+          folders: [...document.querySelectorAll('section.folder')].map(f => {
+            const img = f.querySelector('img');
+            return {name: f.dataset.folder, title: text(f, 'h3'), files: text(f, '.files'), caption: text(f, '.caption'),
+                    picture: [img.getAttribute('src'), img.naturalWidth, img.naturalHeight]}; })};
+"""
+
+
+def missing_tiles(sheet: np.ndarray) -> list:
+  """(row, column) of the tiles of a folder's picture drawn as missing (report._tile: dark where no file was)."""
+  tile = report.TILE
+  return [(r, c) for r in range(sheet.shape[0] // tile) for c in range(sheet.shape[1] // tile)
+          if (sheet[r * tile:(r + 1) * tile - 16, c * tile:(c + 1) * tile] == 48).all(-1).mean() > 0.9]
+
+
 VIDEOS = """
   const videos = [...document.querySelectorAll('video')];
   await Promise.all(videos.map(v => v.readyState >= 1 ? null : new Promise(done => {

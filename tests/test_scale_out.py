@@ -281,6 +281,34 @@ def test_incremental_retries_transient_rejects(clean_run, tmp_path, clips):
   assert sample_set(read_shards(str(output))) == sample_set(read_shards(str(clean_run)))
 
 
+def test_incremental_carries_a_reject_only_for_the_inputs_it_recorded(clean_run, tmp_path, clips):
+  """A permanent reject records its clip's inputs and is carried only while the clip is planned with them: the
+  same clip as before is skipped; a clip whose range changed, and one whose reject predates inputs, are tried
+  again (and their new rejects record the inputs)."""
+  output = tmp_path / 'out'
+  shutil.copytree(clean_run, output)
+  rejects = read_jsonl(str(output / 'rejects.jsonl'))
+  (earlier,) = rejects
+  assert earlier['id'] == 'empty_0' and len(earlier['inputs']) == 16
+  unrecorded = {k: v for k, v in earlier.items() if k != 'inputs'}
+  rejects += [dict(earlier, id='blank_0', planned_id='blank_0', source_id='blank'),  # judged on the whole video
+              dict(unrecorded, id='old_0', planned_id='old_0', source_id='old')]
+  (output / 'rejects.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rejects))
+  video = str(clips / 'empty.mp4')
+  manifest = tmp_path / 'faceless.jsonl'
+  manifest.write_text(''.join(json.dumps(row) + '\n' for row in (
+      {'id': 'empty', 'url': video}, {'id': 'blank', 'url': video, 'clips': [[0.0, 1.5]]},
+      {'id': 'old', 'url': video})))
+  result = cli(f'--input={manifest}', f'--output={output}', *SMALL, '--incremental')
+  assert 'incremental: 1 clips rejected for good by an earlier run were skipped' in result.stdout
+  stats = json.load(open(output / 'stats.json'))
+  assert stats['carried_rejects'] == 1 and stats['rejected_by_reason'] == {'no_face': 3} and stats['balanced']
+  now = {r['id']: r for r in read_jsonl(str(output / 'rejects.jsonl'))}
+  assert now['empty_0'] == earlier  # carried as it was
+  assert now['old_0']['inputs'] == earlier['inputs']  # the same clip: tried again, its inputs now recorded
+  assert len(now['blank_0']['inputs']) == 16 and now['blank_0']['inputs'] != earlier['inputs']
+
+
 # ----------------------------------------------------------------------------- Dataflow
 
 IMAGE = 'us-central1-docker.pkg.dev/demo-project/talking-face/worker:0.1.0'

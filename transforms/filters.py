@@ -275,4 +275,4 @@ class ScoreAndFilter(beam.DoFn):
                         if score is None or isinstance(score, (bool, int, float, str)))
     return beam.pvalue.TaggedOutput('rejects', Reject(
         clip.task.clip_id, STAGE, reason, detail, clip.task.source_id, planned_id=clip.task.planned_id, value=value,
-        threshold=threshold, scores=kept_scores))
+        threshold=threshold, scores=kept_scores, language=clip.task.language))

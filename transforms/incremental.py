@@ -3,13 +3,20 @@
 Every run already skips clips whose ids are in a finished shard (resume). An
 incremental run also skips clips that an earlier run rejected for a reason
 that a retry cannot change (the media itself: no face, too short, corrupt
-file...). Their earlier rejects are carried into this run's `rejects.jsonl`,
-so the accounting still adds up. Transient failures (timeouts, network and
-HTTP errors, unknown reasons) are always retried. The earlier rejects are read
-inside the pipeline, so the job graph does not grow with them.
+file...) while the clip's inputs (its source, range, crop and the run's
+deciding options: transforms/resume.clip_inputs) stay the same. Every reject
+records its planned clip's inputs (`RecordInputs`); an earlier reject is
+carried into this run's `rejects.jsonl` only when they equal the clip's
+inputs now, so the accounting still adds up and a changed clip is tried
+again. A reject from before rejects recorded inputs is tried again once: no
+record says it was judged with today's range, crop and options. Transient
+failures (timeouts, network and HTTP errors, unknown reasons) are always
+retried. The earlier rejects are read inside the pipeline, so the job graph
+does not grow with them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import apache_beam as beam
@@ -46,7 +53,7 @@ def permanent_rejects(path: str) -> Iterator[Reject]:
       planned = record.get('planned_id') or record['id']
       yield Reject(record['id'], record['stage'], record['reason'], record.get('detail', ''),
                    record.get('source_id', ''), planned if planned != record['id'] else '',
-                   record.get('value'), record.get('threshold'))
+                   record.get('value'), record.get('threshold'), inputs=record.get('inputs', ''))
 
 
 class ReadCarriedRejects(beam.PTransform):
@@ -63,24 +70,43 @@ class ReadCarriedRejects(beam.PTransform):
             | 'PermanentRejects' >> beam.FlatMap(permanent_rejects))
 
 
-class CarryRejects(beam.PTransform):
-  """(planned ids, earlier rejects) -> the earlier rejects whose planned clip this run plans again
-  (a clip gone from the input is dropped)."""
+class RecordInputs(beam.PTransform):
+  """(rejects, plans (planned id, inputs)) -> the rejects, each with its planned clip's inputs ('' for an entry
+  that planned no clip): what a later --incremental run compares before it carries the reject."""
 
   def expand(self, inputs):
-    planned, earlier = inputs
-    keyed_rejects = earlier | 'KeyRejects' >> beam.Map(lambda reject: (reject.planned, reject))
-    again = planned | 'KeyPlanned' >> beam.Map(lambda clip_id: (clip_id, None))
-    return ({'reject': keyed_rejects, 'planned': again}
+    rejects, plans = inputs
+    return ({'reject': rejects | 'KeyRejects' >> beam.Map(lambda reject: (reject.planned, reject)),
+             'planned': plans}
             | 'JoinPlanned' >> beam.CoGroupByKey()
-            | 'StillPlanned' >> beam.FlatMap(_if_planned))
+            | 'WithInputs' >> beam.FlatMap(_with_inputs))
 
 
-def _if_planned(keyed):
+def _with_inputs(keyed):
   _, grouped = keyed
-  if any(True for _ in grouped['planned']):
-    seen = set()
-    for reject in grouped['reject']:
-      if reject.id not in seen:
-        seen.add(reject.id)
-        yield reject
+  plans = set(grouped['planned'])
+  inputs = plans.pop() if len(plans) == 1 else ''
+  for reject in grouped['reject']:
+    yield reject if reject.inputs else dataclasses.replace(reject, inputs=inputs)
+
+
+class CarryRejects(beam.PTransform):
+  """(plans (planned id, inputs), earlier rejects) -> the earlier rejects whose planned clip this run plans again
+  with the inputs the reject recorded (a clip gone from the input, or changed, is dropped: it is tried again)."""
+
+  def expand(self, inputs):
+    plans, earlier = inputs
+    keyed_rejects = earlier | 'KeyRejects' >> beam.Map(lambda reject: (reject.planned, reject))
+    return ({'reject': keyed_rejects, 'planned': plans}
+            | 'JoinPlanned' >> beam.CoGroupByKey()
+            | 'StillPlanned' >> beam.FlatMap(_if_planned_alike))
+
+
+def _if_planned_alike(keyed):
+  _, grouped = keyed
+  plans = set(grouped['planned'])
+  seen = set()
+  for reject in grouped['reject']:
+    if reject.inputs in plans and reject.id not in seen:
+      seen.add(reject.id)
+      yield reject

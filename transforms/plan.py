@@ -79,7 +79,8 @@ class PlanClips(beam.DoFn):
       notes.append('no crop window given: the full frame' + (
           f', padded {padding} (left, top, right, bottom) to square' if any(padding) else ''))
     return ClipTask(clip.clip_id, source.source_id, source.url, media, start, end, window, mode,
-                    clip.crop_ratio, tuple(notes), padding=padding, origin=source.origin, inputs=clip.inputs)
+                    clip.crop_ratio, tuple(notes), padding=padding, origin=source.origin, inputs=clip.inputs,
+                    language=source.language)
 
   def _pieces(self, task: ClipTask):
     """A clip longer than --max_clip_s as consecutive pieces `<clip>_s<start ms>`, so one clip's frames,

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import wave
 from fractions import Fraction
-from typing import Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import av
@@ -54,38 +54,26 @@ def picture_box(window, padding, size: int) -> Tuple[int, int, int, int]:
   return pad_x, pad_y, pad_x + out_w, pad_y + out_h
 
 
-class _VideoFilter:
-  """buffer -> [yadif] -> [turn upright] -> crop -> scale -> rgb24 -> [pad], as one libavfilter graph.
+class _Deinterlace:
+  """buffer -> yadif -> buffersink: the one temporal filter, so it sees every decoded frame (the frame selection
+  comes after it); without interlacing, frames pass through untouched."""
 
-  The window is in displayed pixels, so a phone video's display-matrix turn comes before the crop. The
-  window plus its padding spans `size` output pixels with one scale for both axes, so nothing is stretched;
-  the padding is black (an honest "no picture here" that the json records, where replicated edges would
-  pass for image content), added after the scale in RGB, where it lands on exact pixels.
-  """
-
-  def __init__(self, stream, window, size: int, deinterlace: bool, rotation: int = 0, follow: bool = False,
-               padding=(0, 0, 0, 0)):
-    x, y, w, h = window
-    self.graph = av.filter.Graph()
-    chain = [self.graph.add_buffer(template=stream)]
-    if deinterlace:
-      chain.append(self.graph.add('yadif', 'mode=send_frame:parity=auto:deint=all'))
-    chain += [self.graph.add(name, args) for name, args in _TURNS.get(rotation, ())]
-    if follow:  # a window that follows the face is cut per frame (crop.follow_crop)
-      chain.append(self.graph.add('format', 'rgb24'))
-    else:
-      pad_x, pad_y, right, bottom = picture_box(window, padding, size)
-      out_w, out_h = right - pad_x, bottom - pad_y
-      chain += [self.graph.add('crop', f'{w}:{h}:{x}:{y}'), self.graph.add('scale', f'{out_w}:{out_h}:flags=area'),
-                self.graph.add('format', 'rgb24')]
-      if (out_w, out_h) != (size, size):
-        chain.append(self.graph.add('pad', f'{size}:{size}:{pad_x}:{pad_y}:black'))
-    chain.append(self.graph.add('buffersink'))
-    for a, b in zip(chain, chain[1:]):
-      a.link_to(b)
-    self.graph.configure()
+  def __init__(self, stream, interlaced: bool):
+    self.graph = None
+    if interlaced:
+      self.graph = av.filter.Graph()
+      chain = [self.graph.add_buffer(template=stream), self.graph.add('yadif', 'mode=send_frame:parity=auto:deint=all'),
+               self.graph.add('buffersink')]
+      for a, b in zip(chain, chain[1:]):
+        a.link_to(b)
+      self.graph.configure()
 
   def __call__(self, frame) -> Iterator:
+    """The frames ready after `frame` (None: the end of the stream, flush)."""
+    if self.graph is None:
+      if frame is not None:
+        yield frame
+      return
     self.graph.push(frame)
     while True:
       try:
@@ -96,19 +84,73 @@ class _VideoFilter:
         return
 
 
+class _VideoFilter:
+  """buffer -> [turn upright] -> crop -> scale -> rgb24 -> [pad], as one libavfilter graph, run only on the
+  source frames the frame selection picked (bench/results.md "fps before crop/scale": the 30 -> 25 fps
+  resampling drops one in six, which are never turned, scaled or converted).
+
+  The window is in displayed pixels, so a phone video's display-matrix turn comes before the crop. The
+  window plus its padding spans `size` output pixels with one scale for both axes, so nothing is stretched;
+  the padding is black (an honest "no picture here" that the json records, where replicated edges would
+  pass for image content), added after the scale in RGB, where it lands on exact pixels. Without padding the
+  crop is `split`: a second scale makes x264's BT.601 limited-range yuv420p (what its own RGB -> YUV conversion
+  made) from it, cheaper than converting the RGB back (bench/results.md "x264 fed yuv420p"; the RGB frames stay
+  as they were: made from the one yuv420p scale, they would cost less again but move the landmarks slightly).
+  """
+
+  def __init__(self, stream, window, size: int, rotation: int = 0, follow: bool = False, padding=(0, 0, 0, 0)):
+    x, y, w, h = window
+    self.graph = av.filter.Graph()
+    add = self.graph.add
+    self.last = None  # (source frame, its result): a source frame picked for two ticks is filtered once
+    self.yuv_sink = split = None
+    chain = [self.graph.add_buffer(template=stream)] + [add(name, args) for name, args in _TURNS.get(rotation, ())]
+    if follow:  # a window that follows the face is cut per frame (crop.follow_crop)
+      chain.append(add('format', 'rgb24'))
+    else:
+      pad_x, pad_y, right, bottom = picture_box(window, padding, size)
+      out_w, out_h = right - pad_x, bottom - pad_y
+      chain.append(add('crop', f'{w}:{h}:{x}:{y}'))
+      if (out_w, out_h) == (size, size):
+        split, self.yuv_sink = add('split', '2'), add('buffersink')
+        to_x264 = [split, add('scale', f'{size}:{size}:flags=area:out_color_matrix=bt601:out_range=tv'),
+                   add('format', 'yuv420p'), self.yuv_sink]
+        for a, b in zip(to_x264, to_x264[1:]):
+          a.link_to(b)
+        chain += [split, add('scale', f'{size}:{size}:flags=area'), add('format', 'rgb24')]
+      else:
+        chain += [add('scale', f'{out_w}:{out_h}:flags=area'), add('format', 'rgb24'),
+                  add('pad', f'{size}:{size}:{pad_x}:{pad_y}:black')]
+    self.rgb_sink = add('buffersink')
+    chain.append(self.rgb_sink)
+    for a, b in zip(chain, chain[1:]):
+      a.link_to(b, 1 if a is split else 0)  # the split's first output went to x264's scale
+    self.graph.configure()
+
+  def __call__(self, frame) -> Tuple[np.ndarray, Optional[av.VideoFrame]]:
+    """(RGB output frame, the same picture as yuv420p for x264 or None where x264 takes the RGB) of a source
+    frame (every filter here makes one frame of one)."""
+    if self.last is None or self.last[0] is not frame:
+      self.graph.push(frame)
+      yuv = self.yuv_sink.pull() if self.yuv_sink is not None else None
+      self.last = (frame, (self.rgb_sink.pull().to_ndarray(), yuv))
+    return self.last[1]
+
+
 class _FrameSelector:
-  """Resample a timestamped frame stream to a constant rate: nearest source frame per output tick."""
+  """Resample a timestamped frame stream to a constant rate: nearest source frame per output tick (the frames
+  are decoded source frames: only the picked ones are filtered)."""
 
   def __init__(self, start: float, count: int, fps: float, source_interval: float):
     self.start, self.count, self.fps = start, count, fps
     self.source_interval = source_interval
     self.index = 0
-    self.previous: Optional[Tuple[float, np.ndarray]] = None
+    self.previous: Optional[Tuple[float, Any]] = None
 
   def tick(self) -> float:
     return self.start + self.index / self.fps
 
-  def push(self, ts: float, image: np.ndarray) -> Iterator[np.ndarray]:
+  def push(self, ts: float, image) -> Iterator:
     while self.index < self.count and self.tick() <= ts:
       target = self.tick()
       if self.previous is not None and abs(target - self.previous[0]) <= abs(ts - target):
@@ -120,7 +162,7 @@ class _FrameSelector:
       self.index += 1
     self.previous = (ts, image)
 
-  def flush(self) -> Iterator[np.ndarray]:
+  def flush(self) -> Iterator:
     while self.previous is not None and self.index < self.count and \
         self.tick() - self.previous[0] <= 1.5 * self.source_interval:
       yield self.previous[1]
@@ -240,14 +282,16 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
     count = int(round(duration * fps))
     container.seek(max(0, int((t0 - 0.5) * av.time_base)), backward=True, any_frame=False)
     source_fps = task.media.info.fps or fps
-    video_filter = _VideoFilter(vin, task.window, size, task.media.info.interlaced,
-                                 task.media.info.rotation, follow=bool(task.path), padding=task.padding)
+    deinterlace = _Deinterlace(vin, task.media.info.interlaced)
+    video_filter = _VideoFilter(vin, task.window, size, task.media.info.rotation, follow=bool(task.path),
+                                padding=task.padding)
     selector = _FrameSelector(t0, count, fps, 1.0 / source_fps)
     with av.open(mp4_path, 'w', format='mp4', options={'movflags': '+faststart'}) as out:
       vout = out.add_stream('libx264', rate=rate)
       vout.width = vout.height = size
       vout.pix_fmt = 'yuv420p'
-      vout.options = {'crf': str(crf), 'preset': preset}
+      # a53cc off: source frames reach x264 with their side data now, and captions must not ride along
+      vout.options = {'crf': str(crf), 'preset': preset, 'a53cc': '0'}
       cutter = None
       if ain is not None:
         layout = 'mono' if (ain.channels or 1) == 1 else 'stereo'
@@ -258,11 +302,15 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
       video_done = audio_done = False
       produced = 0
 
-      def encode(image):
+      def encode(source):
         nonlocal produced
+        image, frame = video_filter(source)
         if task.path:
           image = follow_crop(image, task.path, task.window[2], produced / fps, size)
-        frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+        if frame is None:
+          frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+        else:  # the source's frame type would force x264's (an I frame where the source had one)
+          frame.pict_type = av.video.frame.PictureType.NONE
         frame.pts = produced
         frame.time_base = 1 / rate
         out.mux(vout.encode(frame))
@@ -284,9 +332,9 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
             ts = frame.time
             if ts is None or ts < t0 - 2.0 / source_fps:
               continue
-            for filtered in video_filter(frame):
-              for image in selector.push(filtered.time, filtered.to_ndarray()):
-                yield encode(image)
+            for source in deinterlace(frame):
+              for picked in selector.push(source.time, source):
+                yield encode(picked)
             if selector.index >= count or ts > t0 + duration + 1.0:
               video_done = True
         elif cutter is not None and not audio_done:
@@ -299,11 +347,11 @@ def render(task: ClipTask, mp4_path: str, size: int, fps: float, crf: int, prese
         if video_done and (cutter is None or audio_done):
           break
       if selector.index < count:
-        for filtered in video_filter(None):
-          for image in selector.push(filtered.time, filtered.to_ndarray()):
-            yield encode(image)
-        for image in selector.flush():
-          yield encode(image)
+        for source in deinterlace(None):
+          for picked in selector.push(source.time, source):
+            yield encode(picked)
+        for picked in selector.flush():
+          yield encode(picked)
       out.mux(vout.encode(None))
       wav = silent_wav(produced / fps)
       if cutter is not None:

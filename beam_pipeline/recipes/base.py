@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler
 
+from transforms.writers.folders import folder_files
+
 
 class Recipe:
   """One dataset pipeline on the shared spine.
@@ -19,7 +21,9 @@ class Recipe:
     gets every task, those whose window is given too, and gives a subject's clips one window; its clips are
     written only when none failed in a way a later run retries.
   - `write`: the kept clips (transforms/filters.Analysis) -> {'records': index record dicts with at least
-    'id', 'planned_id' and 'num_frames', 'rejects': Rejects}. Every kept clip must end in one of the two.
+    'id', 'planned_id', 'num_frames' and 'inputs', 'rejects': Rejects}. Every kept clip must end in one of the two.
+  - `unit_files`: a folder unit's files (transforms/writers/folders.py), what a rerun deletes when it retires it.
+  - `after_output`: steps that sum up the whole output, once every unit of the run is published or retired.
   """
 
   name = ''
@@ -36,6 +40,14 @@ class Recipe:
 
   def write(self, kept: beam.PCollection, opts, work_dir: str) -> Dict[str, beam.PCollection]:
     raise NotImplementedError
+
+  def unit_files(self, output: str, records: List[dict]) -> List[str]:
+    """The files of the published unit `records` are of, the one a trainer lists first, first: here a folder
+    of its own (a subject's)."""
+    return folder_files(output, records)
+
+  def after_output(self, settled: beam.PCollection, opts) -> None:
+    """`settled`: one element, once the run's writers and retirements are done. Nothing to add here."""
 
   def output_layout(self, opts) -> str:
     """What this run's `write` makes; `--layout=files` is hdtf's alone, a one-line error elsewhere."""

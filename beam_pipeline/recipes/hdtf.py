@@ -17,10 +17,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline.recipes.base import Recipe
-from transforms.core.fileio import delete_quietly, write_atomic
+from transforms.core.fileio import PARTIAL, delete_quietly, write_atomic
 from transforms.deadletter import DeadLetter
 from transforms.render import WAV_RATE
-from transforms.writers.folders import publish_unit, published_records
+from transforms.writers.folders import (
+    UnitFiles, existing, publish_unit, published_records, same_version, unpublish)
 from transforms.writers.shards import STAGE, AssembleSample, encode_payload, sample_key, write_shards
 
 FILES = 'clips'  # `--layout=files`: the one folder of clips (LatentSync's train_data_dir)
@@ -89,7 +90,9 @@ class WriteClipFiles(beam.DoFn):
   listed mp4 has its sidecars. Then `published/<key>.jsonl` (transforms/writers/folders.py), which makes the
   clip count for resume, index.jsonl and a retried or concurrent attempt; only then is the work-dir media
   deleted. Two attempts at once write the same bytes under their own scratch names. A clip published from
-  other inputs (it changed since) is written over, file by file, and published again.
+  other inputs (it changed since) is unpublished first, written over file by file, the members the old version
+  had and this one does not are deleted, and it is published again (folders.py: nothing of the old version is
+  deleted before the new one's files are all in place).
   """
 
   def __init__(self, output: str, work_dir: str, audio_16k: bool):
@@ -103,23 +106,43 @@ class WriteClipFiles(beam.DoFn):
     attempt); a record of the clip as it was before its source, range, crop or settings changed is not it."""
     task = analysis.clip.task
     records = published_records(self.output, sample_key(task.clip_id))
-    return records if records and all(r.get('inputs', '') in ('', task.inputs) for r in records) else None
+    return records if same_version(records, [(task.clip_id, task.inputs)]) else None
 
   def process(self, analysis):
-    key = sample_key(analysis.clip.task.clip_id)
-    published = self.published(analysis)
-    if published is not None:  # a retried bundle: the rendered clip went once it was published
+    task = analysis.clip.task
+    key = sample_key(task.clip_id)
+    earlier = published_records(self.output, key)
+    if same_version(earlier, [(task.clip_id, task.inputs)]):  # a retry: its rendered clip went at the publish
       self.republished.inc()
       delete_quietly([analysis.clip.mp4_uri])
-      yield from published
+      yield from earlier
       return
+    if earlier is not None:  # the clip changed since a run published it: made again over it
+      unpublish(self.output, key, earlier)
     meta, payload, consumed = self.sample.payload(analysis)
+    files = UnitFiles(FileSystems.join(self.output, FILES))
     for name in sorted(payload, key=lambda member: (member == 'mp4', member)):
-      write_atomic(FileSystems.join(self.output, FILES, f'{key}.{name}'), encode_payload(payload[name]))
-    records = publish_unit(self.output, key, [dict(meta, file=f'{FILES}/{key}.mp4')])
+      write_atomic(files.uri(f'{key}.{name}'), encode_payload(payload[name]))
+    files.drop_others(clip_files(self.output, earlier or []))
+    records = publish_unit(self.output, key, [dict(meta, file=f'{FILES}/{key}.mp4', members=sorted(payload))])
     delete_quietly(consumed)
     self.written.inc()
     yield from records
+
+
+def clip_files(output: str, records) -> list:
+  """The files of a published clip (`--layout=files`), its mp4 first: the file LatentSync lists. A record from
+  before `members` was stored: every `<key>.*` but scratch files (a live attempt's may be among them)."""
+  uris = []
+  for record in records:
+    key = record.get('folder') or sample_key(record['id'])
+    if 'members' in record:
+      names = sorted(record['members'], key=lambda member: member != 'mp4')
+      uris += [FileSystems.join(output, FILES, f'{key}.{name}') for name in names]
+    else:
+      found = existing([FileSystems.join(output, FILES, key + '.*')])
+      uris += sorted((uri for uri in found if not uri.endswith(PARTIAL)), key=lambda uri: not uri.endswith('.mp4'))
+  return uris
 
 
 class Hdtf(Recipe):
@@ -127,6 +150,9 @@ class Hdtf(Recipe):
 
   def output_layout(self, opts) -> str:
     return opts.layout
+
+  def unit_files(self, output: str, records) -> list:
+    return clip_files(output, records)
 
   def write(self, kept, opts, work_dir: str):
     if opts.layout == 'files':

@@ -23,6 +23,9 @@ from transforms.lib.features import wav_samples
 # arrays['syncnet']: (offset frames at 25 fps, confidence LSE-C, LSE-D, windows scored); NaN when not measured
 SUMMARY = 'syncnet'
 FRAME_CONF = 'sync_frame_conf'  # (T,) per output frame: the confidence of the window centred there
+# (windows, 31) each window's distances over the offsets searched, NaN rows where no face: a piece of the clip is
+# read out again from its own rows (transforms/sync_split.py); not written to the output
+DISTS = 'sync_dists'
 
 
 class _SyncPass(ClipPass):
@@ -65,8 +68,7 @@ class _SyncPass(ClipPass):
   def finish(self, num_frames: int) -> PassResult:
     if self.pending:
       self._run_lips()
-    summary = np.full(4, np.nan, np.float32)
-    frame_conf = np.full(num_frames, np.nan, np.float32)
+    dists = np.zeros((0, 2 * avsync.VSHIFT + 1), np.float32)
     count = avsync.window_count(self.tick, 0 if self.samples is None else len(self.samples))
     if count and self.lips and np.abs(self.samples).max() > 0:
       audio = self.model.infer([(AUDIO, window) for window in avsync.audio_windows(self.samples, count)])
@@ -75,21 +77,33 @@ class _SyncPass(ClipPass):
       if not failed:
         valid = np.array([i in self.lips for i in range(count)])
         video = np.stack([self.lips.get(i, np.zeros(EMBEDDING, np.float32)) for i in range(count)])
-        found = avsync.sync_offset(video, np.stack(audio), valid)
-        if found is not None:
-          summary[:] = (found.offset, found.confidence, found.min_dist, found.windows)
-          centres = (np.arange(count) + avsync.WINDOW_FRAMES // 2) / avsync.FPS  # each window's middle, in s
-          at = np.clip(np.round(centres * self.fps).astype(int), 0, num_frames - 1)
-          frame_conf[at] = found.frame_conf
+        # float32, as stored: a piece read out again from these rows agrees with the clip's own read-out
+        dists = avsync.window_distances(video, np.stack(audio)).astype(np.float32)
+        dists[~valid] = np.nan
     # a model error costs the frames of its windows; the clip is judged on how many
     errors = min(num_frames, len(self.errors))
-    return PassResult({SUMMARY: summary, FRAME_CONF: frame_conf}, errors,
-                      self.errors[-1].detail if self.errors else '')
+    return PassResult(sync_arrays(dists, num_frames, self.fps), errors, self.errors[-1].detail if self.errors else '')
+
+
+def sync_arrays(dists: np.ndarray, num_frames: int, fps: float, first_window: int = 0, start_frame: int = 0) -> dict:
+  """The arrays SyncNet leaves in a clip from its windows' distances (NaN rows: no face): `syncnet` (offset,
+  LSE-C, LSE-D, windows; NaN when nothing was measured), `sync_frame_conf` (each window's confidence at its
+  middle output frame) and `sync_dists`. For a piece of a clip: its own windows' rows, the first of them window
+  `first_window` of the clip, the piece starting at the clip's output frame `start_frame`."""
+  summary = np.full(4, np.nan, np.float32)
+  frame_conf = np.full(num_frames, np.nan, np.float32)
+  found = avsync.read_out(dists) if len(dists) and num_frames else None
+  if found is not None:
+    summary[:] = (found.offset, found.confidence, found.min_dist, found.windows)
+    middles = (np.arange(len(dists)) + first_window + avsync.WINDOW_FRAMES // 2) / avsync.FPS  # in s, clip time
+    at = np.clip(np.round(middles * fps).astype(int) - start_frame, 0, num_frames - 1)
+    frame_conf[at] = found.frame_conf
+  return {SUMMARY: summary, FRAME_CONF: frame_conf, DISTS: dists}
 
 
 class SyncNetAnalyzer(FrameAnalyzer):
   """SyncNet on the tracked face (model_handlers/syncnet.py): arrays `syncnet` (offset, LSE-C, LSE-D,
-  windows) and `sync_frame_conf` (T,) for ScoreAndFilter."""
+  windows) and `sync_frame_conf` (T,) for ScoreAndFilter, `sync_dists` for SplitAtSyncBreaks."""
 
   name = 'syncnet'
 

@@ -38,6 +38,7 @@ class Source:
   height: Optional[int] = None  # reference / wanted download height
   # (speaker, video, utterance) when the manifest names them (VoxCeleb's identity, mmvox's ids); else ()
   origin: Tuple[str, ...] = ()
+  language: str = ''  # the row's BCP-47 code (`en`, `pt-BR`), normalised; '' when not given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Reject:
   threshold: Optional[float] = None  # the filter setting it failed
   # a filter reject's every score, (name, value) pairs (a tuple keeps the Reject hashable): report.html's table
   scores: Tuple[Tuple[str, object], ...] = ()
+  language: str = ''  # a reject with scores: its source's language (report.html's distributions per language)
+  # its planned clip's inputs (transforms/resume.clip_inputs; '' for an entry that planned no clip, or a reject
+  # from before rejects recorded them): --incremental carries a permanent reject only while they stay the same
+  inputs: str = ''
 
   @property
   def planned(self) -> str:
@@ -60,8 +65,9 @@ class Reject:
 
   def to_json(self) -> dict:
     record = dict(dataclasses.asdict(self), planned_id=self.planned, scores=dict(self.scores))
-    if not self.scores:
-      del record['scores']
+    for name in ('scores', 'language'):
+      if not record[name]:
+        del record[name]
     return record
 
 
@@ -122,6 +128,13 @@ class ClipTask:
   padding: Padding = (0, 0, 0, 0)  # black added around `window` where the square did not fit the frame
   origin: Tuple[str, ...] = ()  # the source's (speaker, video, utterance), see Source
   inputs: str = ''  # the planned clip's ClipSpec.inputs: stored with the sample, resume compares it
+  language: str = ''  # the source's, see Source
+  # --split_at_sync_breaks (transforms/sync_split.py): the rendered clip this piece was cut from and how many
+  # in-sync pieces it gave (a rerun skips the clip once all are written), and, on the clip itself, the pieces an
+  # earlier run wrote (a rerun cuts them out again but does not write them twice)
+  cut_from: str = ''
+  cut_pieces: int = 0
+  done_pieces: Tuple[str, ...] = ()
 
   @property
   def planned(self) -> str:

@@ -29,11 +29,26 @@ def _scratch(uri: str) -> str:
   return f'{uri}.{uuid.uuid4().hex[:12]}{PARTIAL}'
 
 
+def _local_scratch(uri: str) -> str:
+  """A scratch file for `uri`, created empty in its folder (made if missing): once it exists, no
+  `remove_empty_dirs` of another job can take the folder away before the file is renamed into place."""
+  tmp = _scratch(uri)
+
+  def create():
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    open(tmp, 'xb').close()
+
+  try:
+    create()
+  except FileNotFoundError:  # the folder went between makedirs and open (another job's clean-up): once more
+    create()
+  return tmp
+
+
 def write_atomic(uri: str, data: bytes) -> None:
   """Readers never see half a file."""
   if _is_local(uri):
-    tmp = _scratch(uri)
-    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = _local_scratch(uri)
     with open(tmp, 'wb') as handle:
       handle.write(data)
     os.replace(tmp, uri)
@@ -45,8 +60,7 @@ def write_atomic(uri: str, data: bytes) -> None:
 def put_file(path: str, uri: str, move: bool = False) -> None:
   """Publish a finished local file at `uri` atomically."""
   if _is_local(uri):
-    tmp = _scratch(uri)
-    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = _local_scratch(uri)
     (shutil.move if move else shutil.copyfile)(path, tmp)
     os.replace(tmp, uri)
     return
@@ -81,3 +95,21 @@ def delete_quietly(uris: Iterable[str]) -> None:
     except BeamIOError:
       if FileSystems.exists(uri):
         raise
+
+
+def remove_empty_dirs(root: str, keep_root: bool = True) -> int:
+  """Remove the local folders under `root` (and `root` itself unless `keep_root`) that hold nothing, deepest
+  first: what a finished run emptied (the work dir's clips, markers, fragments) is not left behind. Object
+  stores have no folders. Returns how many went."""
+  if not _is_local(root) or not os.path.isdir(root):
+    return 0
+  removed = 0
+  for folder, _, _ in os.walk(root, topdown=False):
+    if keep_root and os.path.samefile(folder, root):
+      continue
+    try:
+      os.rmdir(folder)
+      removed += 1
+    except OSError:  # not empty (a file, or a folder a job still writing made again)
+      pass
+  return removed

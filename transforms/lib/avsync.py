@@ -118,21 +118,27 @@ class SyncResult:
   windows: int
 
 
-def sync_offset(video: np.ndarray, audio: np.ndarray, valid: Optional[np.ndarray] = None,
-                vshift: int = VSHIFT) -> Optional[SyncResult]:
-  """Offset and confidence from per-window embeddings (N, D) of video and audio, as syncnet_python reads them:
-  each video window against audio windows shifted by -vshift..vshift (zeros beyond the ends), the mean
-  distance per shift over the windows with a face (`valid`). None when no window has a face."""
+def window_distances(video: np.ndarray, audio: np.ndarray, vshift: int = VSHIFT) -> np.ndarray:
+  """(N, 2 * vshift + 1) distances between each video window's embedding and the audio windows shifted by
+  -vshift..vshift (zeros beyond the ends), as syncnet_python computes them; N = the shorter of the two."""
   n = min(len(video), len(audio))
-  if n == 0:
-    return None
   video, audio = np.asarray(video[:n], np.float64), np.asarray(audio[:n], np.float64)
-  valid = np.ones(n, bool) if valid is None else np.asarray(valid[:n], bool)
-  if not valid.any():
-    return None
+  if n == 0:
+    return np.zeros((0, 2 * vshift + 1))
   padded = np.concatenate([np.zeros((vshift, audio.shape[1])), audio, np.zeros((vshift, audio.shape[1]))])
   shifts = np.arange(2 * vshift + 1)
-  dists = np.stack([np.linalg.norm(video[i][None] - padded[i + shifts] + 1e-6, axis=1) for i in range(n)])
+  return np.stack([np.linalg.norm(video[i][None] - padded[i + shifts] + 1e-6, axis=1) for i in range(n)])
+
+
+def read_out(dists: np.ndarray, valid: Optional[np.ndarray] = None) -> Optional[SyncResult]:
+  """Offset and confidence from per-window distances (N, 2 * vshift + 1) (`window_distances`), over the windows
+  with a face (`valid`; rows of NaN count as without): syncnet_python's read-out. Kept apart from the distances
+  so that a piece of a clip is read out from its own windows' rows. None when no window has a face."""
+  dists = np.asarray(dists, np.float64)
+  vshift = (dists.shape[1] - 1) // 2
+  valid = (np.ones(len(dists), bool) if valid is None else np.asarray(valid, bool)) & ~np.isnan(dists).any(1)
+  if not valid.any():
+    return None
   mean = dists[valid].mean(0)
   best = int(np.argmin(mean))
   median = float(np.median(mean))
@@ -142,6 +148,15 @@ def sync_offset(video: np.ndarray, audio: np.ndarray, valid: Optional[np.ndarray
     filtered[valid] = signal.medfilt(frame_conf[valid], FRAME_MEDIAN)
   return SyncResult(offset=vshift - best, confidence=median - float(mean[best]), min_dist=float(mean[best]),
                     frame_conf=filtered.astype(np.float32), windows=int(valid.sum()))
+
+
+def sync_offset(video: np.ndarray, audio: np.ndarray, valid: Optional[np.ndarray] = None,
+                vshift: int = VSHIFT) -> Optional[SyncResult]:
+  """Offset and confidence from per-window embeddings (N, D) of video and audio, as syncnet_python reads them:
+  each video window against audio windows shifted by -vshift..vshift (zeros beyond the ends), the mean
+  distance per shift over the windows with a face (`valid`). None when no window has a face."""
+  dists = window_distances(video, audio, vshift)
+  return read_out(dists, None if valid is None else np.asarray(valid)[:len(dists)])
 
 
 def shift_samples(data: np.ndarray, shift: int) -> np.ndarray:

@@ -158,6 +158,8 @@ def best_lag(video: np.ndarray, audio: np.ndarray, max_lag: int) -> Tuple[Option
   n = min(len(video), len(audio))
   best: Tuple[Optional[float], int] = (None, 0)
   for lag in range(-max_lag, max_lag + 1):
+    if abs(lag) >= n:  # a clip shorter than the lags searched (--min_duration under 0.6 s)
+      continue
     v, a = (video[:n - lag], audio[lag:n]) if lag >= 0 else (video[-lag:n], audio[:n + lag])
     keep = ~np.isnan(v)
     v, a = v[keep], a[keep]

@@ -54,7 +54,11 @@ MAX_ID_LENGTH = 120
 OVERLAP_TOLERANCE_S = 0.04  # one 25 fps frame: touching clips are fine, overlapping ones duplicate data
 ORIGIN_FIELDS = ('speaker', 'video', 'utterance')  # VoxCeleb's identity of a row (Source.origin: mmvox's ids)
 # Every field a manifest row (or an archive member's sidecar) may carry: the one list of known fields.
-MANIFEST_FIELDS = ('id', 'url', 'clips', 'crop', 'crop_ratio', 'height') + ORIGIN_FIELDS
+MANIFEST_FIELDS = ('id', 'url', 'clips', 'crop', 'crop_ratio', 'height') + ORIGIN_FIELDS + ('language',)
+# A BCP-47 language tag as datasets write them: a 2-3 letter ISO 639 language (the 5-8 letter ones RFC 5646 keeps
+# for registration are none, and would let `english` through), then subtags of 1-8 letters or digits (script,
+# region, variants, extensions), `-` or `_` between them; at most 35 characters (RFC 5646 4.4.1)
+_LANGUAGE_TAG = re.compile(r'[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*')
 
 
 class ManifestError(ReasonError, ValueError):
@@ -307,8 +311,8 @@ def _clips_of(source_id: str, record: dict) -> Iterator[Union[ClipSpec, Reject, 
 
 def source_from_record(record: dict, row: int, context: Optional['_ArchiveContext'] = None
                        ) -> Iterator[Union[Source, Reject]]:
-  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`, and `speaker`, `video`,
-  `utterance` together: VoxCeleb's identity, which names mmvox's tubes).
+  """One manifest row (`id`, `url`, optional `clips`, `crop`, `crop_ratio`, `height`, `language`, and `speaker`,
+  `video`, `utterance` together: VoxCeleb's identity, which names mmvox's tubes).
 
   A `url` naming a tar or zip of videos (local or gs://) expands into one source per
   member video, `<id>_<member>`, with this row's clips and crop.
@@ -341,6 +345,7 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
   try:
     items = list(_clips_of(source_id, record))
     origin = _origin(record)
+    language = language_tag(record.get('language'))
   except (ValueError, TypeError) as error:
     reason = getattr(error, 'reason', 'bad_manifest_row')
     yield Reject(source_id, STAGE, reason, f'row {row}: {error}'[:300], source_id)
@@ -348,7 +353,7 @@ def source_from_record(record: dict, row: int, context: Optional['_ArchiveContex
   (_, height), clips = items[0], [c for c in items[1:] if isinstance(c, ClipSpec)]
   yield from (r for r in items[1:] if isinstance(r, Reject))
   if clips:
-    yield Source(source_id, url, tuple(clips), height or None, origin)
+    yield Source(source_id, url, tuple(clips), height or None, origin, language)
 
 
 def unknown_fields(names) -> str:
@@ -361,6 +366,25 @@ def unknown_fields(names) -> str:
     close = difflib.get_close_matches(str(name), MANIFEST_FIELDS, n=1)
     said.append(f'unknown field {str(name)[:40]!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
   return '; '.join(said) + f'; the fields are {", ".join(MANIFEST_FIELDS)}'
+
+
+def language_tag(value) -> str:
+  """A row's `language`, BCP-47's case conventions applied (`EN_us` -> `en-US`, `zh-hant` -> `zh-Hant`); '' when
+  not given. Anything else that is not a tag (`english`, `en US`, a number) is a `bad_language` ManifestError: the
+  reports split the score distributions by this code, so a misspelt one would make a language of its own."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return ''
+  text = value.strip() if isinstance(value, str) else None
+  if text is None or len(text) > 35 or not _LANGUAGE_TAG.fullmatch(text):
+    raise ManifestError('bad_language', f'language {str(value)[:40]!r} is not a BCP-47 language tag (e.g. en, en-US, '
+                        'pt-BR, zh-Hant, yue)')
+  first, *rest = text.replace('_', '-').split('-')
+  subtags, private = [first.lower()], False
+  for subtag in rest:  # after a singleton (x-, u-, ...) no case rule applies: lower case, as RFC 5646 recommends
+    private = private or len(subtag) == 1
+    subtags.append(subtag.lower() if private else subtag.title() if len(subtag) == 4 and subtag.isalpha()
+                   else subtag.upper() if len(subtag) == 2 and subtag.isalpha() else subtag.lower())
+  return '-'.join(subtags)
 
 
 def _origin(record: dict) -> Tuple[str, ...]:
@@ -470,6 +494,7 @@ class _ArchiveContext:
       record.update(sidecars.get(os.path.splitext(safe)[0]) or {})
       try:
         items = list(_clips_of(member_id, record))
+        language = language_tag(record.get('language'))
       except (ValueError, TypeError) as error:
         yield Reject(member_id, STAGE, getattr(error, 'reason', 'bad_manifest_row'), str(error)[:300], archive_id)
         continue
@@ -483,7 +508,7 @@ class _ArchiveContext:
                                     file=f'{archive_id}/{member_id}{os.path.splitext(safe)[1].lower()}',
                                     **listed.where).url
         before += listed.size
-        yield Source(member_id, media_url, tuple(clips), items[0][1] or None)
+        yield Source(member_id, media_url, tuple(clips), items[0][1] or None, language=language)
 
   def _classify(self, path: str, prefix: str, archive_id: str):
     """(members listed, member rejects, {stem: sidecar record}, [(safe name, member id, _Listed)] of videos).

@@ -71,10 +71,11 @@ def finished_shard_indexes(output: str) -> List[str]:
 
 
 def clean_unfinished(output: str, older_than_s: float) -> int:
-  """Remove temporary files and index files whose shard never finished, when older than `older_than_s`.
-
-  A job writing to the same output right now has only fresh ones, so its work in flight is left alone.
-  Returns how many were removed.
+  """Remove temporary files, index files whose shard never finished and the pieces of rejects.jsonl a killed
+  job left in `beam-temp-*` (Beam's text sink removes its folder when its job finishes), when older than
+  `older_than_s`. A job writing to the same output right now has only fresh ones, so its work in flight is left
+  alone (a local folder left empty goes at the end of the run: fileio.remove_empty_dirs). Returns how many were
+  removed.
   """
   now = time.time()
   entries = _matches(FileSystems.join(output, SHARDS, '*'))
@@ -82,6 +83,8 @@ def clean_unfinished(output: str, older_than_s: float) -> int:
   stale = [m.path for m in entries
            if (m.path.endswith(PARTIAL) or (m.path.endswith('.jsonl') and m.path[:-len('.jsonl')] + '.tar' not in tars))
            and now - (m.last_updated_in_seconds or now) > older_than_s]
+  stale += [m.path for m in _matches(FileSystems.join(output, 'beam-temp-*', '*'))
+            if now - (m.last_updated_in_seconds or now) > older_than_s]
   delete_quietly(stale)
   return len(stale)
 
@@ -143,6 +146,9 @@ def sample_json(analysis) -> dict:
       'blendshape_names': list(BLENDSHAPE_NAMES),
       'notes': list(task.notes),
       'inputs': task.inputs,
+      **({'language': task.language} if task.language else {}),
+      # --split_at_sync_breaks: resume skips the clip it was cut from once all its in-sync pieces are written
+      **({'cut_from': task.cut_from, 'cut_pieces': task.cut_pieces} if task.cut_from else {}),
   }
 
 
@@ -214,6 +220,24 @@ class ReadFragments(beam.PTransform):
             | 'RefFiles' >> beam.FlatMap(lambda pattern: [m.path for m in _matches(pattern)])
             | 'SpreadRefFiles' >> beam.Reshuffle()
             | 'ReadRefs' >> beam.FlatMap(lambda uri: [ref for ref in [read_fragment_ref(uri)] if ref]))
+
+
+class DropLeftover(beam.DoFn):
+  """SampleRef of a work-dir fragment no run will pack (its clip changed, left the input with --prune, or its
+  sample is published) -> its files deleted: the ref, the fragment, the rendered media. Runs once every writer
+  of the run is done (the side input); the ref is read again first, and a fragment this run made again under
+  the same key (its clip re-made) is left alone. Run twice, the second finds nothing."""
+
+  def __init__(self):
+    self.dropped = Metrics.counter(STAGE, 'fragments_dropped')
+
+  def process(self, ref: SampleRef, unused_writers_done=None):
+    now = read_fragment_ref(ref_uri(ref.fragment_uri))
+    if now is None or now.record.get('inputs', '') != ref.record.get('inputs', ''):
+      return
+    delete_quietly([ref_uri(ref.fragment_uri), ref.fragment_uri, *ref.consumed])
+    self.dropped.inc()
+    yield ref.id
 
 
 class _Total(beam.CombineFn):
@@ -395,8 +419,8 @@ def _without_keys(tar_path: str, keys: set, out_path: str) -> int:
 
 
 class RetireFromShards(beam.DoFn):
-  """(shard path relative to the output, [earlier records (id, planned id, frames, inputs, shard, key)]) -> those
-  records, once their samples are no longer in the output.
+  """(shard path relative to the output, [earlier records (id, planned id, frames, inputs, shard, key, cut,
+  unit)]) -> those records, once their samples are no longer in the output.
 
   The shard is rewritten in place without those samples: the tar first (one atomic replace), then its index.
   A crash between the two leaves index lines whose samples are gone, which the next run retires again; a
@@ -432,8 +456,8 @@ class RetireFromShards(beam.DoFn):
 
 
 class RetireSamples(beam.PTransform):
-  """Earlier records (id, planned id, frames, inputs, shard, key) to retire -> those retired (shard samples;
-  a folder unit's clips are left to its writer)."""
+  """Earlier records (id, planned id, frames, inputs, shard, key, cut, unit) to retire -> those retired (shard
+  samples; folder units: transforms/writers/folders.RetireUnits)."""
 
   def __init__(self, output: str):
     super().__init__()

@@ -15,11 +15,12 @@ import tempfile
 from typing import List, Optional, Tuple
 
 import apache_beam as beam
+from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.core.elements import Reject
 from transforms.core.fileio import iter_jsonl, put_file, write_atomic
-from transforms.writers.folders import unit_indexes
+from transforms.writers.folders import unit_indexes, unit_of
 from transforms.writers.shards import finished_shard_indexes
 
 
@@ -30,15 +31,23 @@ def published_indexes(output: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- run summary
 
-def _earlier_record(record: dict) -> Tuple[str, str, int, str, str, str]:
-  """(id, planned id, frames, inputs, shard, key): what resume, retiring and the summary need of a record."""
+def _earlier_record(record: dict, unit: str = '') -> Tuple[str, str, int, str, str, str, tuple, str]:
+  """(id, planned id, frames, inputs, shard, key, cut, unit): what resume, retiring and the summary need of a
+  record; `cut`: (clip cut from, its in-sync pieces) for a piece of --split_at_sync_breaks, else (); `unit`: the
+  folder unit whose published index holds it ('' in a shard)."""
+  cut = (record['cut_from'], int(record.get('cut_pieces') or 0)) if record.get('cut_from') else ()
   return (record['id'], record.get('planned_id') or record['id'], int(record.get('num_frames', 0)),
-          record.get('inputs', ''), record.get('shard', ''), record.get('key', ''))
+          record.get('inputs', ''), record.get('shard', ''), record.get('key', ''), cut, unit)
+
+
+# The element type of an earlier record: Beam would infer its cut from _earlier_record's code as a pair, and it
+# is () for most records.
+EARLIER = typehints.Tuple[str, str, int, str, str, str, typehints.Any, str]
 
 
 class ReadPublished(beam.PTransform):
   """Records of the shards and folder units already published in `output` (an earlier run):
-  (id, planned id, frames, inputs, shard, key).
+  (id, planned id, frames, inputs, shard, key, cut, unit).
 
   Read inside the pipeline, index file by index file, so the job graph does not grow with the output.
   """
@@ -52,7 +61,9 @@ class ReadPublished(beam.PTransform):
             | 'OutputDir' >> beam.Create([self.output])
             | 'IndexFiles' >> beam.FlatMap(published_indexes)
             | 'SpreadIndexFiles' >> beam.Reshuffle()
-            | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r) for r in iter_jsonl(path))))
+            | 'IndexRecords' >> beam.FlatMap(lambda path: (_earlier_record(r, unit_of(path))
+                                                           for r in iter_jsonl(path)))
+            .with_output_types(EARLIER))
 
 
 def _events(tag):

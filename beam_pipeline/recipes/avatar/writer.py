@@ -19,7 +19,8 @@ points in a small work-dir archive (the Analysis, with its per-frame arrays and 
 A subject is one folder unit (transforms/writers/folders.py): every file is written atomically with bytes that
 depend only on the subject's kept clips, then the unit's index (one record per clip) last, then the clips'
 work-dir media go. A retried bundle writes the same files; a unit an earlier attempt already published is
-not written again (its clips' media may already be gone).
+not written again (its clips' media may already be gone); a version an earlier run published before its clips
+changed is re-made over (folders.py).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from transforms.core.elements import ClipTask, Reject
 from transforms.core.fileio import delete_quietly, read_bytes, write_atomic
 from transforms.core.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.deadletter import DeadLetter
-from transforms.writers.folders import publish_unit, published_records
+from transforms.writers.folders import (
+    UnitFiles, publish_unit, published_records, remade, same_version, tree, unpublish)
 from transforms.writers.shards import sample_json
 
 STAGE = 'write'
@@ -211,7 +213,7 @@ def subject_record(clip: AvatarClip, subject: str, first_frame: int) -> dict:
 
 class WriteSubject(beam.DoFn):
   """(subject, [AvatarClip]) -> one index record per clip, after the subject's folder is published; `Reject`s on
-  tag `rejects` (`subject_exists` for every clip when an earlier run published the subject with other clips;
+  tag `rejects` (`subject_exists` for every clip when an earlier run published the subject without them;
   run under DeadLetter, an unexpected failure is `internal_error` for every clip of the subject).
 
   `fit` (optional): keypoints (T, 68, 2), iris (T, 2, 2), frame names, joined (T - 1,) -> {file name: bytes} of
@@ -225,21 +227,25 @@ class WriteSubject(beam.DoFn):
     self.frames = Metrics.counter(STAGE, 'avatar_frames')
 
   def published(self, element) -> Optional[List[dict]]:
-    """The subject's records when some attempt published its folder (DeadLetter: a concurrent attempt)."""
-    return published_records(self.output, element[0])
+    """The subject's records when some attempt published its folder with these clips (DeadLetter: a concurrent
+    attempt); not an earlier version of the subject this attempt re-makes."""
+    records = published_records(self.output, element[0])
+    return records if same_version(records, _versions(element[1])) else None
 
   def process(self, element):
     subject, analyses = element
     analyses = sorted(analyses, key=lambda a: (a.task.start, a.task.clip_id))
     published = published_records(self.output, subject)
-    if published is not None and sorted(r['id'] for r in published) != sorted(a.task.clip_id for a in analyses):
+    same = same_version(published, _versions(analyses))  # a retried bundle finds its subject published
+    if published is not None and not same and not remade(published, _versions(analyses)):
+      # clips added to a published subject would renumber its frames
       detail = (f'the subject folder {subject} was published by an earlier run with other clips '
                 f'({len(published)}); write to another --output to make it with these')
       yield from self._rejects(analyses, 'subject_exists', detail)
       self._drop_media(analyses)
       return
     # An unexpected error here rejects each of the subject's clips (DeadLetter, with their planned ids).
-    records = published if published is not None else self._write(subject, analyses)
+    records = published if same else self._write(subject, analyses, published)
     self._drop_media(analyses)  # only once the unit is published: a retry may need them until then
     yield from records
 
@@ -255,8 +261,12 @@ class WriteSubject(beam.DoFn):
       yield beam.pvalue.TaggedOutput('rejects', Reject(task.clip_id, STAGE, reason, detail[:500], task.source_id,
                                                        planned_id=task.planned_id))
 
-  def _write(self, subject: str, clips: List[AvatarClip]) -> List[dict]:
-    folder = FileSystems.join(self.output, subject)
+  def _write(self, subject: str, clips: List[AvatarClip], earlier: Optional[List[dict]]) -> List[dict]:
+    """Writes the subject's folder and publishes it; `earlier`: the records of the version a run published
+    before its clips changed, unpublished first and written over (transforms/writers/folders.py)."""
+    if earlier is not None:
+      unpublish(self.output, subject, earlier)
+    files = UnitFiles(FileSystems.join(self.output, subject))
     names: List[str] = []
     records, lmk68, iris, joined = [], [], [], []
     ended, ended_kept = None, False  # where the previous clip ended, and whether its last frame was kept
@@ -271,7 +281,7 @@ class WriteSubject(beam.DoFn):
           raise ValueError(f'frame archive of {clip.task.clip_id} holds {member} where frame {seen} belongs')
         seen += 1
         if local < len(keep) and keep[local]:
-          write_atomic(FileSystems.join(folder, IMAGES, frame_name(len(names) + count)), data)
+          write_atomic(files.uri(IMAGES, frame_name(len(names) + count)), data)
           count += 1
       if seen != len(keep) or count != clip.kept:
         raise ValueError(f'frame archive of {clip.task.clip_id} holds {seen} of its {len(keep)} frames')
@@ -283,24 +293,22 @@ class WriteSubject(beam.DoFn):
       joined += _load(staged, 'joined.npy').tolist()
       ended, ended_kept = clip.task.end, bool(keep[-1])
     lmk68, iris = np.concatenate(lmk68), np.concatenate(iris)
-    self._drop_stale_frames(folder, len(names))
-    write_atomic(FileSystems.join(folder, 'keypoint.json'), keypoint_json(names, lmk68))
-    write_atomic(FileSystems.join(folder, 'iris.json'), iris_json(names, iris))
+    write_atomic(files.uri('keypoint.json'), keypoint_json(names, lmk68))
+    write_atomic(files.uri('iris.json'), iris_json(names, iris))
     if self.fit is not None:
       for file_name, data in sorted(self.fit(lmk68, iris, names, np.asarray(joined, bool)).items()):
-        write_atomic(FileSystems.join(folder, file_name), data)
+        write_atomic(files.uri(file_name), data)
+    # What an earlier version or an unpublished attempt left and this one does not write: frames past the new
+    # count, a FLAME fit this run does not make.
+    files.drop_others(tree(files.root))
     published = publish_unit(self.output, subject, records)
     self.subjects.inc()
     self.frames.inc(len(names))
     return published
 
-  @staticmethod
-  def _drop_stale_frames(folder: str, count: int) -> None:
-    """Frames past `count` left by an unpublished earlier attempt that had more clips."""
-    pattern = FileSystems.join(folder, IMAGES, '*.png')
-    found = FileSystems.match([pattern])[0].metadata_list
-    stale = [m.path for m in found if _FRAME_FILE.search(m.path) and int(_FRAME_FILE.search(m.path).group(1)) >= count]
-    delete_quietly(stale)
+
+def _versions(clips) -> List[Tuple[str, str]]:
+  return [(clip.task.clip_id, clip.task.inputs) for clip in clips]
 
 
 class WriteAvatarFolders(beam.PTransform):

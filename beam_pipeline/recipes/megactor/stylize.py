@@ -81,8 +81,13 @@ class OpenCVStyler:
                                    numIters=3)
     grey = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY)
     edges = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
-    shade = 1 - self.edge_strength * np.minimum(edges, 200) / 200
-    return cv2.multiply(cv2.LUT(smooth, self.levels), cv2.merge([shade, shade, shade]), dtype=cv2.CV_32F)
+    shade = np.minimum(edges, 200, out=edges)  # in place from here: full-frame temporaries cost page faults
+    shade *= self.edge_strength
+    shade /= 200
+    np.subtract(1, shade, out=shade)
+    styled = cv2.LUT(smooth, self.levels)
+    styled *= shade[..., None]
+    return styled
 
   def for_clip(self, clip_id: str) -> ClipStyle:
     previous: Dict[str, Optional[np.ndarray]] = {'input': None, 'styled': None}
@@ -93,10 +98,18 @@ class OpenCVStyler:
         styled = self.style(frame)
         if previous['styled'] is not None and previous['input'].shape == frame.shape:
           change = cv2.transform(cv2.absdiff(frame, previous['input']).astype(np.float32), _CHANNEL_MEAN)
-          weight = self.keep * np.exp(-(cv2.GaussianBlur(change, (0, 0), 2) / self.still_px) ** 2)
-          styled += weight[..., None] * (previous['styled'] - styled)
+          weight = cv2.GaussianBlur(change, (0, 0), 2)  # keep x exp(-(blur / still_px)^2), in place
+          weight /= self.still_px
+          np.square(weight, out=weight)
+          np.negative(weight, out=weight)
+          np.exp(weight, out=weight)
+          weight *= self.keep
+          pull = np.subtract(previous['styled'], styled)
+          pull *= weight[..., None]
+          styled += pull
         previous['input'], previous['styled'] = frame, styled
-        out.append(np.clip(np.round(styled), 0, 255).astype(np.uint8))
+        rounded = np.rint(styled)
+        out.append(np.clip(rounded, 0, 255, out=rounded).astype(np.uint8))
       return out
 
     return style_frames

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.recipes.base import Recipe
 from beam_pipeline.recipes.mmvox.attributes import AttributeFileError, attribute_format, parse_row
 from beam_pipeline.recipes.mmvox.tubes import TrackTubes, TubeRules
-from beam_pipeline.recipes.mmvox.writer import MmvoxFrames, WriteLayout
+from beam_pipeline.recipes.mmvox.writer import MmvoxFrames, WriteLayout, WriteLoaderCaches, tube_files
 from transforms.analyzers.parsing import parsing_analyzers
 from transforms.core.layout import work_dir_of
 from transforms.sampling import shot_detection
@@ -66,6 +66,12 @@ class Mmvox(Recipe):
     # Glasses, earrings and hats only from a parsing that has the classes: BiSeNet's, not the offline one.
     return kept | 'MmvoxWriter' >> WriteLayout(opts.output, opts.tube_format, read_attributes(opts.attributes),
                                                infer_parsed=bool(opts.parsing_weights))
+
+  def unit_files(self, output, records):
+    return tube_files(output, records[0]['folder']) if records else []
+
+  def after_output(self, settled, opts):
+    _ = settled | 'MmvoxLoaderCaches' >> WriteLoaderCaches(opts.output)
 
 
 RECIPE = Mmvox()

@@ -36,14 +36,20 @@ from transforms.core.fileio import delete_quietly, iter_jsonl, read_bytes, write
 from transforms.core.frame_store import FrameArchive, archive_uri, read_frame_archive
 from transforms.deadletter import DeadLetter
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
-from transforms.writers.folders import publish_unit, published_records, unit_indexes
+from transforms.writers.folders import (
+    UnitFiles, existing, publish_unit, published_records, same_version, unit_indexes, unpublish)
 
 STAGE = 'write'
 LAYOUT = 'mmvox'
 VIDEO, MASK, DRAW = 'mmvox_video', 'mmvox_mask', 'mmvox_draw'
 EVERY = 4  # masks and drawings on frames 0, 4, 8, ...
 DRAW_STYLE = 'style1'
-PNG_LEVEL = 3  # zlib level: about 2x faster than the default 9 on 256 px frames for ~8 % more bytes
+# PNG settings (lossless either way: the same pixels), by bench/recipe_frames.py on 256 px tubes. Frames: zlib level 2
+# with the Paeth filter on every row, 1.8x faster than level 3 with libpng's per-row filter choice for 3 % more bytes
+# (level 9: 16x the time for 8 % fewer). Masks and drawings (flat colours, grey strokes): OpenCV's default (level 1,
+# the Sub filter, run-length matches), 2.5x faster than level 3 and smaller.
+PNG_PHOTO = (cv2.IMWRITE_PNG_COMPRESSION, 2, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH)
+PNG_FLAT = ()
 # BiSeNet classes whose share of a parsed frame says an attribute (attributes.PARSED_AT); the offline
 # parsing never gives them.
 PARSED_CLASSES = {'Eyeglasses': parsing.GLASSES, 'Wearing_Earrings': parsing.EARRING, 'Wearing_Hat': parsing.HAT}
@@ -68,10 +74,10 @@ def hair_measure(rgb: np.ndarray, parsed: np.ndarray) -> Tuple[float, float, flo
   return float(hair.mean()), float(lightness), float(a), float(b)
 
 
-def png(image: np.ndarray) -> bytes:
+def png(image: np.ndarray, settings=PNG_PHOTO) -> bytes:
   """PNG bytes of an RGB (H, W, 3) or grey (H, W) image; the same pixels always give the same bytes."""
   pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-  ok, data = cv2.imencode('.png', pixels, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+  ok, data = cv2.imencode('.png', pixels, list(settings))
   if not ok:
     raise ValueError(f'could not encode a {image.shape} frame as PNG')
   return data.tobytes()
@@ -94,11 +100,11 @@ class _FramesPass(ClipPass):
         continue
       parsed = frame.found.get('parsing')
       if parsed is not None:
-        self.archives[MASK].add(name, png(parsing.colorize(parsed)))
+        self.archives[MASK].add(name, png(parsing.colorize(parsed), PNG_FLAT))
         if frame.index < len(self.hair):
           self.hair[frame.index] = hair_measure(frame.image, parsed)
           self.shares[frame.index] = [np.mean(parsed == label) for label in PARSED_CLASSES.values()]
-      self.archives[DRAW].add(name, png(pencil_sketch(frame.image)))
+      self.archives[DRAW].add(name, png(pencil_sketch(frame.image), PNG_FLAT))
 
   def finish(self, num_frames: int) -> PassResult:
     files = {name: archive.close() for name, archive in self.archives.items()}
@@ -157,7 +163,9 @@ def unit_name(key: str) -> str:
 class WriteTube(beam.DoFn):
   """Analysis of a kept tube -> its files in the layout, then published/<unit_name>.jsonl, then its work-dir media
   deleted; yields the tube's index record (a retried bundle finds the tube published and its media gone: the
-  published record again). The attribute table is a side input (`table`: key -> 40 '0'/'1' characters)."""
+  published record again; a tube an earlier run published before its clip changed is unpublished, written over,
+  what it had and this version has not deleted, and published again: transforms/writers/folders.py). The
+  attribute table is a side input (`table`: key -> 40 '0'/'1' characters)."""
 
   def __init__(self, output: str, tube_format: str, infer_parsed: bool):
     self.output = output
@@ -167,9 +175,11 @@ class WriteTube(beam.DoFn):
     self.inferred = Metrics.counter(STAGE, 'mmvox_labels_inferred')
 
   def published(self, analysis) -> Optional[List[dict]]:
-    """The tube's record when some attempt published it (DeadLetter: a concurrent attempt)."""
-    records = published_records(self.output, unit_name(tube_key(analysis.clip.task)))
-    return records if records and records[0].get('id') == analysis.clip.task.clip_id else None
+    """The tube's record when some attempt published it from the same inputs (DeadLetter: a concurrent
+    attempt)."""
+    task = analysis.clip.task
+    records = published_records(self.output, unit_name(tube_key(task)))
+    return records if same_version(records, [(task.clip_id, task.inputs)]) else None
 
   def process(self, analysis, table=None):
     clip = analysis.clip
@@ -183,17 +193,20 @@ class WriteTube(beam.DoFn):
           task.clip_id, STAGE, 'duplicate_key', f'{key} is already {published[0].get("id")}\'s (speaker, video and '
           'utterance must name one manifest row)', task.source_id, planned_id=task.planned_id))
       return
-    if published is not None:  # a retried bundle: the tube's media went once it was published
+    if same_version(published, [(task.clip_id, task.inputs)]):  # a retry: the media went at the publish
       delete_quietly([clip.mp4_uri, *files.values()])
       yield from published
       return
+    if published is not None:  # the tube's clip changed since a run published it: made again over it
+      unpublish(self.output, unit_name(key), published)
+    written = UnitFiles(self.output)
     if self.tube_format == 'mp4':
-      write_atomic(_join(self.output, 'video', key + '.mp4'), read_bytes(clip.mp4_uri))
+      write_atomic(written.uri('video', key + '.mp4'), read_bytes(clip.mp4_uri))
       frames = clip.num_frames
     else:
-      frames = self._expand(files[VIDEO], 'video', key)
-    masks = self._expand(files[MASK], 'mask', key)
-    drawings = self._expand(files[DRAW], 'draw', DRAW_STYLE, key)
+      frames = self._expand(written, files[VIDEO], 'video', key)
+    masks = self._expand(written, files[MASK], 'mask', key)
+    drawings = self._expand(written, files[DRAW], 'draw', DRAW_STYLE, key)
     row = lookup(table or {}, key, task.clip_id, task.planned, task.source_id)
     if row is not None:
       labels = from_file(row)
@@ -203,29 +216,41 @@ class WriteTube(beam.DoFn):
       parsed = ({name: shares[:, column] for column, name in enumerate(PARSED_CLASSES)}
                 if self.infer_parsed and shares is not None else None)
       labels = infer_attributes(analysis.arrays['blendshapes'], analysis.arrays.get('hair'), parsed)
-    write_atomic(_join(self.output, 'label', key + '.txt'), labels.text().encode())
-    write_atomic(_join(self.output, 'label', key + FLAGS_SUFFIX), json.dumps(labels.flags(), sort_keys=True).encode())
+    write_atomic(written.uri('label', key + '.txt'), labels.text().encode())
+    write_atomic(written.uri('label', key + FLAGS_SUFFIX), json.dumps(labels.flags(), sort_keys=True).encode())
     text = '\n'.join(captions(key, labels.values, labels.known))  # no final newline, as MMVID's make_text.py
-    write_atomic(_join(self.output, 'txt', key + '.txt'), text.encode())
+    write_atomic(written.uri('txt', key + '.txt'), text.encode())
     record = {
         'id': task.clip_id, 'planned_id': task.planned, 'source_id': task.source_id, 'num_frames': clip.num_frames,
         'fps': clip.fps, 'size': clip.size, 'start': round(task.start, 4), 'end': round(task.end, 4),
         'window': list(task.window), 'layout': LAYOUT, 'tube_format': self.tube_format, 'frames': frames,
         'masks': masks, 'drawings': drawings, 'labels': 'file' if row is not None else 'inferred',
         'inferred': list(labels.inferred), 'active': [i for i, value in enumerate(labels.values) if value],
-        'scores': analysis.scores,
+        'scores': analysis.scores, 'inputs': task.inputs, **({'language': task.language} if task.language else {}),
     }
+    written.drop_others(tube_files(self.output, key))  # frames past the new count, the other tube format's
     published = publish_unit(self.output, unit_name(key), [record], folder=key)
     delete_quietly([clip.mp4_uri, *files.values()])
     self.tubes.inc()
     yield from published
 
-  def _expand(self, archive: str, *folder: str) -> int:
+  @staticmethod
+  def _expand(written: UnitFiles, archive: str, *folder: str) -> int:
     count = 0
     for name, data in read_frame_archive(archive):
-      write_atomic(_join(self.output, *folder, name), data)
+      write_atomic(written.uri(*folder, name), data)
       count += 1
     return count
+
+
+def tube_files(output: str, key: str) -> List[str]:
+  """Every file of tube `key` in the layout, its video first (what VoxDataset's cache lists)."""
+  single = [_join(output, 'video', key + '.mp4'), _join(output, 'label', key + '.txt'),
+            _join(output, 'label', key + FLAGS_SUFFIX), _join(output, 'txt', key + '.txt')]
+  folders = (('video', key), ('mask', key), ('draw', DRAW_STYLE, key))
+  found = existing([_join(output, *folder, '*') for folder in folders])
+  return [uri for uri in single[:1] if FileSystems.exists(uri)] + found + [
+      uri for uri in single[1:] if FileSystems.exists(uri)]
 
 
 # ----------------------------------------------------------------------------- the loader caches
@@ -300,7 +325,7 @@ def write_loader_cache(tubes: Dict[str, tuple], output: str) -> str:
 
 
 def earlier_tubes(output: str) -> Iterable[dict]:
-  """Index records of the mmvox tubes earlier runs published into `output` (the cache covers them too)."""
+  """Index records of the mmvox tubes published into `output`."""
   for index in unit_indexes(output):
     for record in iter_jsonl(index):
       if record.get('layout') == LAYOUT:
@@ -314,9 +339,9 @@ def attribute_rows(line: str, layout: AttributeFormat, uri: str) -> Iterable[Tup
 
 
 class WriteLayout(beam.PTransform):
-  """Analyses of kept tubes -> {'records', 'rejects'}: each tube written and published, then the loader
-  caches once from the records of this run and the earlier ones (a combine, not a pass over the output).
-  The --attributes table is read from its file by the workers (a side input), never held in the job graph."""
+  """Analyses of kept tubes -> {'records', 'rejects'}: each tube written and published (the loader caches come
+  once the run's tubes are published or retired: `WriteLoaderCaches`). The --attributes table is read from its
+  file by the workers (a side input), never held in the job graph."""
 
   def __init__(self, output: str, tube_format: str, attributes: Optional[Tuple[str, AttributeFormat]],
                infer_parsed: bool):
@@ -336,12 +361,22 @@ class WriteLayout(beam.PTransform):
       rows = pipeline | 'MmvoxNoAttributes' >> beam.Create([])
     written = kept | 'MmvoxWriteTubes' >> beam.ParDo(DeadLetter(self.writer, STAGE), table=beam.pvalue.AsDict(
         rows)).with_outputs('rejects', main='records')
-    earlier = (pipeline
-               | 'MmvoxOutputDir' >> beam.Create([self.output])
-               | 'MmvoxEarlierTubes' >> beam.FlatMap(earlier_tubes))
-    _ = ((written.records, earlier)
-         | 'MmvoxAllTubes' >> beam.Flatten()
-         | 'MmvoxCacheEntries' >> beam.Map(cache_entry)
-         | 'MmvoxCombineCache' >> beam.CombineGlobally(LoaderCacheFn())
-         | 'MmvoxWriteCache' >> beam.Map(write_loader_cache, self.output))
     return {'records': written.records, 'rejects': written.rejects}
+
+
+class WriteLoaderCaches(beam.PTransform):
+  """`settled` (one element once every tube of the run is published or retired) -> the loader caches, from the
+  index records of every tube the output holds then (a combine, not a pass over the frames): a tube a rerun
+  retired is not listed, one it made again is listed as it is now."""
+
+  def __init__(self, output: str):
+    super().__init__()
+    self.output = output
+
+  def expand(self, settled):
+    return (settled.pipeline
+            | 'MmvoxOutputDir' >> beam.Create([self.output])
+            | 'MmvoxTubes' >> beam.FlatMap(lambda output, _: earlier_tubes(output), beam.pvalue.AsSingleton(settled))
+            | 'MmvoxCacheEntries' >> beam.Map(cache_entry)
+            | 'MmvoxCombineCache' >> beam.CombineGlobally(LoaderCacheFn())
+            | 'MmvoxWriteCache' >> beam.Map(write_loader_cache, self.output))

@@ -14,6 +14,7 @@ grouped into head, neck and torso as AD-NeRF's face-parsing step colours them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 from typing import Dict, List, Optional, Sequence, Union
@@ -44,9 +45,14 @@ CM_PER_UNIT = 100.0  # poses are written in metres (AD-NeRF's tracked heads sit 
 
 def classes_mask(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
   """Bool (H, W): the pixels of a uint8 label map in `classes` (a table look-up: np.isin is several times slower)."""
+  return cv2.LUT(labels, _class_table(tuple(classes))).view(bool)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_table(classes: tuple) -> np.ndarray:
   table = np.zeros(256, np.uint8)
   table[list(classes)] = 1
-  return cv2.LUT(labels, table).view(bool)
+  return table
 
 
 # ----------------------------------------------------------------------------- landmarks
@@ -86,9 +92,13 @@ def foreground_distance(labels: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(background).astype(np.float32)
   # OpenCV's exact transform is a few times faster than scipy's (it runs on every frame), but its float32 result
   # varies in the last bit from call to call; a squared distance is a whole number, so rounding it gives exactly
-  # scipy's result every time, and ties between frames stay ties.
-  approximate = cv2.distanceTransform(background.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-  return np.sqrt(np.rint(np.square(approximate, dtype=np.float64))).astype(np.float32)
+  # scipy's result every time, and ties between frames stay ties. In float32, in place: below this diagonal the
+  # square is under 2^22, where float32 rounds it by at most 1/8 more, so it rounds to the same whole number as
+  # in float64, and a float32 square root of it is float64's rounded (2 x 24 + 2 <= 53 bits).
+  distance = cv2.distanceTransform(background.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+  np.multiply(distance, distance, out=distance)
+  np.rint(distance, out=distance)
+  return np.sqrt(distance, out=distance)
 
 
 @dataclasses.dataclass
@@ -161,9 +171,10 @@ def _fill_upwards(target: np.ndarray, source: np.ndarray, part: np.ndarray, head
   times the one below.
   Returns the mask of filled pixels."""
   filled = np.zeros(part.shape, bool)
-  counts = np.count_nonzero(part, axis=0)
+  by_column = cv2.transpose(part.view(np.uint8))  # (W, H): a column per row, so that its scans run along memory
+  counts = cv2.reduce(by_column, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[:, 0]
   columns = np.flatnonzero(counts)
-  tops = part[:, columns].argmax(axis=0)  # each column's topmost part pixel
+  tops = by_column[columns].argmax(axis=1)  # each column's topmost part pixel
   under_head = (tops > 0) & head[np.maximum(tops - 1, 0), columns]
   columns, tops = columns[under_head], tops[under_head] + np.minimum(counts[columns[under_head]] - 1, push_down)
   if not len(columns):
@@ -201,11 +212,26 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, bc: np.ndarray) -> np.ndarra
   neck = cv2.dilate(neck.view(np.uint8), np.ones((2 * reach + 1, 1), np.uint8)).view(bool)
   neck_filled = _fill_upwards(image, gt, neck, head, px(NECK_FILL_PX) + px(NECK_PUSH_DOWN), px(NECK_PUSH_DOWN),
                               darkening)
-  image = cv2.copyTo(cv2.GaussianBlur(image, (5, 5), FILL_BLUR_SIGMA), neck_filled.view(np.uint8), image)
+  _blur_into(image, neck_filled)
   keep = (neck | torso | neck_filled | torso_filled).view(np.uint8)
-  rgba = cv2.cvtColor(cv2.copyTo(image, keep, np.zeros_like(image)), cv2.COLOR_RGB2RGBA)  # alpha 255
-  rgba[..., 3] *= keep
-  return rgba
+  # RGB and alpha 255 where kept, transparent black elsewhere.
+  return cv2.copyTo(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), keep, np.zeros(image.shape[:2] + (4,), np.uint8))
+
+
+def _blur_into(image: np.ndarray, where: np.ndarray) -> None:
+  """`image`'s pixels under the bool mask `where` replaced, in place, by those of the image blurred 5 x 5 with
+  FILL_BLUR_SIGMA (OpenCV's default border). Only the mask's box and the kernel's reach around it are blurred: the
+  same pixels as blurring the whole frame (OpenCV's 8-bit Gaussian is bit-exact, and where the box meets the frame's
+  edge it meets it in both), at a fraction of the cost."""
+  if not where.any():
+    return
+  x, y, w, h = cv2.boundingRect(where.view(np.uint8))
+  reach = 2  # the 5 x 5 kernel's
+  x0, y0 = max(x - reach, 0), max(y - reach, 0)
+  x1, y1 = min(x + w + reach, image.shape[1]), min(y + h + reach, image.shape[0])
+  region = image[y0:y1, x0:x1]
+  blurred = cv2.GaussianBlur(np.ascontiguousarray(region), (5, 5), FILL_BLUR_SIGMA)
+  np.copyto(region, blurred, where=where[y0:y1, x0:x1, None])
 
 
 # ----------------------------------------------------------------------------- image files

@@ -17,10 +17,9 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 import wave
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -38,14 +37,14 @@ from transforms.deadletter import DeadLetter, describe
 from transforms.frame_analysis import ClipPass, Frame, FrameAnalyzer, PassResult
 from transforms.lib.features import EYE_BLINK, wav_samples
 from transforms.subject_window import INCOMPLETE
-from transforms.writers.folders import publish_unit, published_records
+from transforms.writers.folders import (
+    UnitFiles, publish_unit, published_records, remade, same_version, tree, unpublish)
 
 STAGE = 'write'
 FRAMES = 'nerf'  # the render pass's frame archive (RenderedClip.files key and archive name)
 STAGED = 'nerf_meta'  # the writer's per-clip archive of arrays and audio
 BACKGROUND = 'nerf_bg'  # prefix of the partial background's arrays in RenderedClip.arrays
 AUDIO_RATE = 16000
-_FRAME_FILE = re.compile(r'/(?P<folder>[^/]+)/(?P<index>\d+)\.(?P<ext>[a-z]+)$')  # <subject>/<folder>/<frame>.<ext>
 
 
 # ----------------------------------------------------------------------------- render pass
@@ -240,25 +239,35 @@ class WriteSubject(beam.DoFn):
         self.models[kind].setup()
 
   def published(self, keyed) -> Optional[List[dict]]:
-    """The subject's records when some attempt published its folder (DeadLetter: a concurrent attempt)."""
-    return published_records(self.output, keyed[0])
+    """The subject's records when some attempt published its folder with these clips (DeadLetter: a concurrent
+    attempt); not an earlier version of the subject this attempt re-makes."""
+    records = published_records(self.output, keyed[0])
+    return records if same_version(records, _versions(keyed[1]['clips'])) else None
 
   def process(self, keyed):
     subject, grouped = keyed
     clips = sorted(grouped['clips'], key=lambda clip: clip.order)
     if not clips:
       return
+    published = published_records(self.output, subject)
+    if same_version(published, _versions(clips)):  # a retried bundle finds its subject published
+      yield from published
+      delete_quietly([uri for clip in clips for uri in clip.consumed])
+      return
+    if published is not None and not remade(published, _versions(clips)):
+      yield from self._not_added(subject, clips)
+      return
     # An unexpected error rejects each of the subject's clips `internal_error` (DeadLetter, with their planned
     # ids); the audio model failing on the subject's audio is a `model_error`, which a later run retries.
     failed = sorted(grouped.get('failed', ()))
-    if failed and published_records(self.output, subject) is None:  # written whole (transforms/subject_window.py)
+    if failed:  # written whole (transforms/subject_window.py)
       for clip in clips:
         yield self._reject(clip, INCOMPLETE, f'subject {subject} is written only with all its clips, and {failed[0]} '
                            'failed in a way a later run retries: that run makes the subject')
       delete_quietly([uri for clip in clips for uri in clip.consumed])
       return
     try:
-      yield from self._subject(subject, clips, b''.join(grouped['bc']))
+      yield from self._subject(subject, clips, b''.join(grouped['bc']), published)
     except AudioFeatureError as error:
       detail = describe(error)
       logging.warning('nerf: the audio features of subject %s failed: %s', subject, detail)
@@ -270,24 +279,22 @@ class WriteSubject(beam.DoFn):
     return beam.pvalue.TaggedOutput('rejects', Reject(clip.task.clip_id, STAGE, reason, detail, clip.task.source_id,
                                                       planned_id=clip.task.planned_id))
 
-  def _uri(self, subject: str, *parts: str) -> str:
-    return FileSystems.join(self.output, subject, *parts)
-
-  def _subject(self, subject: str, clips: List[NerfClip], bc_jpeg: bytes):
-    published = published_records(self.output, subject)
-    if published is not None:
-      yield from self._already_published(subject, clips, published)
-      return
+  def _subject(self, subject: str, clips: List[NerfClip], bc_jpeg: bytes, earlier: Optional[List[dict]]):
+    """Writes the subject's folder and publishes it; `earlier`: the records of the version a run published
+    before its clips changed, unpublished first and written over (transforms/writers/folders.py)."""
+    if earlier is not None:
+      unpublish(self.output, subject, earlier)
+    folder = UnitFiles(FileSystems.join(self.output, subject))
     size, fps = clips[0].size, clips[0].fps
     bc = nf.decode_image(bc_jpeg)
-    write_atomic(self._uri(subject, 'bc.jpg'), bc_jpeg)
+    write_atomic(folder.uri('bc.jpg'), bc_jpeg)
     camera = nf.intrinsics(size, self.focal)
-    mesh = _FramesJson(self._uri(subject, 'face_mesh.json'), {
+    mesh = _FramesJson(folder.uri('face_mesh.json'), {
         'image_size': [size, size], 'units': 'output pixels; z is relative depth at the scale of x (MediaPipe)'})
-    face_poses = _FramesJson(self._uri(subject, 'face_poses.json'), {
+    face_poses = _FramesJson(folder.uri('face_poses.json'), {
         'convention': 'MediaPipe facial transformation matrix: canonical face (cm) -> camera space of a '
                       f'{nf.MEDIAPIPE_VERTICAL_FOV:g} degree vertical field of view camera looking down -z'})
-    camera_poses = _FramesJson(self._uri(subject, 'camera_poses.json'), dict(
+    camera_poses = _FramesJson(folder.uri('camera_poses.json'), dict(
         camera, width=size, height=size,
         convention='camera-to-world in the head\'s frame, metres; OpenGL/NeRF axes (x right, y up, the camera '
                    'looks down -z), as AD-NeRF\'s transform_matrix'))
@@ -301,12 +308,12 @@ class WriteSubject(beam.DoFn):
         matrices = np.load(io.BytesIO(staged['matrix.npy'])).astype(np.float64)
         blinks.append(np.load(io.BytesIO(staged['blinks.npy'])))
         pcm.append(nf.frame_aligned_pcm(_pcm(staged['audio.wav']), first, clip.num_frames, fps, AUDIO_RATE))
-        self._write_frames(subject, clip, first, bc)
+        self._write_frames(folder, clip, first, bc)
         for index in range(clip.num_frames):
           i = first + index
           found = bool(np.isfinite(landmarks[index]).all() and np.isfinite(matrices[index]).all())
           if found:
-            write_atomic(self._uri(subject, 'ori_imgs', f'{i}.lms'), nf.lms_text(lmk68[index]))
+            write_atomic(folder.uri('ori_imgs', f'{i}.lms'), nf.lms_text(lmk68[index]))
             poses[i] = nf.camera_pose(matrices[index], size, camera['focal_len'])
             rects[i] = nf.face_rect(lmk68[index], size, size)
           mesh.add({'img_id': i, 'landmarks': np.round(landmarks[index], 2).tolist() if found else None})
@@ -320,22 +327,25 @@ class WriteSubject(beam.DoFn):
       for frames_json in (mesh, face_poses, camera_poses):
         frames_json.discard()
     wav = _wav_bytes(np.concatenate(pcm))
-    write_atomic(self._uri(subject, 'audio.wav'), wav)
+    write_atomic(folder.uri('audio.wav'), wav)
     for kind in self.audio_kinds:
       for name, features in trainer_files(kind, _pcm(wav), first, fps, self.models.get(kind)).items():
-        write_atomic(self._uri(subject, name), nf.npy_bytes(features.astype(np.float32)))
-    write_atomic(self._uri(subject, 'au.csv'), nf.au_csv(np.concatenate(blinks), fps))
+        write_atomic(folder.uri(name), nf.npy_bytes(features.astype(np.float32)))
+    write_atomic(folder.uri('au.csv'), nf.au_csv(np.concatenate(blinks), fps))
     for name, ids in nf.split_ids(sorted(poses), self.val_every).items():
-      write_atomic(self._uri(subject, f'transforms_{name}.json'),
+      write_atomic(folder.uri(f'transforms_{name}.json'),
                    _adnerf_json_bytes(nf.transforms_json(ids, poses, rects, camera)))
-    self._drop_stale_files(subject, first, set(poses), any(clip.depth_uri for clip in clips))
+    # What an earlier version or an unpublished attempt left and this one does not write: frames past the new
+    # count, `.lms` of frames without a face now, depth maps or audio features this run does not make.
+    folder.drop_others(tree(folder.root))
     published = publish_unit(self.output, subject, records)
     self.subjects.inc()
     self.frames_written.inc(first)
     yield from published
     delete_quietly([uri for clip in clips for uri in clip.consumed])
 
-  def _write_frames(self, subject: str, clip: NerfClip, first: int, bc: np.ndarray) -> None:
+  @staticmethod
+  def _write_frames(folder: UnitFiles, clip: NerfClip, first: int, bc: np.ndarray) -> None:
     """ori_imgs, parsing, gt_imgs (= com_imgs), head_imgs and torso_imgs (and depth) of one clip's frames, numbered
     from `first`."""
     image = None
@@ -343,44 +353,33 @@ class WriteSubject(beam.DoFn):
       index, kind = name.rsplit('.', 1)
       i = first + int(index)
       if kind == 'jpg':
-        write_atomic(self._uri(subject, 'ori_imgs', f'{i}.jpg'), data)
+        write_atomic(folder.uri('ori_imgs', f'{i}.jpg'), data)
         image = nf.decode_image(data)
         continue
-      write_atomic(self._uri(subject, 'parsing', f'{i}.png'), data)
+      write_atomic(folder.uri('parsing', f'{i}.png'), data)
       labels = nf.decode_image(data)
       gt = nf.gt_image(image, labels, bc)
       gt_jpeg = nf.encode_jpeg(gt)
-      write_atomic(self._uri(subject, 'gt_imgs', f'{i}.jpg'), gt_jpeg)
-      write_atomic(self._uri(subject, 'com_imgs', f'{i}.jpg'), gt_jpeg)  # AD-NeRF's com_imgs are its gt images
-      write_atomic(self._uri(subject, 'head_imgs', f'{i}.jpg'), nf.encode_jpeg(nf.head_image(gt, labels, bc)))
-      write_atomic(self._uri(subject, 'torso_imgs', f'{i}.png'), nf.encode_png(nf.torso_image(gt, labels, bc)))
+      write_atomic(folder.uri('gt_imgs', f'{i}.jpg'), gt_jpeg)
+      write_atomic(folder.uri('com_imgs', f'{i}.jpg'), gt_jpeg)  # AD-NeRF's com_imgs are its gt images
+      write_atomic(folder.uri('head_imgs', f'{i}.jpg'), nf.encode_jpeg(nf.head_image(gt, labels, bc)))
+      write_atomic(folder.uri('torso_imgs', f'{i}.png'), nf.encode_png(nf.torso_image(gt, labels, bc)))
     if clip.depth_uri:
       for name, data in read_frame_archive(clip.depth_uri):
-        write_atomic(self._uri(subject, 'depth', f'{first + int(name.rsplit(".", 1)[0])}.npy'), data)
+        write_atomic(folder.uri('depth', f'{first + int(name.rsplit(".", 1)[0])}.npy'), data)
 
-  def _drop_stale_files(self, subject: str, count: int, faces: Set[int], depth: bool) -> None:
-    """Per-frame files an unpublished earlier attempt left (a worker died while writing, or the attempt had other
-    clips): frames past `count`, `.lms` of frames without a face now, depth maps this attempt does not make."""
-    stale = []
-    for found in FileSystems.match([self._uri(subject, '*', '*')])[0].metadata_list:
-      match = _FRAME_FILE.search(found.path)
-      if match and (int(match['index']) >= count or (match['ext'] == 'lms' and int(match['index']) not in faces)
-                    or (match['folder'] == 'depth' and not depth)):
-        stale.append(found.path)
-    delete_quietly(stale)
-
-  def _already_published(self, subject: str, clips: List[NerfClip], records: List[dict]):
-    """A retried bundle finds its subject published: the same records again. Clips of a subject that an
-    earlier run wrote without them are rejected: adding them would renumber the published frames."""
-    published = {record['id']: record for record in records}
+  def _not_added(self, subject: str, clips: List[NerfClip]):
+    """Clips of a subject an earlier run published without them are rejected: adding them would renumber the
+    published frames (a subject is re-made only when one of its published clips changed or left the input)."""
     for clip in clips:
-      if clip.task.clip_id in published:
-        yield published[clip.task.clip_id]
-      else:
-        yield self._reject(clip, 'subject_exists', f'subject {subject} was written by an earlier run without this '
-                           'clip; write to a new --output (or remove the subject\'s folder and '
-                           f'published/{subject}.jsonl) to include it')
+      yield self._reject(clip, 'subject_exists', f'subject {subject} was written by an earlier run without this '
+                         'clip; write to a new --output (or remove the subject\'s folder and '
+                         f'published/{subject}.jsonl) to include it')
     delete_quietly([uri for clip in clips for uri in clip.consumed])
+
+
+def _versions(clips) -> List[Tuple[str, str]]:
+  return [(clip.task.clip_id, clip.task.inputs) for clip in clips]
 
 
 def _record(subject: str, clip: NerfClip, first: int) -> dict:
@@ -390,7 +389,7 @@ def _record(subject: str, clip: NerfClip, first: int) -> dict:
           'size': clip.size, 'start': round(task.start, 3), 'end': round(task.end, 3),
           'duration': round(clip.num_frames / clip.fps, 3),
           'crop': {'mode': task.crop_mode, 'window': list(task.window), 'padding': list(task.padding)},
-          'scores': clip.scores}
+          'scores': clip.scores, 'inputs': task.inputs, **({'language': task.language} if task.language else {})}
 
 
 class WriteNerfSubjects(beam.PTransform):
