@@ -24,7 +24,8 @@ def corpus_run(tmp_path_factory, media_dir):
     output, work = root / 'out', root / 'work'
     result = run_cli(f'--input={manifest}', f'--output={output}', f'--work_dir={work}', f'--allowed_roots={root}',
                      '--allow_private_hosts', '--download_retries=1', '--download_timeout_s=10',
-                     '--max_download_mb=2.5', '--max_duration_s=30', '--size=256', '--score_only', '--no_progress', '--no_report')
+                     '--max_download_mb=2.5', '--max_duration_s=30', '--size=256', '--score_only', '--no_progress',
+                     '--no_report')
     log = list(request_log(server))
   return {'root': root, 'output': str(output), 'work': str(work), 'expect': expect, 'stdout': result.stdout,
           'log': log}
