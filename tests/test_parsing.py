@@ -112,6 +112,35 @@ def test_parsing_from_landmarks_puts_classes_where_they_belong(astronaut):
   assert not person[:20, -20:].any() or (result[:20, -20:] == parsing.BACKGROUND).all()
 
 
+def test_body_classes_are_the_rule_pixel_by_pixel_on_rolled_heads(astronaut):
+  """Neck, cloth or hair of every person pixel outside the face, worked out per row and column, is the rule
+  evaluated pixel by pixel, to the last bit, however the head is rolled."""
+  image, landmarks, _ = astronaut
+  shape = image.shape[:2]
+  centre = np.array(shape[::-1], np.float64) / 2
+  for angle in np.radians([0, 25, 90, 160, -70]):
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    rolled = np.array(landmarks, np.float64)
+    rolled[:, :2] = (rolled[:, :2] - centre) @ rotation.T + centre
+    result = parsing.parse_from_landmarks(rolled, np.ones(shape, np.float32), shape)
+    assert not (result == parsing.BACKGROUND).any()  # the person is everywhere
+    rows, cols = np.nonzero(np.isin(result, (parsing.NECK, parsing.CLOTH, parsing.HAIR)))
+    xy = rolled[:, :2]
+    chin = xy[parsing.CHIN]
+    down = chin - xy[parsing.FOREHEAD]
+    height = max(float(np.linalg.norm(down)), 1.0)
+    down /= height
+    across = np.array([-down[1], down[0]])
+    oval = (xy[list(parsing.FACE_OVAL)] - chin) @ across
+    width, axis = max(float(oval.max() - oval.min()), 1.0), (oval.max() + oval.min()) / 2
+    x, y = cols.astype(np.float32) - chin[0], rows.astype(np.float32) - chin[1]
+    below = (x * down[0] + y * down[1]) / height
+    side = np.abs(x * across[0] + y * across[1] - axis) / width
+    neck = (below > parsing.NECK_TOP) & (below < parsing.NECK_LENGTH) & (side < parsing.NECK_HALF_WIDTH)
+    np.testing.assert_array_equal(result[rows, cols],
+                                  np.where(neck, parsing.NECK, np.where(below > 0, parsing.CLOTH, parsing.HAIR)))
+
+
 def test_parsing_without_a_face_or_a_person(astronaut):
   image, landmarks, person = astronaut
   no_face = parsing.parse_from_landmarks(None, person, image.shape[:2])

@@ -72,6 +72,37 @@ def test_background_image_fills_never_free_pixels_from_nearest():
   assert (bc[:, 16:] == (0, 100, 0)).all() and (bc[:, :16] == (0, 100, 0)).all()
 
 
+def test_foreground_distance_is_scipys_exact_transform():
+  """OpenCV's transform rounded in float32 gives scipy's exact distances bit for bit (so ties between frames stay
+  ties), up to the largest frame that path takes (diagonal under 2048 px), farthest corners included."""
+  from scipy import ndimage
+  rng = np.random.default_rng(3)
+  for size in (48, 512, 1448):
+    labels = np.zeros((size, size), np.uint8)
+    for _ in range(4):
+      cv2.circle(labels, tuple(int(v) for v in rng.integers(0, size, 2)), int(rng.integers(1, size // 8 + 2)), 1, -1)
+    labels[rng.random((size, size)) < 0.0005] = 16  # scattered pixels: many different distances
+    lone = np.zeros((size, size), np.uint8)
+    lone[0, 0] = 1  # distances up to the whole diagonal
+    for case in (labels, lone):
+      np.testing.assert_array_equal(nf.foreground_distance(case),
+                                    ndimage.distance_transform_edt(case == 0).astype(np.float32))
+
+
+def test_blurring_the_filled_box_is_blurring_the_frame():
+  """torso_image blurs only the box of the filled neck: the same pixels as blurring the whole frame, also where the
+  box meets the frame's edges."""
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+  full = cv2.GaussianBlur(image, (5, 5), nf.FILL_BLUR_SIGMA)
+  for x, y, w, h in ((0, 0, 10, 7), (40, 30, 12, 20), (70, 85, 10, 11), (1, 60, 78, 3)):
+    where = np.zeros(image.shape[:2], bool)
+    where[y:y + h, x:x + w] = rng.random((h, w)) < 0.7
+    blurred = image.copy()
+    nf._blur_into(blurred, where)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(blurred, np.where(where[..., None], full, image))
+
+
 def test_gt_and_torso_images():
   size = 512  # AD-NeRF's frame size, where its fill lengths hold as they are
   labels = _person(size, 256, radius=80)  # head rows 90-250, torso below from row 250

@@ -34,7 +34,7 @@ def frame_name(index: int) -> str:
 def rgba_png(image: np.ndarray, alpha: np.ndarray) -> bytes:
   """RGB premultiplied by alpha (float32, rounded half to even), alpha x 255 as the fourth channel, PNG bytes
   (deterministic for the same pixels). OpenCV does the arithmetic a block at a time, without numpy's full-frame
-  float temporaries (their page faults cost as much as the sums here), with the same float32 products and rounding."""
+  float temporaries (and their page faults), with the same float32 products and rounding."""
   a = np.clip(np.asarray(alpha, np.float32), 0.0, 1.0)
   premultiplied = cv2.multiply(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), cv2.merge([a, a, a]), dtype=cv2.CV_8U)
   bgra = cv2.merge([premultiplied, np.rint(a * 255).astype(np.uint8)])
