@@ -233,3 +233,13 @@ def run_bundle(fn, sources) -> list:
   outputs += [windowed.value for windowed in fn.finish_bundle()]
   fn.teardown()
   return outputs
+
+
+def official_syncnet_weights(folder) -> str:
+  """Random weights in syncnet_v2.model's layout, saved as syncnet_python saves: torch.save of the state dict."""
+  import torch
+  from model_handlers.syncnet import SyncNet
+  path = os.path.join(str(folder), 'syncnet_v2.model')
+  torch.manual_seed(0)
+  torch.save(SyncNet().state_dict(), path)
+  return path

@@ -93,16 +93,18 @@ def test_a_rerun_resumes_without_rendering_or_rewriting_a_clip(files_run):
   assert 'resumed: 2 clips' in result.stdout and 'clips: ' in result.stdout
 
 
-def test_two_attempts_at_once_and_a_retry_publish_one_clip(files_run, tmp_path, monkeypatch):
-  """Both attempts write every file before either publishes (a runner's backup attempt); a third comes after
-  the publish, when the rendered clip is gone. One clip, the run's bytes, one record each, no reject."""
+def _two_attempts_then_a_retry(files_run, output, monkeypatch, earlier: bool = False):
+  """The run's first clip written into `output` by two attempts at once (both write every file before either
+  publishes, as a runner's backup attempt), then by a retry; with `earlier`, over a version an earlier run
+  published from other inputs. -> (the clip's analysis, each attempt's outputs, whether the rendered clip was
+  still in the work dir before the retry)."""
   data, rendered = files_run['captured'][0]
   analysis = pickle.loads(data)
-  key = analysis.clip.task.clip_id
   os.makedirs(os.path.dirname(analysis.clip.mp4_uri), exist_ok=True)  # the run removed the emptied folder
   with open(analysis.clip.mp4_uri, 'wb') as handle:  # the run's writer deleted it once published
     handle.write(rendered)
-  output = tmp_path / 'out'
+  if earlier:
+    _old_version(output, analysis.clip.task.clip_id)
   both_written = threading.Barrier(2, timeout=60)
   real_publish = hdtf.publish_unit
 
@@ -123,8 +125,18 @@ def test_two_attempts_at_once_and_a_retry_publish_one_clip(files_run, tmp_path, 
     thread.start()
   for thread in threads:
     thread.join(60)
-  assert not os.path.exists(analysis.clip.mp4_uri)
+  rendered_left = os.path.exists(analysis.clip.mp4_uri)
   attempt('retry')
+  return analysis, outputs, rendered_left
+
+
+def test_two_attempts_at_once_and_a_retry_publish_one_clip(files_run, tmp_path, monkeypatch):
+  """Both attempts write every file before either publishes (a runner's backup attempt); a third comes after
+  the publish, when the rendered clip is gone. One clip, the run's bytes, one record each, no reject."""
+  output = tmp_path / 'out'
+  analysis, outputs, rendered_left = _two_attempts_then_a_retry(files_run, output, monkeypatch)
+  key = analysis.clip.task.clip_id
+  assert not rendered_left
   assert not any(isinstance(o, beam.pvalue.TaggedOutput) for outs in outputs.values() for o in outs)
   assert outputs['attempt1'] == outputs['attempt2'] == outputs['retry'] and len(outputs['retry']) == 1
   run_folder = os.path.join(files_run['output'], hdtf.FILES)
@@ -166,35 +178,9 @@ def _old_version(output, key: str) -> None:
 def test_two_attempts_replacing_an_earlier_version_leave_one(files_run, tmp_path, monkeypatch):
   """The clip changed since a run published it: two attempts at once (both write every file before either
   publishes) and a retry leave the run's files, without the member the earlier version had, and one record."""
-  data, rendered = files_run['captured'][0]
-  analysis = pickle.loads(data)
-  key = analysis.clip.task.clip_id
-  os.makedirs(os.path.dirname(analysis.clip.mp4_uri), exist_ok=True)
-  with open(analysis.clip.mp4_uri, 'wb') as handle:
-    handle.write(rendered)
   output = tmp_path / 'out'
-  _old_version(output, key)
-  both_written = threading.Barrier(2, timeout=60)
-  real_publish = hdtf.publish_unit
-
-  def publish_after_both(*args):
-    if threading.current_thread().name.startswith('attempt'):
-      both_written.wait()
-    return real_publish(*args)
-
-  monkeypatch.setattr(hdtf, 'publish_unit', publish_after_both)
-  outputs = {}
-
-  def attempt(name):
-    outputs[name] = list(DeadLetter(hdtf.WriteClipFiles(str(output), files_run['work'], True), 'write')
-                         .process(analysis))
-
-  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join(60)
-  attempt('retry')
+  analysis, outputs, _ = _two_attempts_then_a_retry(files_run, output, monkeypatch, earlier=True)
+  key = analysis.clip.task.clip_id
   assert outputs['attempt1'] == outputs['attempt2'] == outputs['retry'] and len(outputs['retry']) == 1
   assert outputs['retry'][0]['inputs'] == analysis.clip.task.inputs
   run_folder = os.path.join(files_run['output'], hdtf.FILES)

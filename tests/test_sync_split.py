@@ -4,19 +4,18 @@ layout, whose per-window values (not SyncNet's accuracy) decide where the genera
 import dataclasses
 import json
 import os
+import pathlib
 
 import apache_beam as beam
 import av
 import numpy as np
 import pytest
-import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.demo import VideoSpec, write_video
-from model_handlers.syncnet import SyncNet
 from beam_pipeline.__main__ import run
-from tests.helpers import load_npy, read_jsonl, read_shards
+from tests.helpers import load_npy, official_syncnet_weights, read_jsonl, read_shards
 from transforms.analyzers.syncnet import sync_arrays
 from transforms.core.elements import ClipTask, MediaFile, RenderedClip
 from transforms.lib import avsync
@@ -253,11 +252,7 @@ def test_the_flag_says_in_one_line_what_it_cannot_do(tmp_path, flags, why):
 
 @pytest.fixture(scope='module')
 def official_weights(tmp_path_factory):
-  """Random weights in syncnet_v2.model's layout (torch.save of the state dict), as tests/test_syncnet.py."""
-  path = tmp_path_factory.mktemp('syncnet') / 'syncnet_v2.model'
-  torch.manual_seed(0)
-  torch.save(SyncNet().state_dict(), str(path))
-  return path
+  return pathlib.Path(official_syncnet_weights(tmp_path_factory.mktemp('syncnet')))
 
 
 def _threshold_that_splits(values: np.ndarray, frames: int, fps: float, min_duration: float, margin: float) -> float:

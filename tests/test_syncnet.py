@@ -6,6 +6,7 @@ sits at a known time (a positive offset delays the audio, a negative one advance
 """
 import io
 import json
+import pathlib
 import subprocess
 import sys
 import wave
@@ -18,7 +19,7 @@ import torch
 from beam_pipeline import __main__
 from beam_pipeline.demo import VideoSpec, write_video
 from model_handlers.syncnet import SyncNet, load_syncnet
-from tests.helpers import REPO, load_npy, read_shards
+from tests.helpers import REPO, load_npy, official_syncnet_weights, read_shards
 from transforms.core.elements import ClipTask, MediaFile, RenderedClip
 from transforms.filters import correct_offset
 from transforms.lib import avsync
@@ -27,11 +28,7 @@ from transforms.lib.probe import probe
 
 @pytest.fixture(scope='module')
 def official_weights(tmp_path_factory):
-  """Random weights in syncnet_v2.model's layout, saved as syncnet_python saves: torch.save of the state dict."""
-  path = tmp_path_factory.mktemp('syncnet') / 'syncnet_v2.model'
-  torch.manual_seed(0)
-  torch.save(SyncNet().state_dict(), str(path))
-  return path
+  return pathlib.Path(official_syncnet_weights(tmp_path_factory.mktemp('syncnet')))
 
 
 def test_state_dict_keys_are_the_published_ones(official_weights):
