@@ -22,9 +22,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline.__main__ import prepare
+from beam_pipeline.__main__ import OUTPUT_RECORD, prepare
 from beam_pipeline.demo import VideoSpec, write_video
 from beam_pipeline.pipeline import build_pipeline
+from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.avatar import writer as avatar_writer
 from beam_pipeline.recipes.megactor import writer as megactor_writer
 from beam_pipeline.recipes.mmvox import writer as mmvox_writer
@@ -550,6 +551,9 @@ def _graph_size(tmp_path, recipe: str, name: str, sources: int, units: int) -> i
     (root / 'out' / 'index.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
   for record in records if recipe not in SHARD_RECIPES else ():
     (published / f'{record["folder"]}.jsonl').write_text(json.dumps(record) + '\n')
+  # The output this recipe made (these short records do not show their recipe, as an output from before
+  # output.json would have to).
+  (root / 'out' / OUTPUT_RECORD).write_text(json.dumps({'recipe': recipe, 'layout': get_recipe(recipe).layout}))
   options, opts = prepare([f'--input={manifest}', f'--output={root / "out"}', f'--recipe={recipe}', '--run_id=fixed',
                            *QUIET])
   p = beam.Pipeline(options=options)

@@ -228,7 +228,7 @@ class ReusableFragments(beam.PTransform):
 def cut_facts_of_earlier(written):
   """(clip cut from, (piece id, inputs, pieces)) of an earlier record (transforms/writers/summary.ReadPublished)
   that is a piece of a clip cut at sync breaks; nothing for any other."""
-  if len(written) > 6 and written[6]:
+  if written[6]:
     cut_from, pieces = written[6]
     yield cut_from, (written[0], written[3], pieces)
 

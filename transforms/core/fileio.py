@@ -19,7 +19,7 @@ PARTIAL = '.partial'
 CHUNK = 1 << 20
 
 
-def _is_local(uri: str) -> bool:
+def is_local(uri: str) -> bool:
   return '://' not in uri
 
 
@@ -47,7 +47,7 @@ def _local_scratch(uri: str) -> str:
 
 def write_atomic(uri: str, data: bytes) -> None:
   """Readers never see half a file."""
-  if _is_local(uri):
+  if is_local(uri):
     tmp = _local_scratch(uri)
     with open(tmp, 'wb') as handle:
       handle.write(data)
@@ -59,7 +59,7 @@ def write_atomic(uri: str, data: bytes) -> None:
 
 def put_file(path: str, uri: str, move: bool = False) -> None:
   """Publish a finished local file at `uri` atomically."""
-  if _is_local(uri):
+  if is_local(uri):
     tmp = _local_scratch(uri)
     (shutil.move if move else shutil.copyfile)(path, tmp)
     os.replace(tmp, uri)
@@ -101,7 +101,7 @@ def remove_empty_dirs(root: str, keep_root: bool = True) -> int:
   """Remove the local folders under `root` (and `root` itself unless `keep_root`) that hold nothing, deepest
   first: what a finished run emptied (the work dir's clips, markers, fragments) is not left behind. Object
   stores have no folders. Returns how many went."""
-  if not _is_local(root) or not os.path.isdir(root):
+  if not is_local(root) or not os.path.isdir(root):
     return 0
   removed = 0
   for folder, _, _ in os.walk(root, topdown=False):

@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.core.fileio import PARTIAL, delete_quietly, iter_jsonl, write_atomic
+from transforms.core.fileio import PARTIAL, delete_quietly, is_local, iter_jsonl, write_atomic
 
 PUBLISHED = 'published'
 REPLACING = 'replacing'  # `inputs` of a unit's records while it is re-made or retired (never a digest)
@@ -106,12 +106,8 @@ def unpublish(output: str, unit: str, records: List[dict]) -> None:
   _write_index(output, unit, [dict(record, inputs=REPLACING) for record in records])
 
 
-def _local(uri: str) -> bool:
-  return '://' not in uri
-
-
 def _same_path(uri: str) -> str:
-  return os.path.normpath(uri) if _local(uri) else uri
+  return os.path.normpath(uri) if is_local(uri) else uri
 
 
 def existing(patterns: Iterable[str]) -> List[str]:
@@ -139,7 +135,7 @@ def delete_files(uris: Iterable[str], root: str) -> None:
   """Delete `uris`, then, on a local disk, the folders under `root` they leave empty (an object store has none)."""
   uris = list(uris)
   delete_quietly(uris)
-  if not _local(root):
+  if not is_local(root):
     return
   top = os.path.normpath(root)
   for parent in sorted({os.path.dirname(os.path.normpath(uri)) for uri in uris}, key=len, reverse=True):
