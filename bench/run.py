@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -224,12 +225,14 @@ def run_pipeline(annotations: str, root: str, name: str, extra: List[str]) -> di
              f'--work_dir={work}', *extra]
   print(f'{name}: {" ".join(command[1:])}', flush=True)
   load = _load()
+  cpu_before = _children_cpu_s()
   began = time.monotonic()
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   rss = PeakRss(process.pid)
   rss.start()
   log, _ = process.communicate()
   wall = time.monotonic() - began
+  cpu = _children_cpu_s() - cpu_before
   peaks = rss.stop()
   if process.returncode:
     raise SystemExit(f'{name} failed:\n{log[-4000:]}')
@@ -240,8 +243,15 @@ def run_pipeline(annotations: str, root: str, name: str, extra: List[str]) -> di
   if stats['rejected']:
     print(f'{name}: WARNING {stats["rejected"]} clips rejected ({stats["rejected_by_reason"]}): '
           'clips/s and frames/s count written clips only', flush=True)
-  return {'wall_s': wall, 'clips': stats['written'], 'frames': stats['frames_written'], 'rss_mb': peaks,
-          'rejected': stats['rejected_by_reason'], 'load': (load, _load())}
+  return {'wall_s': wall, 'cpu_s': cpu, 'clips': stats['written'], 'frames': stats['frames_written'],
+          'rss_mb': peaks, 'rejected': stats['rejected_by_reason'], 'load': (load, _load())}
+
+
+def _children_cpu_s() -> float:
+  """User + system CPU of the waited children (an SDK worker process counts once its parent waited it): over
+  a run, how many cores it kept busy, so 1 worker's own threads (landmarker, codecs) show."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 # ----------------------------------------------------------------------------- floor
@@ -479,6 +489,10 @@ def table(results: dict) -> str:
         len(runs), *(f(run['wall_s'] for run in runs) for f in (min, max)))
     loads = ', '.join('{}->{}'.format(*run['load']) for run in runs)
     rows.append((f'{name}: wall', f'{walls[name]:.1f} s,{spread} peak RSS per process {rss} MiB (load {loads})'))
+    if all('cpu_s' in run for run in runs):
+      cpu = statistics.median(run['cpu_s'] for run in runs)
+      busy = statistics.median(run['cpu_s'] / run['wall_s'] for run in runs)
+      rows.append((f'{name}: CPU', f'{cpu:.1f} s, {busy:.2f} cores busy on average'))
   for name in walls:
     if ONE_WORKER in walls and name != ONE_WORKER:
       rows.append((f'speed-up 1 worker -> {name}', f'{walls[ONE_WORKER] / walls[name]:.2f}x'))
