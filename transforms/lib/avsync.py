@@ -15,7 +15,6 @@ from typing import Optional
 import cv2
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import signal
 
 FPS = 25.0  # SyncNet's video rate: one window is 5 frames (0.2 s), 4 MFCC frames per video frame
 CROP_PX = 224
@@ -145,6 +144,7 @@ def read_out(dists: np.ndarray, valid: Optional[np.ndarray] = None) -> Optional[
   frame_conf = np.where(valid, median - dists[:, best], np.nan)
   filtered = frame_conf.copy()
   if valid.sum() >= FRAME_MEDIAN:
+    from scipy import signal  # here: importing scipy.signal costs every CLI start 0.4 s, and only this needs it
     filtered[valid] = signal.medfilt(frame_conf[valid], FRAME_MEDIAN)
   return SyncResult(offset=vshift - best, confidence=median - float(mean[best]), min_dist=float(mean[best]),
                     frame_conf=filtered.astype(np.float32), windows=int(valid.sum()))
