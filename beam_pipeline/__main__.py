@@ -36,12 +36,11 @@ from beam_pipeline.options import TalkingFaceOptions
 from beam_pipeline.pipeline import build_pipeline
 from beam_pipeline.recipes import get_recipe
 from beam_pipeline.recipes.base import apply_defaults
-from beam_pipeline.recipes.hdtf import FILES
 from model_handlers.weights import WeightsError
 from transforms.crash_guard import CrashGuard
 from transforms.core.fileio import iter_jsonl, remove_empty_dirs, write_atomic
 from transforms.writers import shards as write
-from transforms.writers.folders import PUBLISHED, clean_scratch, unit_indexes
+from transforms.writers.folders import clean_scratch, unit_indexes
 
 
 DISTRIBUTED_RUNNERS = ('DataflowRunner', 'FlinkRunner', 'SparkRunner', 'PortableRunner')
@@ -148,9 +147,10 @@ def prepare(argv: Optional[List[str]] = None) -> Tuple[PipelineOptions, TalkingF
     raise SystemExit(f'--input {opts.input} matches no file')
   if _is_local(opts.output):
     os.makedirs(opts.output, exist_ok=True)
-  bind_output(opts, get_recipe(opts.recipe).output_layout(opts))
+  recipe = get_recipe(opts.recipe)
+  bind_output(opts, recipe.output_layout(opts))
   write.clean_unfinished(opts.output, opts.stale_after_h * 3600)
-  clean_scratch(opts.output, (PUBLISHED, FILES), opts.stale_after_h * 3600)  # what killed folder writers left
+  clean_scratch(opts.output, recipe.scratch_folders, opts.stale_after_h * 3600)  # what killed writers left
   return options, opts
 
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.writers.folders import folder_files
+from transforms.writers.folders import PUBLISHED, folder_files
 
 
 class Recipe:
@@ -24,12 +24,15 @@ class Recipe:
     'id', 'planned_id', 'num_frames' and 'inputs', 'rejects': Rejects}. Every kept clip must end in one of the two.
   - `unit_files`: a folder unit's files (transforms/writers/folders.py), what a rerun deletes when it retires it.
   - `after_output`: steps that sum up the whole output, once every unit of the run is published or retired.
+  - `scratch_folders`: the output's folders where its writers leave `*.partial` files mid-write, swept at launch
+    when a killed attempt left them.
   """
 
   name = ''
   layout = 'shards'  # what `write` makes: 'shards' (WebDataset tars) or 'folders' (transforms/writers/folders.py)
   subjects = False
   silent: str = ''  # why the recipe cannot use a source without audio ('': --allow_silent keeps such clips)
+  scratch_folders = (PUBLISHED,)  # a folder unit's index is written beside its scratch copy
   defaults: Dict[str, Any] = {}
 
   def analyzers(self, opts, landmarker: ModelHandler) -> List:

@@ -147,6 +147,7 @@ def clip_files(output: str, records) -> list:
 
 class Hdtf(Recipe):
   name = 'hdtf'
+  scratch_folders = Recipe.scratch_folders + (FILES,)  # `--layout=files` writes a clip's files via scratch copies
 
   def output_layout(self, opts) -> str:
     return opts.layout
