@@ -204,17 +204,24 @@ def test_gcs_run_killed_mid_way_then_resumed_incrementally(gcs, clips, clean_run
   bucket, gate = gcs['bucket'], gcs['gate']
   for path in sorted(clips.glob('*.mp4')):
     bucket.blob(f'in/{path.name}').upload_from_filename(str(path))
+  # A work dir of this test's own: the default one is keyed by the output's URL, which every run of this test
+  # shares, so a killed run of an earlier session would leave it fragments to pack.
   args = [sys.executable, '-m', 'beam_pipeline', f'--input=gs://{BUCKET}/in/*.mp4', f'--output=gs://{BUCKET}/out',
-          *SMALL, *QUIET, '--incremental']
+          f'--work_dir={tmp_path / "work"}', *SMALL, *QUIET, '--incremental']
   env = dict(os.environ, **gcs['env'])
 
   gate.freeze_after = 1
   killed = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+  def tars():
+    return [b.name for b in bucket.list_blobs(prefix='out/shards/') if b.name.endswith('.tar')]
   try:
     deadline = time.monotonic() + 120
-    while not gate.held.wait(0.5):
+    # Held: no second tar can start. Two writers upload at once, so the first tar's bytes (sent straight to the
+    # emulator, at the address its upload session gave) may still be on their way: the kill waits for them.
+    while not (gate.held.is_set() and tars()):
       assert killed.poll() is None and time.monotonic() < deadline, 'the run ended before its second shard'
+      time.sleep(0.2)
   finally:
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(30)
