@@ -93,6 +93,25 @@ def test_a_rerun_resumes_without_rendering_or_rewriting_a_clip(files_run):
   assert 'resumed: 2 clips' in result.stdout and 'clips: ' in result.stdout
 
 
+def _two_at_once(attempt, monkeypatch, module, step: str) -> None:
+  """`attempt('attempt1')` and `attempt('attempt2')` in two threads, both past every check before either calls
+  `module.step` (a runner's backup attempt beside the first)."""
+  both_there = threading.Barrier(2, timeout=60)
+  real = getattr(module, step)
+
+  def after_both(*args):
+    if threading.current_thread().name.startswith('attempt'):
+      both_there.wait()
+    return real(*args)
+
+  monkeypatch.setattr(module, step, after_both)
+  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+
+
 def _two_attempts_then_a_retry(files_run, output, monkeypatch, earlier: bool = False):
   """The run's first clip written into `output` by two attempts at once (both write every file before either
   publishes, as a runner's backup attempt), then by a retry; with `earlier`, over a version an earlier run
@@ -105,26 +124,13 @@ def _two_attempts_then_a_retry(files_run, output, monkeypatch, earlier: bool = F
     handle.write(rendered)
   if earlier:
     _old_version(output, analysis.clip.task.clip_id)
-  both_written = threading.Barrier(2, timeout=60)
-  real_publish = hdtf.publish_unit
-
-  def publish_after_both(*args):
-    if threading.current_thread().name.startswith('attempt'):
-      both_written.wait()
-    return real_publish(*args)
-
-  monkeypatch.setattr(hdtf, 'publish_unit', publish_after_both)
   outputs = {}
 
   def attempt(name):
     outputs[name] = list(DeadLetter(hdtf.WriteClipFiles(str(output), files_run['work'], True), 'write')
                          .process(analysis))
 
-  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join(60)
+  _two_at_once(attempt, monkeypatch, hdtf, 'publish_unit')
   rendered_left = os.path.exists(analysis.clip.mp4_uri)
   attempt('retry')
   return analysis, outputs, rendered_left
@@ -198,25 +204,12 @@ def test_retiring_a_clip_twice_at_once_then_after_it_was_made_again(tmp_path, mo
   output = str(tmp_path / 'out')
   _old_version(output, 'talk_5')
   stale = ('talk_5', 'talk_5', 10, 'earlier', '', 'talk_5', (), 'talk_5')
-  both_decided = threading.Barrier(2, timeout=60)
-  real_unpublish = folders.unpublish
-
-  def unpublish_after_both(*args):
-    if threading.current_thread().name.startswith('attempt'):
-      both_decided.wait()
-    return real_unpublish(*args)
-
-  monkeypatch.setattr(folders, 'unpublish', unpublish_after_both)
   outputs = {}
 
   def attempt(name):
     outputs[name] = list(folders.RetireUnit(output, hdtf.RECIPE.unit_files).process(('talk_5', [stale])))
 
-  threads = [threading.Thread(target=attempt, args=(name,), name=name) for name in ('attempt1', 'attempt2')]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join(60)
+  _two_at_once(attempt, monkeypatch, folders, 'unpublish')
   attempt('retry')
   assert outputs == {name: [stale] for name in ('attempt1', 'attempt2', 'retry')}
   assert not os.path.exists(os.path.join(output, hdtf.FILES)) and os.listdir(os.path.join(output, 'published')) == []

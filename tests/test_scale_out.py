@@ -213,8 +213,10 @@ def test_gcs_run_killed_mid_way_then_resumed_incrementally(gcs, clips, clean_run
   gate.freeze_after = 1
   killed = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+
   def tars():
     return [b.name for b in bucket.list_blobs(prefix='out/shards/') if b.name.endswith('.tar')]
+
   try:
     deadline = time.monotonic() + 120
     # Held: no second tar can start. Two writers upload at once, so the first tar's bytes (sent straight to the
